@@ -12,6 +12,13 @@ QWEN3_VE = "Qwen3VEForCausalLM"
 BACKBONES = {INTERNLM2_VE: "internlm2", QWEN3_VE: "qwen3"}
 TEMPLATES = {"internlm2": "internlm2-chat", "qwen3": "qwen3-chat"}
 ROPE_TYPES = ("default", "linear", "dynamic")
+# Written into every saved config so that the folder loads through the Auto classes with trust_remote_code=True.
+AUTO_MAP = {
+    "AutoConfig": "configuration_navil.NaViLConfig",
+    "AutoModel": "modeling_navil.NaViLForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_navil.NaViLForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_navil.NaViLForConditionalGeneration",
+}
 
 
 class NaViLVisionConfig(PretrainedConfig):
@@ -300,6 +307,7 @@ class NaViLConfig(PretrainedConfig):
         self.anyres_image_size = anyres_image_size
         self.special_token_ids = dict(special_token_ids or {})
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self.validate_navil()
 
@@ -327,5 +335,7 @@ class NaViLConfig(PretrainedConfig):
         """The language-model config under its name in original NaViL code."""
         return self.text_config
 
+
+NaViLConfig.register_for_auto_class()
 
 __all__ = ["NaViLConfig", "NaViLTextConfig", "NaViLVisionConfig"]

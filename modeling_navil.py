@@ -13,7 +13,6 @@ Read top to bottom:
 Parameter names equal those of the original NaViL checkpoints, so they load without conversion.
 """
 
-import math
 from functools import partial
 from threading import Thread
 from typing import Callable, NamedTuple, Optional, Union
@@ -110,7 +109,14 @@ def block_diagonal_attention(query, key, value, blocks: AttentionBlocks, impleme
     """Bidirectional attention inside each block; [tokens, heads, head_dim] in and out."""
     if implementation == "flash_attention_2" and flash_attn_varlen_func is not None and query.is_cuda:
         return flash_attn_varlen_func(
-            query, key, value, blocks.cu_seqlens, blocks.cu_seqlens, blocks.max_len, blocks.max_len, softmax_scale=scaling
+            query,
+            key,
+            value,
+            blocks.cu_seqlens,
+            blocks.cu_seqlens,
+            blocks.max_len,
+            blocks.max_len,
+            softmax_scale=scaling,
         )
     # [blocks, heads, max_len, head_dim]
     query, key, value = (states[blocks.index].transpose(1, 2) for states in (query, key, value))
@@ -258,8 +264,9 @@ class NaViLVisionLayer(GradientCheckpointingLayer):
         self.attn = NaViLVisionAttention(config)
         self.norm2 = vision_norm(config)
         self.mlp = NaViLVisionMLP(config)
-        self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
-        self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+        self.layer_scale_init = config.initializer_factor
+        self.ls1 = nn.Parameter(torch.full((config.hidden_size,), config.initializer_factor))
+        self.ls2 = nn.Parameter(torch.full((config.hidden_size,), config.initializer_factor))
 
     def forward(self, hidden_states, rotary_angles, image_blocks, window_blocks):
         blocks = image_blocks if self.full_attention else window_blocks
@@ -280,7 +287,7 @@ class NaViLPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        std = getattr(self.config, "initializer_range", None) or self.config.get_text_config().initializer_range
+        std = self.config.get_text_config().initializer_range
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             module.weight.normal_(mean=0.0, std=std)
             if module.bias is not None:
@@ -292,8 +299,8 @@ class NaViLPreTrainedModel(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
         elif isinstance(module, NaViLVisionLayer):
-            module.ls1.fill_(module.ls1.new_tensor(self.config.get_vision_config().initializer_factor))
-            module.ls2.fill_(module.ls2.new_tensor(self.config.get_vision_config().initializer_factor))
+            module.ls1.fill_(module.layer_scale_init)
+            module.ls2.fill_(module.layer_scale_init)
 
 
 class NaViLVisionModel(NaViLPreTrainedModel):
@@ -314,9 +321,6 @@ class NaViLVisionModel(NaViLPreTrainedModel):
         self.encoder.layers = nn.ModuleList(NaViLVisionLayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_vision_config(self):
-        return self.config
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, output_hidden_states: bool = False):
         merge_units = self.config.merge_size**2
@@ -553,7 +557,9 @@ class Qwen3VEAttention(ModalityExpertAttention):
         return torch.cat((normed("q_proj", "q_norm"), normed("k_proj", "k_norm"), value), dim=-1)
 
     def project_qkv(self, hidden_states, router):
-        return route(router, hidden_states, partial(self._qkv_expert, suffix=""), partial(self._qkv_expert, suffix="_ve"))
+        return route(
+            router, hidden_states, partial(self._qkv_expert, suffix=""), partial(self._qkv_expert, suffix="_ve")
+        )
 
     def project_out(self, attn_output, router):
         return route(router, attn_output, self.o_proj, self.o_proj_ve)
@@ -1116,6 +1122,8 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                 emitted = stable
         worker.join()
 
+
+NaViLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "InternLM2VEForCausalLM",

@@ -1,0 +1,23 @@
+"""navil: NaViL native multimodal LLMs for Hugging Face transformers.
+
+The files of this package double as Hub remote code: `configuration_navil.py`, `modeling_navil.py`,
+`image_processing_navil.py` and `processing_navil.py` are copied next to a checkpoint by `save_pretrained`.
+"""
+
+from .configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
+from .image_processing_navil import NaViLImageProcessor
+from .modeling_navil import NaViLForConditionalGeneration, NaViLVisionModel
+from .processing_navil import NaViLProcessor, add_navil_special_tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NaViLConfig",
+    "NaViLForConditionalGeneration",
+    "NaViLImageProcessor",
+    "NaViLProcessor",
+    "NaViLTextConfig",
+    "NaViLVisionConfig",
+    "NaViLVisionModel",
+    "add_navil_special_tokens",
+]

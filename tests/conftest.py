@@ -1,0 +1,52 @@
+"""Shared fixtures: the golden outputs of the original NaViL implementation (copied into tests/fixtures/golden)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+BACKBONES = ("internlm2_ve", "qwen3_ve")
+
+
+@pytest.fixture(scope="session")
+def manifest():
+    return json.loads((GOLDEN / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(GOLDEN / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def image_processor_outputs():
+    return load_file(GOLDEN / "image_processor.safetensors")
+
+
+@pytest.fixture(scope="session")
+def golden_outputs():
+    return {name: load_file(GOLDEN / f"{name}.outputs.safetensors") for name in BACKBONES}
+
+
+def case_pixel_inputs(ip_outputs, images):
+    """The chat cases' image inputs: each image's multi-scale tensors, concatenated in order."""
+    if not images:
+        return None, None, None
+    pixel_values = torch.cat([ip_outputs[f"ip.{image}.multi.pixel_values"] for image in images])
+    grids = torch.cat([ip_outputs[f"ip.{image}.multi.image_grid_thw"] for image in images])
+    num_scales = torch.cat([ip_outputs[f"ip.{image}.multi.num_scales"] for image in images])
+    return pixel_values, grids, num_scales
+
+
+def load_golden_model(name, tokenizer=None, **kwargs):
+    from navil.modeling_navil import NaViLForConditionalGeneration
+
+    model = NaViLForConditionalGeneration.from_pretrained(GOLDEN / name, **kwargs).eval()
+    if tokenizer is not None:
+        model.init_special_token_ids(tokenizer)
+    return model
