@@ -14,6 +14,7 @@ Parameter names equal those of the original NaViL checkpoints, so they load with
 """
 
 from functools import partial
+from pathlib import Path
 from threading import Thread
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -83,26 +84,43 @@ def rotate_half(x):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class AttentionBlocks(NamedTuple):
-    """Contiguous blocks of tokens attending only within themselves, laid out as a padded batch.
+class BlockGroup(NamedTuple):
+    """Blocks of one length, batched: `tokens` selects their tokens block by block (a slice when they are adjacent)."""
 
-    `index[b, j]` is the token in slot j of block b (0 in padding slots), `mask` marks real slots (`None` when every
-    block has the same length), `cu_seqlens` are the block boundaries for varlen kernels.
+    tokens: Union[slice, torch.Tensor]
+    num_blocks: int
+    length: int
+
+
+class AttentionBlocks(NamedTuple):
+    """Contiguous blocks of tokens attending only within themselves.
+
+    Blocks of equal length are batched together (`groups`), so attention runs without padding or masks and its cost
+    and memory grow with the number of blocks, not with the longest block; `cu_seqlens` are the block boundaries for
+    varlen kernels.
     """
 
-    index: torch.Tensor  # [blocks, max_len]
-    mask: Optional[torch.Tensor]  # [blocks, max_len]
+    groups: list[BlockGroup]
     cu_seqlens: torch.Tensor  # [blocks + 1], int32
     max_len: int
 
     @classmethod
-    def from_lengths(cls, lengths: torch.Tensor) -> "AttentionBlocks":
-        max_len = int(lengths.max())
-        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        slots = torch.arange(max_len, device=lengths.device)
-        mask = slots[None, :] < lengths[:, None]
-        index = torch.where(mask, cu_seqlens[:-1, None].long() + slots[None, :], 0)
-        return cls(index, None if bool(mask.all()) else mask, cu_seqlens, max_len)
+    def from_lengths(cls, lengths: torch.Tensor, device: torch.device) -> "AttentionBlocks":
+        starts_by_length = {}
+        start = 0
+        for length in lengths.tolist():
+            starts_by_length.setdefault(length, []).append(start)
+            start += length
+        groups = []
+        for length, starts in starts_by_length.items():
+            first, end = starts[0], starts[0] + len(starts) * length
+            if starts == list(range(first, end, length)):
+                tokens = slice(first, end)
+            else:
+                tokens = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(device)
+            groups.append(BlockGroup(tokens, len(starts), length))
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+        return cls(groups, cu_seqlens, max(starts_by_length))
 
 
 def block_diagonal_attention(query, key, value, blocks: AttentionBlocks, implementation: str, scaling: float):
@@ -118,21 +136,26 @@ def block_diagonal_attention(query, key, value, blocks: AttentionBlocks, impleme
             blocks.max_len,
             softmax_scale=scaling,
         )
-    # [blocks, heads, max_len, head_dim]
-    query, key, value = (states[blocks.index].transpose(1, 2) for states in (query, key, value))
-    key_mask = None if blocks.mask is None else blocks.mask[:, None, None, :]
-    if implementation == "eager":
-        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-        if key_mask is not None:
-            scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-        output = torch.matmul(weights, value)
-    else:
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, scale=scaling)
-    output = output.transpose(1, 2)  # [blocks, max_len, heads, head_dim]
-    if blocks.mask is None:
-        return output.reshape(-1, *output.shape[2:])
-    return output[blocks.mask]
+    output = None
+    for group in blocks.groups:
+        # [blocks, heads, length, head_dim]
+        batch = [
+            states[group.tokens].view(group.num_blocks, group.length, *states.shape[1:]).transpose(1, 2)
+            for states in (query, key, value)
+        ]
+        if implementation == "eager":
+            scores = torch.matmul(batch[0], batch[1].transpose(-1, -2)) * scaling
+            weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+            group_output = torch.matmul(weights, batch[2])
+        else:
+            group_output = F.scaled_dot_product_attention(*batch, scale=scaling)
+        group_output = group_output.transpose(1, 2).reshape(-1, *query.shape[1:])
+        if len(blocks.groups) == 1 and isinstance(group.tokens, slice):
+            return group_output
+        if output is None:
+            output = query.new_empty(query.shape)
+        output[group.tokens] = group_output
+    return output
 
 
 class NaViLVisionEmbeddings(nn.Module):
@@ -174,10 +197,8 @@ class NaViLVisionRotaryEmbedding(nn.Module):
         return (positions[..., None].float() * inv_freq).flatten(1)
 
 
-def apply_vision_rotary(query, key, angles):
-    """Rotate-half RoPE in float32 on [patches, heads, head_dim]."""
-    cos = torch.cat((angles, angles), dim=-1).cos()[:, None, :]
-    sin = torch.cat((angles, angles), dim=-1).sin()[:, None, :]
+def apply_vision_rotary(query, key, cos, sin):
+    """Rotate-half RoPE in float32 on [patches, heads, head_dim]; cos/sin [patches, 1, head_dim] in float32."""
     rotated = []
     for states in (query, key):
         states_fp32 = states.float()
@@ -225,14 +246,14 @@ class NaViLVisionAttention(nn.Module):
             self.q_norm = NaViLRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
             self.k_norm = NaViLRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states, rotary_angles, blocks: AttentionBlocks):
+    def forward(self, hidden_states, rotary_embeddings, blocks: AttentionBlocks):
         num_patches, width = hidden_states.shape
         query, key, value = self.qkv(hidden_states).view(num_patches, 3, self.num_heads, self.head_dim).unbind(1)
         if self.qk_normalization:
             # normalised over the full width, then split into heads
             query = self.q_norm(query.reshape(num_patches, width)).view(num_patches, self.num_heads, self.head_dim)
             key = self.k_norm(key.reshape(num_patches, width)).view(num_patches, self.num_heads, self.head_dim)
-        query, key = apply_vision_rotary(query, key, rotary_angles)
+        query, key = apply_vision_rotary(query, key, *rotary_embeddings)
         output = block_diagonal_attention(
             query, key, value, blocks, self.config._attn_implementation or "sdpa", self.scaling
         )
@@ -268,9 +289,9 @@ class NaViLVisionLayer(GradientCheckpointingLayer):
         self.ls1 = nn.Parameter(torch.full((config.hidden_size,), config.initializer_factor))
         self.ls2 = nn.Parameter(torch.full((config.hidden_size,), config.initializer_factor))
 
-    def forward(self, hidden_states, rotary_angles, image_blocks, window_blocks):
+    def forward(self, hidden_states, rotary_embeddings, image_blocks, window_blocks):
         blocks = image_blocks if self.full_attention else window_blocks
-        hidden_states = hidden_states + self.ls1 * self.attn(self.norm1(hidden_states), rotary_angles, blocks)
+        hidden_states = hidden_states + self.ls1 * self.attn(self.norm1(hidden_states), rotary_embeddings, blocks)
         return hidden_states + self.ls2 * self.mlp(self.norm2(hidden_states))
 
 
@@ -284,6 +305,33 @@ class NaViLPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle=False, strict=True, **kwargs):
+        """`PreTrainedModel.from_pretrained`, safer: safetensors only and every tensor accounted for.
+
+        Pickled weights (`*.bin`, which can run code when unpickled) are refused unless `allow_pickle=True`. With
+        `strict` (the default) a checkpoint with missing, unexpected or mismatched tensors raises a `ValueError`
+        naming them instead of silently initialising them at random.
+        """
+        folder = Path(str(pretrained_model_name_or_path))
+        if not allow_pickle:
+            if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+                raise ValueError(
+                    f"{folder} holds only pickled weights (*.bin), which can run code when loaded. Convert them to "
+                    "safetensors, or pass allow_pickle=True if you trust the files."
+                )
+            kwargs.setdefault("use_safetensors", True)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = {kind: sorted(info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if strict and any(problems.values()):
+            details = "; ".join(f"{kind}: {', '.join(map(str, keys))}" for kind, keys in problems.items() if keys)
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path} does not match {cls.__name__} ({details}). "
+                "Pass strict=False to load it anyway with those tensors initialised at random."
+            )
+        return (model, info) if wants_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -335,18 +383,20 @@ class NaViLVisionModel(NaViLPreTrainedModel):
         window_index, window_lengths = get_window_index(grid_thw, self.config.window_size, self.config.merge_size)
         window_index = window_index.to(device)
         image_lengths = grid_thw[:, 1:].prod(-1).repeat_interleave(grid_thw[:, 0])
-        image_blocks = AttentionBlocks.from_lengths(image_lengths.to(device))
-        window_blocks = AttentionBlocks.from_lengths(window_lengths.to(device))
+        image_blocks = AttentionBlocks.from_lengths(image_lengths, device)
+        window_blocks = AttentionBlocks.from_lengths(window_lengths, device)
 
         hidden_states = self.embeddings(pixel_values)  # [patches, W]
         width = hidden_states.shape[-1]
         hidden_states = hidden_states.view(-1, merge_units, width)[window_index].view(-1, width)
         angles = self.rotary(grid_thw, device)
         angles = angles.view(-1, merge_units, angles.shape[-1])[window_index].view(-1, angles.shape[-1])
+        angles = torch.cat((angles, angles), dim=-1)
+        rotary_embeddings = angles.cos()[:, None, :], angles.sin()[:, None, :]  # shared by all layers
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.encoder.layers:
-            hidden_states = layer(hidden_states, angles, image_blocks, window_blocks)
+            hidden_states = layer(hidden_states, rotary_embeddings, image_blocks, window_blocks)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         if output_hidden_states:
@@ -383,7 +433,8 @@ class ModalityRouter:
         text_out = text_expert(flat[self.text_index])
         visual_out = visual_expert(flat[self.visual_index])
         out = text_out.new_empty(flat.shape[0], text_out.shape[-1])
-        out = out.index_copy(0, self.text_index, text_out).index_copy(0, self.visual_index, visual_out)
+        out.index_copy_(0, self.text_index, text_out)
+        out.index_copy_(0, self.visual_index, visual_out)
         return out.view(*hidden_states.shape[:-1], -1)
 
     def visual_only(self, hidden_states: torch.Tensor, visual_expert: Callable) -> torch.Tensor:
@@ -453,8 +504,8 @@ def attention_interface(implementation: str) -> Callable:
 class ModalityExpertAttention(nn.Module):
     """Causal self-attention over all tokens; the projections into q/k/v (and out) are per modality.
 
-    Subclasses provide `project_qkv(hidden_states, router) -> [batch, seq, (H + 2·KV)·D]` with the q, k, v blocks
-    concatenated and `project_out(attn_output, router)`.
+    Subclasses provide `project_qkv(hidden_states, router) -> (query, key, value)`, each [batch, seq, heads, D], and
+    `project_out(attn_output, router)`.
     """
 
     def __init__(self, config: NaViLTextConfig, layer_idx: int):
@@ -470,12 +521,7 @@ class ModalityExpertAttention(nn.Module):
 
     def forward(self, hidden_states, router, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         batch, seq_len, _ = hidden_states.shape
-        qkv = self.project_qkv(hidden_states, router)
-        kv_size = self.num_key_value_heads * self.head_dim
-        query, key, value = qkv.split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
-        query = query.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        key = key.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        value = value.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        query, key, value = (states.transpose(1, 2) for states in self.project_qkv(hidden_states, router))
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
@@ -514,12 +560,9 @@ class InternLM2VEAttention(ModalityExpertAttention):
 
     def project_qkv(self, hidden_states, router):
         qkv = route(router, hidden_states, self.wqkv, self.wqkv_ve)
-        # interleaved [KV, G + 2, D] -> concatenated q | k | v
+        # interleaved [KV, G + 2, D]: the G query heads of each key/value head, then its key and its value
         qkv = qkv.view(*qkv.shape[:2], self.num_key_value_heads, self.num_key_value_groups + 2, self.head_dim)
-        query = qkv[..., : self.num_key_value_groups, :].flatten(2)
-        key = qkv[..., -2, :].flatten(2)
-        value = qkv[..., -1, :].flatten(2)
-        return torch.cat((query, key, value), dim=-1)
+        return qkv[..., : self.num_key_value_groups, :].flatten(2, 3), qkv[..., -2, :], qkv[..., -1, :]
 
     def project_out(self, attn_output, router):
         output = self.wo(attn_output)
@@ -548,18 +591,27 @@ class Qwen3VEAttention(ModalityExpertAttention):
         return config.sliding_window if uses_window else None
 
     def _qkv_expert(self, hidden_states, suffix):
-        # [tokens, hidden] -> [tokens, (H + 2·KV)·D]
-        def normed(proj, norm):
-            states = getattr(self, proj + suffix)(hidden_states)
-            return getattr(self, norm + suffix)(states.view(*states.shape[:-1], -1, self.head_dim)).flatten(-2)
+        # [..., hidden] -> query, key, value [..., heads, D], query and key normalised per head
+        def heads(states):
+            return states.view(*states.shape[:-1], -1, self.head_dim)
 
-        value = getattr(self, "v_proj" + suffix)(hidden_states)
-        return torch.cat((normed("q_proj", "q_norm"), normed("k_proj", "k_norm"), value), dim=-1)
+        query = getattr(self, "q_norm" + suffix)(heads(getattr(self, "q_proj" + suffix)(hidden_states)))
+        key = getattr(self, "k_norm" + suffix)(heads(getattr(self, "k_proj" + suffix)(hidden_states)))
+        return query, key, heads(getattr(self, "v_proj" + suffix)(hidden_states))
+
+    def _fused_qkv_expert(self, hidden_states, suffix):
+        # [tokens, hidden] -> [tokens, (H + 2·KV)·D]: one tensor for the router
+        return torch.cat([states.flatten(-2) for states in self._qkv_expert(hidden_states, suffix)], dim=-1)
 
     def project_qkv(self, hidden_states, router):
-        return route(
-            router, hidden_states, partial(self._qkv_expert, suffix=""), partial(self._qkv_expert, suffix="_ve")
+        if router is None:
+            return self._qkv_expert(hidden_states, "")
+        qkv = router(
+            hidden_states, partial(self._fused_qkv_expert, suffix=""), partial(self._fused_qkv_expert, suffix="_ve")
         )
+        kv_size = self.num_key_value_heads * self.head_dim
+        states = qkv.split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        return tuple(state.view(*state.shape[:-1], -1, self.head_dim) for state in states)
 
     def project_out(self, attn_output, router):
         return route(router, attn_output, self.o_proj, self.o_proj_ve)
@@ -672,8 +724,9 @@ class ModalityExpertModel(NaViLPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            position_ids = positions_from_attention_mask(attention_mask, inputs_embeds.shape[1], past_length)
-            position_ids = position_ids.to(inputs_embeds.device)
+            position_ids = positions_from_attention_mask(
+                attention_mask, inputs_embeds.shape[1], past_length, inputs_embeds.device
+            ).to(inputs_embeds.device)
 
         mask_kwargs = {
             "config": self.config,
@@ -699,10 +752,11 @@ class ModalityExpertModel(NaViLPreTrainedModel):
         )
 
 
-def positions_from_attention_mask(attention_mask, seq_len, past_length):
+def positions_from_attention_mask(attention_mask, seq_len, past_length, device):
     """Positions 0… of the real tokens (left padding skipped, padded slots get 1), for the last `seq_len` tokens."""
     if attention_mask is None or attention_mask.ndim != 2:
-        return torch.arange(past_length, past_length + seq_len)[None, :]
+        # `past_length` is a device tensor for static caches: no host sync, no recompilation per step
+        return (torch.arange(seq_len, device=device) + past_length)[None, :]
     positions = attention_mask.long().cumsum(-1) - 1
     positions = positions.masked_fill(attention_mask == 0, 1)
     return positions[:, -seq_len:]
@@ -888,7 +942,23 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
     # -- images --------------------------------------------------------------------------------------------------
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """[patches, 3·P·P] pixels of all image-scales → [patches / 4, hidden] LLM inputs, in window order."""
+        """[patches, 3·P·P] pixels of all image-scales → [patches / 4, hidden] LLM inputs, in window order.
+
+        `pixel_values` are moved to the vision tower's device and cast to its dtype (float32 processor output feeds
+        a bfloat16 model as it is); they must be finite.
+        """
+        if not torch.is_floating_point(pixel_values):
+            raise ValueError(
+                f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}."
+            )
+        if pixel_values.ndim not in (2, 4):
+            raise ValueError(
+                f"pixel_values must be [patches, 3*P*P] or [patches, 3, P, P], got shape {tuple(pixel_values.shape)}."
+            )
+        if not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values contain NaN or infinite values; check the image or preprocessing.")
+        weight = self.vision_model.embeddings.patch_embedding.weight
+        pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         features = self.vision_model(pixel_values, image_grid_thw)  # [patches, W]
         merge_units = self.config.vision_config.merge_size**2
         features = features.reshape(-1, merge_units * features.shape[-1])  # 2×2 pixel shuffle
@@ -926,6 +996,27 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         visual_token_mask = context_mask | (input_ids == self.special_token_id(IMG_START_TOKEN))
         return embeddings, visual_token_mask
 
+    def check_prompt(self, tokens: torch.Tensor) -> None:
+        """Clear errors for prompts this model cannot run: wrong device, unknown token ids, too many positions."""
+        device = self.get_input_embeddings().weight.device
+        if tokens.device != device:
+            raise ValueError(
+                f"The inputs are on {tokens.device} but the model is on {device}; move them with .to(model.device)."
+            )
+        text = self.config.text_config
+        if text.rope_type != "dynamic" and tokens.shape[-1] > text.max_position_embeddings:
+            raise ValueError(
+                f"The prompt has {tokens.shape[-1]} tokens but the model supports {text.max_position_embeddings} "
+                "positions; shorten the prompt or use fewer/smaller images (max_pixels)."
+            )
+        if not torch.is_floating_point(tokens) and tokens.numel():
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= text.vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, {text.vocab_size}) but range over [{low}, {high}]; was the prompt "
+                    "tokenized with this model's tokenizer?"
+                )
+
     # -- forward -------------------------------------------------------------------------------------------------
 
     def forward(
@@ -942,6 +1033,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         logits_to_keep: Union[int, torch.Tensor] = 0,
         visual_token_mask: Optional[torch.Tensor] = None,
         num_scales: Optional[torch.LongTensor] = None,
+        is_decode_step: Optional[bool] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -951,6 +1043,10 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         visual_token_mask (`torch.BoolTensor` of shape `[batch, seq]`, *optional*): routing when `inputs_embeds` are
             given; computed from `input_ids` otherwise.
         num_scales (`torch.LongTensor`, *optional*): scales per image (from the processor); used for checking.
+        is_decode_step (`bool`, *optional*): whether `past_key_values` already hold the prompt, so that `input_ids`
+            are generated tokens (embedded with the plain word embeddings and routed as text, as in the original).
+            Read from the cache when `None`; `generate` sets it, so compiled decode steps never branch on the
+            length of a static cache.
         labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): next-token targets; -100 and
             `<IMG_CONTEXT>` positions are ignored.
         """
@@ -961,7 +1057,11 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                 f"num_scales adds up to {int(num_scales.sum())} image-scales but image_grid_thw has "
                 f"{len(image_grid_thw)} rows."
             )
-        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        decoding = is_decode_step
+        if decoding is None:
+            decoding = past_key_values is not None and bool(past_key_values.get_seq_length() > 0)
+        if not decoding:
+            self.check_prompt(input_ids if input_ids is not None else inputs_embeds[..., 0])
         if inputs_embeds is None:
             if decoding:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -985,6 +1085,12 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                 logits=outputs.logits, labels=labels, vocab_size=self.config.text_config.vocab_size
             )
         return CausalLMOutputWithPast(loss=loss, logits=outputs.logits, past_key_values=outputs.past_key_values)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and model_inputs.get("past_key_values") is not None:
+            model_inputs["is_decode_step"] = True
+        return model_inputs
 
     # -- chat ----------------------------------------------------------------------------------------------------
 

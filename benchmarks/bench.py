@@ -1,0 +1,587 @@
+"""Speed and memory of NaViL against a dense transformers LLM of the same shape.
+
+    python benchmarks/bench.py --preset tiny|small|navil-2b-shape [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--backbone internlm2|qwen3] [--compile] [--json out.json] [--png out.png]
+
+Builds random-weight models and prints one table: the vision encoder (ViT + connector) at three patch counts, single
+scale and with the multi-scale pyramid; prefill of one image + a short question through the modality-expert LLM;
+greedy decode at batch 1 and 8; the same prefill and decode for a dense baseline built from transformers' own classes
+(`LlamaForCausalLM` for the InternLM2 shape, `Qwen3ForCausalLM` for the Qwen3 shape) fed the same number of tokens;
+and the ratios ours/dense. Times are medians of repeated runs after warm-up.
+
+Peak memory is the increase over the memory in use just before the call: on CUDA from
+`torch.cuda.max_memory_allocated`; on CPU from the process's peak resident set size (`VmHWM`, reset through
+`/proc/self/clear_refs` before each call) in a separate worker process whose glibc returns every allocation of 64 KiB
+or more to the system on free (`MALLOC_MMAP_THRESHOLD_`), so freed tensors cannot hide in the heap. Timings run in
+the parent process with the default allocator.
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from navil.configuration_navil import NaViLConfig
+from navil.modeling_navil import SPECIAL_TOKENS, NaViLForConditionalGeneration
+
+ARCHITECTURES = {"internlm2": "InternLM2VEForCausalLM", "qwen3": "Qwen3VEForCausalLM"}
+MiB = 2**20
+
+
+@dataclass
+class Preset:
+    vision: dict
+    text: dict
+    patch_counts: tuple  # vision encoder sizes (square images), single scale
+    prefill_image_side: int  # pixels of the square image of the prefill prompt
+    min_dynamic_patch: int  # smallest pyramid scale, in patches
+    question_tokens: int
+    decode_tokens: int
+    warmup: int
+    repeats: int
+    note: str = ""
+    backbones: tuple = ("internlm2", "qwen3")
+
+
+PRESETS = {
+    "tiny": Preset(
+        vision=dict(
+            hidden_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=4,
+            intermediate_size=256,
+            fullatt_block_indexes=[1, 3],
+        ),
+        text=dict(
+            vocab_size=1024,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        patch_counts=(64, 256, 1024),
+        prefill_image_side=256,
+        min_dynamic_patch=16,
+        question_tokens=16,
+        decode_tokens=32,
+        warmup=1,
+        repeats=3,
+        note="patch counts scaled down 16x (64/256/1k instead of 1k/4k/16k); 32 new tokens",
+    ),
+    "small": Preset(
+        vision=dict(
+            hidden_size=256,
+            num_attention_heads=4,
+            num_hidden_layers=6,
+            intermediate_size=1024,
+            fullatt_block_indexes=[2, 5],
+        ),
+        text=dict(
+            vocab_size=8192,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        ),
+        patch_counts=(256, 1024, 4096),
+        prefill_image_side=512,
+        min_dynamic_patch=64,
+        question_tokens=16,
+        decode_tokens=128,
+        warmup=1,
+        repeats=5,
+        note="patch counts scaled down 4x (256/1k/4k instead of 1k/4k/16k)",
+    ),
+    "navil-2b-shape": Preset(
+        vision=dict(),  # the NaViLVisionConfig defaults
+        text=dict(
+            vocab_size=92553,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+        ),
+        patch_counts=(1024, 4096, 16384),
+        prefill_image_side=1024,
+        min_dynamic_patch=256,
+        question_tokens=16,
+        decode_tokens=128,
+        warmup=2,
+        repeats=5,
+        backbones=("internlm2",),
+    ),
+}
+
+
+# -- models and inputs -----------------------------------------------------------------------------------------
+
+
+def special_token_ids(vocab_size):
+    """The NaViL special tokens on the last ids of the vocabulary."""
+    return {token: vocab_size - len(SPECIAL_TOKENS) + row for row, token in enumerate(SPECIAL_TOKENS)}
+
+
+def build_models(preset, backbone, device, dtype):
+    """(NaViL, dense baseline) with random weights, in eval mode, on `device` in `dtype`."""
+    text = dict(preset.text, architectures=[ARCHITECTURES[backbone]], rope_theta=1e6)
+    config = NaViLConfig(
+        vision_config=preset.vision,
+        text_config=text,
+        min_dynamic_patch=preset.min_dynamic_patch,
+        special_token_ids=special_token_ids(text["vocab_size"]),
+    )
+    text_config = config.text_config
+    dense_kwargs = dict(
+        vocab_size=text_config.vocab_size,
+        hidden_size=text_config.hidden_size,
+        intermediate_size=text_config.intermediate_size,
+        num_hidden_layers=text_config.num_hidden_layers,
+        num_attention_heads=text_config.num_attention_heads,
+        num_key_value_heads=text_config.num_key_value_heads,
+        head_dim=text_config.head_dim,
+        max_position_embeddings=text_config.max_position_embeddings,
+        rms_norm_eps=text_config.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": text_config.rope_theta},
+        tie_word_embeddings=False,
+    )
+    dense_config = LlamaConfig(**dense_kwargs) if backbone == "internlm2" else Qwen3Config(**dense_kwargs)
+    dense_class = LlamaForCausalLM if backbone == "internlm2" else Qwen3ForCausalLM
+    torch.manual_seed(0)
+    with torch.device(device):
+        models = NaViLForConditionalGeneration(config), dense_class(dense_config)
+    for model in models:
+        model.to(dtype).eval()
+        model.generation_config.eos_token_id = None  # decode exactly the requested number of tokens
+        model.generation_config.pad_token_id = 0
+    return models
+
+
+def pyramid_grids(side_px, config):
+    """Grids (t, h, w) of the multi-scale pyramid of a square image, smallest first, as the image processor makes."""
+    vision = config.vision_config
+    patch, merge = vision.patch_size, vision.merge_size
+    unit = patch * merge
+    min_pixels = config.min_dynamic_patch * patch * patch
+
+    def one_pass(max_pixels):
+        size = side_px
+        if side_px * side_px > max_pixels:
+            size = math.floor(side_px / math.sqrt(side_px * side_px / max_pixels))
+        elif side_px * side_px < min_pixels:
+            size = math.ceil(side_px * math.sqrt(min_pixels / (side_px * side_px)))
+        cells = math.ceil(size / unit) * merge
+        return (1, cells, cells)
+
+    grids = [one_pass(config.max_dynamic_patch * patch * patch)]
+    while True:
+        smallest = grids[0]
+        max_pixels = smallest[1] * smallest[2] * patch * patch * config.scale_downsample_ratio**2
+        if max_pixels < min_pixels:
+            break
+        grid = one_pass(max_pixels)
+        if grid[1] * grid[2] >= smallest[1] * smallest[2]:
+            break
+        grids.insert(0, grid)
+    return grids
+
+
+def random_pixels(grids, config, device, dtype):
+    patch = config.vision_config.patch_size
+    num_patches = sum(t * h * w for t, h, w in grids)
+    pixel_values = torch.rand(num_patches, 3 * patch * patch, device=device, dtype=dtype) * 2 - 1
+    return pixel_values, torch.tensor(grids, dtype=torch.long)
+
+
+def image_prompt(grids, config, question_tokens, device):
+    """`<img>` + per scale: rows of `<IMG_CONTEXT>` each closed by `<IMG_LINE_BREAK>`, `<IMG_FRAME_BREAK>` + `</img>`,
+    then a question of random text ids: the layout the processor builds."""
+    ids = config.special_token_ids
+    merge = config.vision_config.merge_size
+    tokens = [ids["<img>"]]
+    for _, h, w in grids:
+        for _ in range(h // merge):
+            tokens += [ids["<IMG_CONTEXT>"]] * (w // merge) + [ids["<IMG_LINE_BREAK>"]]
+        tokens.append(ids["<IMG_FRAME_BREAK>"])
+    tokens.append(ids["</img>"])
+    tokens += text_ids(question_tokens, config, seed=1)[0].tolist()
+    return torch.tensor([tokens], device=device)
+
+
+def text_ids(length, config, seed, batch=1):
+    generator = torch.Generator().manual_seed(seed)
+    high = config.text_config.vocab_size - len(SPECIAL_TOKENS)
+    return torch.randint(1, high, (batch, length), generator=generator)
+
+
+# -- measuring -------------------------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, warmup, repeats):
+    """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _status_kib(field_name):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field_name} missing from /proc/self/status")
+
+
+def peak_memory(fn, device):
+    """Peak memory of `fn()` in bytes above what was in use before it (after one warm-up call)."""
+    fn()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set size
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+class Workload:
+    """The inputs and the callables measured, for one preset on one device."""
+
+    def __init__(self, preset, backbone, device, dtype):
+        self.preset, self.device = preset, device
+        self.model, self.dense = build_models(preset, backbone, device, dtype)
+        config = self.model.config
+        patch = config.vision_config.patch_size
+        self.vision_inputs = {}
+        for count in preset.patch_counts:
+            side_px = math.isqrt(count) * patch
+            single = [(1, side_px // patch, side_px // patch)]
+            for kind, grids in (("single", single), ("pyramid", pyramid_grids(side_px, config))):
+                self.vision_inputs[count, kind] = random_pixels(grids, config, device, dtype)
+        grids = pyramid_grids(preset.prefill_image_side, config)
+        self.pixel_values, self.image_grid_thw = random_pixels(grids, config, device, dtype)
+        self.prompt_ids = image_prompt(grids, config, preset.question_tokens, device)
+        with torch.inference_mode():
+            self.embeds, self.visual_mask = self.model.embed_tokens(
+                self.prompt_ids, self.pixel_values, self.image_grid_thw
+            )
+        self.dense_embeds = torch.randn_like(self.embeds)
+
+    @torch.inference_mode()
+    def vision(self, count, kind):
+        return self.model.get_image_features(*self.vision_inputs[count, kind])
+
+    @torch.inference_mode()
+    def prefill(self, which):
+        if which == "navil":
+            return self.model.language_model(
+                inputs_embeds=self.embeds, visual_token_mask=self.visual_mask, use_cache=True, logits_to_keep=1
+            )
+        return self.dense(inputs_embeds=self.dense_embeds, use_cache=True, logits_to_keep=1)
+
+    @torch.inference_mode()
+    def first_token(self):
+        return self.model(
+            input_ids=self.prompt_ids,
+            pixel_values=self.pixel_values,
+            image_grid_thw=self.image_grid_thw,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+
+    def generate(self, which, batch, new_tokens, compiled=False):
+        model = self.model if which == "navil" else self.dense
+        input_ids = text_ids(self.preset.question_tokens, self.model.config, seed=2, batch=batch).to(self.device)
+        kwargs = {}
+        if compiled:
+            compile_config = CompileConfig(
+                fullgraph=True, mode="reduce-overhead" if self.device == "cuda" else "default"
+            )
+            compile_config._compile_all_devices = True  # transformers compiles decode steps on accelerators only
+            kwargs = dict(cache_implementation="static", compile_config=compile_config)
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            **kwargs,
+        )
+
+
+def memory_measurements(workload):
+    """Peak memory in bytes of the vision encoder runs and of both prefills."""
+    device = workload.device
+    results = {}
+    for count, kind in workload.vision_inputs:
+        results[f"vision/{count}/{kind}"] = peak_memory(partial(workload.vision, count, kind), device)
+    for which in ("navil", "dense"):
+        results[f"prefill/{which}"] = peak_memory(partial(workload.prefill, which), device)
+    return results
+
+
+def memory_in_worker(args):
+    """Runs `memory_measurements` in a fresh process with glibc's mmap threshold pinned (see the module docstring)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
+    command = [sys.executable, __file__, "--memory-worker", "--preset", args.preset, "--device", args.device]
+    command += ["--dtype", args.dtype, "--backbone", args.backbone]
+    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def decode_seconds_per_step(workload, which, batch, compiled=False):
+    """(generate(K) − generate(1)) / (K − 1): the time of one greedy decode step, prefill excluded."""
+    preset, device = workload.preset, workload.device
+    steps = preset.decode_tokens
+
+    def run(new_tokens):
+        return median_time(
+            lambda: workload.generate(which, batch, new_tokens, compiled), device, preset.warmup, preset.repeats
+        )
+
+    return (run(steps) - run(1)) / (steps - 1)
+
+
+# -- the table -------------------------------------------------------------------------------------------------
+
+
+def measure(args, preset):
+    workload = Workload(preset, args.backbone, args.device, DTYPES[args.dtype])
+    memory = memory_in_worker(args) if args.device == "cpu" else memory_measurements(workload)
+    timed = {}
+    for count, kind in workload.vision_inputs:
+        timed[f"vision/{count}/{kind}"] = median_time(
+            partial(workload.vision, count, kind), args.device, preset.warmup, preset.repeats
+        )
+    for which in ("navil", "dense"):
+        timed[f"prefill/{which}"] = median_time(
+            partial(workload.prefill, which), args.device, preset.warmup, preset.repeats
+        )
+        for batch in (1, 8):
+            timed[f"decode/{which}/{batch}"] = decode_seconds_per_step(workload, which, batch)
+        if args.compile:
+            timed[f"decode-compiled/{which}/1"] = decode_seconds_per_step(workload, which, 1, compiled=True)
+    timed["first-token"] = median_time(workload.first_token, args.device, preset.warmup, preset.repeats)
+    counts = {
+        key: int(sum(t * h * w for t, h, w in grids.tolist())) for key, (_, grids) in workload.vision_inputs.items()
+    }
+    shape = dict(
+        prompt_tokens=workload.prompt_ids.shape[1],
+        visual_tokens=int(workload.visual_mask.sum()),
+        prefill_scales=workload.image_grid_thw.tolist(),
+        navil_parameters=sum(p.numel() for p in workload.model.parameters()),
+        dense_parameters=sum(p.numel() for p in workload.dense.parameters()),
+    )
+    return timed, memory, counts, shape
+
+
+def rows_from(args, preset, timed, memory, counts, shape):
+    """Table rows: (measurement, NaViL, dense, ours/dense, target, met) with numbers as floats or None."""
+    rows = []
+    for (count, kind), total in counts.items():
+        key = f"vision/{count}/{kind}"
+        what = "single scale" if kind == "single" else f"pyramid, {total} patches"
+        rows.append((f"vision encoder {count} patches ({what}): time ms", timed[key] * 1e3, None, None, "", None))
+        rows.append((f"vision encoder {count} patches ({what}): peak MiB", memory[key] / MiB, None, None, "", None))
+    small, large = preset.patch_counts[-2:]
+    for kind in ("single", "pyramid"):
+        growth = memory[f"vision/{large}/{kind}"] / (memory[f"vision/{small}/{kind}"] * large / small)
+        label = f"vision peak memory {large} / ({large // small} x {small}) patches, {kind}"
+        rows.append((label, growth, None, None, "<= 1.2", growth <= 1.2))
+    tokens = f"{shape['prompt_tokens']} tokens, {shape['visual_tokens']} visual"
+    ratio = timed["prefill/navil"] / timed["prefill/dense"]
+    rows.append(
+        (
+            f"LLM prefill, 1 image + question ({tokens}): ms",
+            timed["prefill/navil"] * 1e3,
+            timed["prefill/dense"] * 1e3,
+            ratio,
+            "<= 1.15",
+            ratio <= 1.15,
+        )
+    )
+    rows.append(
+        (
+            "LLM prefill: peak MiB",
+            memory["prefill/navil"] / MiB,
+            memory["prefill/dense"] / MiB,
+            memory["prefill/navil"] / memory["prefill/dense"],
+            "",
+            None,
+        )
+    )
+    rows.append(("time to first token (vision + prefill): ms", timed["first-token"] * 1e3, None, None, "", None))
+    decode_rows = [(f"decode batch {batch}, eager", f"decode/{{}}/{batch}", batch) for batch in (1, 8)]
+    if args.compile:
+        decode_rows.append(("decode batch 1, static cache + torch.compile", "decode-compiled/{}/1", 1))
+    for label, key, batch in decode_rows:
+        ours, dense = timed[key.format("navil")], timed[key.format("dense")]
+        ratio = ours / dense
+        rows.append((f"{label}: tokens/s", batch / ours, batch / dense, ratio, "<= 1.05 (time/token)", ratio <= 1.05))
+    return rows
+
+
+def format_table(rows):
+    def number(value):
+        if value is None:
+            return "—"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+    lines = [
+        "| measurement | NaViL | dense | ours/dense | target | met |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for label, ours, dense, ratio, target, met in rows:
+        verdict = "" if met is None else ("yes" if met else "NO")
+        lines.append(f"| {label} | {number(ours)} | {number(dense)} | {number(ratio)} | {target} | {verdict} |")
+    return "\n".join(lines)
+
+
+def draw_png(path, preset, rows, counts, timed, memory):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed (pip install 'navil[bench]'); skipping {path}")
+        return
+    figure, (ratios_axis, vision_axis) = plt.subplots(1, 2, figsize=(13, 4.5))
+    compared = [row for row in rows if row[3] is not None]
+    labels = []
+    for label, *_ in compared:
+        name, unit = label.rsplit(": ", 1)
+        name = "LLM prefill" if name.startswith("LLM prefill") else name
+        labels.append(f"{name} ({'memory' if 'MiB' in unit else 'time'})")
+    ratios_axis.barh(labels, [row[3] for row in compared], color="tab:blue")
+    ratios_axis.axvline(1.0, color="black", linewidth=0.8)
+    ratios_axis.set_xlabel("NaViL / dense (time or memory)")
+    ratios_axis.set_title("NaViL vs dense transformers LLM")
+    for kind, style in (("single", "o-"), ("pyramid", "s--")):
+        patches = [counts[count, kind] for count in preset.patch_counts]
+        megabytes = [memory[f"vision/{count}/{kind}"] / MiB for count in preset.patch_counts]
+        vision_axis.plot(patches, megabytes, style, label=f"peak MiB, {kind}")
+    vision_axis.set_xscale("log")
+    vision_axis.set_yscale("log")
+    vision_axis.set_xlabel("patches")
+    vision_axis.set_ylabel("peak memory (MiB)")
+    vision_axis.set_title("vision encoder memory")
+    vision_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"chart written to {path}")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_name():
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--backbone", choices=sorted(ARCHITECTURES), default="internlm2")
+    parser.add_argument(
+        "--compile", action="store_true", help="add batch-1 decode with a static cache + torch.compile"
+    )
+    parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser.add_argument("--png", type=Path, help="draw the ratios and the vision memory curve (needs matplotlib)")
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.backbone not in preset.backbones:
+        raise SystemExit(f"--preset {args.preset} has the {'/'.join(preset.backbones)} backbone only.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no GPU is available.")
+    if args.memory_worker:
+        workload = Workload(preset, args.backbone, args.device, DTYPES[args.dtype])
+        print(json.dumps(memory_measurements(workload)))
+        return
+    started = time.perf_counter()
+    timed, memory, counts, shape = measure(args, preset)
+    rows = rows_from(args, preset, timed, memory, counts, shape)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
+    header = (
+        f"NaViL benchmark — preset {args.preset} ({args.backbone}), {args.device} ({device_name}, "
+        f"{torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {datetime.date.today()}"
+    )
+    print(header)
+    if preset.note:
+        print(f"Note: {preset.note}.")
+    print(
+        f"NaViL {shape['navil_parameters'] / 1e6:.1f} M parameters, dense {shape['dense_parameters'] / 1e6:.1f} M; "
+        f"prefill image scales {shape['prefill_scales']}; medians of {preset.repeats} runs after {preset.warmup} "
+        f"warm-up; decode time per token = (generate(K) - generate(1)) / (K - 1), K = {preset.decode_tokens}."
+    )
+    print(format_table(rows))
+    print(f"({time.perf_counter() - started:.0f} s)")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                dict(
+                    header=header,
+                    preset=args.preset,
+                    preset_config=asdict(preset),
+                    backbone=args.backbone,
+                    device=args.device,
+                    device_name=device_name,
+                    dtype=args.dtype,
+                    shape=shape,
+                    seconds=timed,
+                    peak_memory_bytes=memory,
+                    rows=[dict(zip(("measurement", "navil", "dense", "ratio", "target", "met"), row)) for row in rows],
+                ),
+                indent=2,
+            )
+        )
+    if args.png:
+        draw_png(args.png, preset, rows, counts, timed, memory)
+
+
+if __name__ == "__main__":
+    main()
