@@ -31,7 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
 from .image_processing_navil import NaViLImageProcessor
-from .processing_navil import IMAGE_PLACEHOLDER, NaViLProcessor
+from .processing_navil import IMAGE_PLACEHOLDER, NaViLProcessor, clean_reply
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -1207,26 +1207,33 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
     def stream_chat(self, tokenizer, pixel_values, question, generation_config=None, history=None, **kwargs):
         """Like `chat`, yielding the reply in pieces as it is generated; the pieces join to `chat`'s reply."""
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = Thread(
-            target=self.chat,
-            args=(tokenizer, pixel_values, question, generation_config, history),
-            kwargs={**kwargs, "streamer": streamer},
-        )
+        errors = []
+
+        def generate():
+            try:
+                self.chat(tokenizer, pixel_values, question, generation_config, history, streamer=streamer, **kwargs)
+            except Exception as error:  # re-raised in the caller's thread below
+                errors.append(error)
+                streamer.end()
+
+        worker = Thread(target=generate)
         worker.start()
-        text = ""
-        emitted = 0
+        text, emitted = "", ""
         for piece in streamer:
             text += piece
-            # the reply is stripped and cut at the end-of-turn marker: emit only what is final
-            visible = text.split(END_OF_TURN_TOKEN)[0].lstrip()
-            stable = len(visible.rstrip())
-            for partial_marker in ("<|im_end|", "<|im_end", "<|im"):
-                if visible.endswith(partial_marker):
-                    stable = min(stable, len(visible) - len(partial_marker))
-            if stable > emitted:
-                yield visible[emitted:stable]
+            # the reply is stripped and cleaned of partial end-of-turn markers: emit only what more text cannot change
+            if any(text.endswith(END_OF_TURN_TOKEN[:size]) for size in range(1, len(END_OF_TURN_TOKEN))):
+                continue
+            stable = clean_reply(text)
+            if stable.startswith(emitted) and len(stable) > len(emitted):
+                yield stable[len(emitted) :]
                 emitted = stable
         worker.join()
+        if errors:
+            raise errors[0]
+        final = clean_reply(text)
+        if final.startswith(emitted) and len(final) > len(emitted):
+            yield final[len(emitted) :]
 
 
 NaViLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -76,6 +76,15 @@ CHAT_TEMPLATES = {
 _REPLY_DEBRIS = ("<|im_end|", "<|im_end", "<|im")
 
 
+def clean_reply(text: str) -> str:
+    """The original `chat()`'s reply clean-up of decoded text: keep what precedes `<|im_end|>`, strip, and remove
+    leftovers of a partial `<|im_end|>`."""
+    text = text.split(END_OF_TURN_TOKEN)[0].strip()
+    for debris in _REPLY_DEBRIS:
+        text = text.replace(debris, "")
+    return text
+
+
 def add_navil_special_tokens(tokenizer) -> int:
     """Adds the NaViL special tokens that `tokenizer` lacks (as special tokens) and returns how many were added."""
     vocab = tokenizer.get_vocab()
@@ -428,13 +437,6 @@ class NaViLProcessor(ProcessorMixin):
             return [list(row) for row in token_ids], False
         return [token_ids], True
 
-    @staticmethod
-    def _clean_reply(text: str) -> str:
-        text = text.split(END_OF_TURN_TOKEN)[0].strip()
-        for debris in _REPLY_DEBRIS:
-            text = text.replace(debris, "")
-        return text
-
     def decode_reply(self, token_ids) -> Union[str, list[str]]:
         """Generated token ids → reply text, as the original `chat()`: decode without special tokens, keep what comes
         before `<|im_end|>`, strip, and remove leftovers of a partial `<|im_end|>`.
@@ -442,7 +444,7 @@ class NaViLProcessor(ProcessorMixin):
         Returns a string for one sequence and a list of strings for a batch ([batch, new_tokens]).
         """
         rows, single = self._rows(token_ids)
-        replies = [self._clean_reply(text) for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+        replies = [clean_reply(text) for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
         return replies[0] if single else replies
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):

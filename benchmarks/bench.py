@@ -7,7 +7,9 @@ Builds random-weight models and prints one table: the vision encoder (ViT + conn
 scale and with the multi-scale pyramid; prefill of one image + a short question through the modality-expert LLM;
 greedy decode at batch 1 and 8; the same prefill and decode for a dense baseline built from transformers' own classes
 (`LlamaForCausalLM` for the InternLM2 shape, `Qwen3ForCausalLM` for the Qwen3 shape) fed the same number of tokens;
-and the ratios ours/dense. Times are medians of repeated runs after warm-up.
+and the ratios ours/dense. Times are medians of repeated runs after warm-up, NaViL and dense taken in turns; a
+decode step is the time between consecutive steps of `generate` (marked by a stopping criterion), so prefill is
+excluded and bursts of load on a shared machine move the median little.
 
 Peak memory is the increase over the memory in use just before the call: on CUDA from
 `torch.cuda.max_memory_allocated`; on CPU from the process's peak resident set size (`VmHWM`, reset through
@@ -33,7 +35,15 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    CompileConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from navil.configuration_navil import NaViLConfig
 from navil.modeling_navil import SPECIAL_TOKENS, NaViLForConditionalGeneration
@@ -238,18 +248,49 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, device, warmup, repeats):
-    """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs."""
+def median_times(functions, device, warmup, repeats):
+    """Median wall time in seconds of each callable over `repeats` runs after `warmup` runs.
+
+    The callables run in turns, so that a change of load on the machine hits all of them alike.
+    """
     for _ in range(warmup):
-        fn()
-    samples = []
+        for function in functions.values():
+            function()
+    samples = {name: [] for name in functions}
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for name, function in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+class StepClock(StoppingCriteria):
+    """Marks the end of every generation step: a CUDA event on GPU (no synchronisation), the wall clock on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.marks = []
+        self.step_seconds = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.device == "cuda":
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def end_run(self):
+        """Keeps the durations of the decode steps of the run that just ended (the first mark ends the prefill)."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.step_seconds += [start.elapsed_time(end) / 1e3 for start, end in zip(self.marks, self.marks[1:])]
+        else:
+            self.step_seconds += [end - start for start, end in zip(self.marks, self.marks[1:])]
+        self.marks = []
 
 
 def _status_kib(field_name):
@@ -321,7 +362,7 @@ class Workload:
             logits_to_keep=1,
         )
 
-    def generate(self, which, batch, new_tokens, compiled=False):
+    def generate(self, which, batch, new_tokens, compiled, clock):
         model = self.model if which == "navil" else self.dense
         input_ids = text_ids(self.preset.question_tokens, self.model.config, seed=2, batch=batch).to(self.device)
         kwargs = {}
@@ -336,6 +377,7 @@ class Workload:
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=new_tokens,
             do_sample=False,
+            stopping_criteria=StoppingCriteriaList([clock]),
             **kwargs,
         )
 
@@ -360,17 +402,18 @@ def memory_in_worker(args):
     return json.loads(output.strip().splitlines()[-1])
 
 
-def decode_seconds_per_step(workload, which, batch, compiled=False):
-    """(generate(K) − generate(1)) / (K − 1): the time of one greedy decode step, prefill excluded."""
-    preset, device = workload.preset, workload.device
-    steps = preset.decode_tokens
-
-    def run(new_tokens):
-        return median_time(
-            lambda: workload.generate(which, batch, new_tokens, compiled), device, preset.warmup, preset.repeats
-        )
-
-    return (run(steps) - run(1)) / (steps - 1)
+def decode_seconds_per_step(workload, batch, compiled=False):
+    """Median time of one greedy decode step of NaViL and of the dense model, over all steps of runs taken in turns."""
+    preset = workload.preset
+    clocks = {which: StepClock(workload.device) for which in ("navil", "dense")}
+    for run in range(preset.warmup + preset.repeats):
+        for which, clock in clocks.items():
+            workload.generate(which, batch, preset.decode_tokens, compiled, clock)
+            if run < preset.warmup:
+                clock.marks = []
+            else:
+                clock.end_run()
+    return {which: statistics.median(clock.step_seconds) for which, clock in clocks.items()}
 
 
 # -- the table -------------------------------------------------------------------------------------------------
@@ -379,20 +422,18 @@ def decode_seconds_per_step(workload, which, batch, compiled=False):
 def measure(args, preset):
     workload = Workload(preset, args.backbone, args.device, DTYPES[args.dtype])
     memory = memory_in_worker(args) if args.device == "cpu" else memory_measurements(workload)
-    timed = {}
-    for count, kind in workload.vision_inputs:
-        timed[f"vision/{count}/{kind}"] = median_time(
-            partial(workload.vision, count, kind), args.device, preset.warmup, preset.repeats
-        )
-    for which in ("navil", "dense"):
-        timed[f"prefill/{which}"] = median_time(
-            partial(workload.prefill, which), args.device, preset.warmup, preset.repeats
-        )
-        for batch in (1, 8):
-            timed[f"decode/{which}/{batch}"] = decode_seconds_per_step(workload, which, batch)
-        if args.compile:
-            timed[f"decode-compiled/{which}/1"] = decode_seconds_per_step(workload, which, 1, compiled=True)
-    timed["first-token"] = median_time(workload.first_token, args.device, preset.warmup, preset.repeats)
+    functions = {
+        f"vision/{count}/{kind}": partial(workload.vision, count, kind) for count, kind in workload.vision_inputs
+    }
+    functions.update({f"prefill/{which}": partial(workload.prefill, which) for which in ("navil", "dense")})
+    functions["first-token"] = workload.first_token
+    timed = median_times(functions, args.device, preset.warmup, preset.repeats)
+    decode_runs = [("decode", 1, False), ("decode", 8, False)]
+    if args.compile:
+        decode_runs.append(("decode-compiled", 1, True))
+    for name, batch, compiled in decode_runs:
+        for which, seconds in decode_seconds_per_step(workload, batch, compiled).items():
+            timed[f"{name}/{which}/{batch}"] = seconds
     counts = {
         key: int(sum(t * h * w for t, h, w in grids.tolist())) for key, (_, grids) in workload.vision_inputs.items()
     }
@@ -556,7 +597,8 @@ def main(argv=None):
     print(
         f"NaViL {shape['navil_parameters'] / 1e6:.1f} M parameters, dense {shape['dense_parameters'] / 1e6:.1f} M; "
         f"prefill image scales {shape['prefill_scales']}; medians of {preset.repeats} runs after {preset.warmup} "
-        f"warm-up; decode time per token = (generate(K) - generate(1)) / (K - 1), K = {preset.decode_tokens}."
+        f"warm-up, taken in turns; decode: median time between consecutive steps of generate(), "
+        f"{preset.decode_tokens} new tokens."
     )
     print(format_table(rows))
     print(f"({time.perf_counter() - started:.0f} s)")

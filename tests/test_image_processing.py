@@ -8,7 +8,6 @@ from PIL import Image
 
 from navil.image_processing_navil import NaViLImageProcessor, smart_resize
 
-
 GOLDEN_IMAGES = ("grad", "gray", "noise", "rgba", "shapes", "strip")
 
 
@@ -54,7 +53,9 @@ def test_multi_scale_pyramid_matches_original_exactly(processor, image_processor
 
 
 def test_smart_resize_reproduces_every_recorded_call_including_float32_limits(manifest):
-    calls = [call for image in manifest["images"].values() for call in image["multi"]["smart_resize_calls_in_call_order"]]
+    calls = [
+        call for image in manifest["images"].values() for call in image["multi"]["smart_resize_calls_in_call_order"]
+    ]
     quirk_lists = manifest["image_processor"]["multi_image_list_quirk"]["lists"].values()
     calls += [call for entry in quirk_lists for call in entry["smart_resize_calls_in_call_order"]]
     assert len(calls) > 10
@@ -144,7 +145,9 @@ def test_model_card_single_pass_calling_convention(manifest, image_processor_out
     ret = image_processor(image, return_tensors="pt", min_pixels=min_pixels, max_pixels=max_pixels)
     grid = ret["image_grid_thw"]
     assert grid.shape == (1, 3)
-    pixel_values = ret["pixel_values"].reshape([grid.prod(), -1, image_processor.patch_size, image_processor.patch_size])
+    pixel_values = ret["pixel_values"].reshape(
+        [grid.prod(), -1, image_processor.patch_size, image_processor.patch_size]
+    )
     assert torch.equal(pixel_values, image_processor_outputs["ip.noise.single.pixel_values"])
 
     scales, grids = [pixel_values], [grid[0]]
