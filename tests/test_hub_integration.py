@@ -164,7 +164,9 @@ MODEL_CARD = """
 def test_original_model_card_snippet_runs_unchanged_on_converted_checkpoint(backbone, tmp_path, manifest):
     from navil.convert_navil import convert_checkpoint
 
-    out = convert_checkpoint(GOLDEN / backbone, tmp_path / "converted", tokenizer_dir=GOLDEN / "tokenizer", verify=False)
+    out = convert_checkpoint(
+        GOLDEN / backbone, tmp_path / "converted", tokenizer_dir=GOLDEN / "tokenizer", verify=False
+    )
     case = manifest["models"][backbone]["cases"]["one_image"]
     float32 = run_fresh_python(MODEL_CARD, out, IMAGE, case["question"], "float32")
     assert float32["response"] == case["response"]
