@@ -454,6 +454,18 @@ class NaViLTextRotaryEmbedding(nn.Module):
     def __init__(self, config: NaViLTextConfig):
         super().__init__()
         self.config = config
+        # inverse frequencies of the configured base, by device; kept out of the state dict (nothing to restore)
+        self._inv_freq = {}
+
+    def inverse_frequencies(self, base: float, device: torch.device) -> torch.Tensor:
+        key = (base, device)
+        if key not in self._inv_freq:
+            dim = self.config.head_dim
+            exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+            if base != self.config.rope_theta:  # dynamic NTK bases change with the length: not worth keeping
+                return 1.0 / (base**exponents)
+            self._inv_freq[key] = 1.0 / (base**exponents)
+        return self._inv_freq[key]
 
     def forward(self, hidden_states, position_ids):
         # -> cos, sin [batch, seq, head_dim] in the dtype of hidden_states
@@ -468,9 +480,7 @@ class NaViLTextRotaryEmbedding(nn.Module):
             if seq_len > config.max_position_embeddings:
                 factor = config.rope_factor
                 base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
-        inv_freq = 1.0 / (
-            base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=position_ids.device).float() / dim)
-        )
+        inv_freq = self.inverse_frequencies(base, position_ids.device)
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = positions[..., None] * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
