@@ -13,6 +13,7 @@ Read top to bottom:
 Parameter names equal those of the original NaViL checkpoints, so they load without conversion.
 """
 
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from threading import Thread
@@ -55,6 +56,7 @@ SPECIAL_TOKENS = (
 )
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 IMG_START_TOKEN = "<img>"
+IMG_FRAME_BREAK_TOKEN = "<IMG_FRAME_BREAK>"
 END_OF_TURN_TOKEN = "<|im_end|>"
 
 
@@ -323,13 +325,24 @@ class NaViLPreTrainedModel(PreTrainedModel):
                 )
             kwargs.setdefault("use_safetensors", True)
         wants_info = kwargs.pop("output_loading_info", False)
+        if strict:
+            # mismatched shapes are collected and reported below, naming the tensors, instead of transformers' error
+            kwargs["ignore_mismatched_sizes"] = True
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        problems = {kind: sorted(info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {
+            "missing_keys": sorted(info["missing_keys"]),
+            "unexpected_keys": sorted(info["unexpected_keys"]),
+            "mismatched_keys": [
+                f"{key} (checkpoint {list(saved)}, model {list(expected)})"
+                for key, saved, expected in sorted(info["mismatched_keys"])
+            ],
+        }
         if strict and any(problems.values()):
-            details = "; ".join(f"{kind}: {', '.join(map(str, keys))}" for kind, keys in problems.items() if keys)
+            details = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
             raise ValueError(
                 f"The checkpoint at {pretrained_model_name_or_path} does not match {cls.__name__} ({details}). "
-                "Pass strict=False to load it anyway with those tensors initialised at random."
+                "Check that it is a NaViL checkpoint of this configuration, or pass strict=False to load it anyway "
+                "(missing and mismatched tensors are then initialised at random, unexpected ones ignored)."
             )
         return (model, info) if wants_info else model
 
@@ -654,9 +667,25 @@ class Qwen3MLP(nn.Module):
 class ModalityExpertDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm layer: norms and attention are shared by all tokens, the feed-forward block is per modality.
 
-    Subclasses create the modules under the original names and return them from `sublayers()` as
+    Subclasses name the attention and MLP classes and the five sub-modules as the original checkpoints do:
     (attention norm, attention, feed-forward norm, text feed-forward, visual feed-forward).
     """
+
+    attention_class = None
+    mlp_class = None
+    module_names = ()
+
+    def __init__(self, config: NaViLTextConfig, layer_idx: int):
+        super().__init__()
+        attention_norm, attention, ffn_norm, ffn, ffn_ve = self.module_names
+        setattr(self, attention_norm, NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        setattr(self, attention, self.attention_class(config, layer_idx))
+        setattr(self, ffn_norm, NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        setattr(self, ffn, self.mlp_class(config))
+        setattr(self, ffn_ve, self.mlp_class(config))
+
+    def sublayers(self):
+        return tuple(getattr(self, name) for name in self.module_names)
 
     def forward(self, hidden_states, router, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         attention_norm, attention, ffn_norm, ffn, ffn_ve = self.sublayers()
@@ -667,29 +696,15 @@ class ModalityExpertDecoderLayer(GradientCheckpointingLayer):
 
 
 class InternLM2VEDecoderLayer(ModalityExpertDecoderLayer):
-    def __init__(self, config: NaViLTextConfig, layer_idx: int):
-        super().__init__()
-        self.attention_norm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attention = InternLM2VEAttention(config, layer_idx)
-        self.ffn_norm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.feed_forward = InternLM2MLP(config)
-        self.feed_forward_ve = InternLM2MLP(config)
-
-    def sublayers(self):
-        return self.attention_norm, self.attention, self.ffn_norm, self.feed_forward, self.feed_forward_ve
+    attention_class = InternLM2VEAttention
+    mlp_class = InternLM2MLP
+    module_names = ("attention_norm", "attention", "ffn_norm", "feed_forward", "feed_forward_ve")
 
 
 class Qwen3VEDecoderLayer(ModalityExpertDecoderLayer):
-    def __init__(self, config: NaViLTextConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = Qwen3VEAttention(config, layer_idx)
-        self.post_attention_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = Qwen3MLP(config)
-        self.mlp_ve = Qwen3MLP(config)
-
-    def sublayers(self):
-        return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp, self.mlp_ve
+    attention_class = Qwen3VEAttention
+    mlp_class = Qwen3MLP
+    module_names = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "mlp_ve")
 
 
 class ModalityExpertModel(NaViLPreTrainedModel):
@@ -860,6 +875,27 @@ LANGUAGE_MODELS = {"internlm2": InternLM2VEForCausalLM, "qwen3": Qwen3VEForCausa
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_image_grid(image_grid_thw, merge_size: int) -> torch.Tensor:
+    """`image_grid_thw` as a CPU int64 [image_scales, 3] tensor, or a `ValueError` naming what is wrong with it."""
+    grid = torch.as_tensor(image_grid_thw)
+    if grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool:
+        raise ValueError(f"image_grid_thw must hold integers (the image processor's output), got {grid.dtype}.")
+    if grid.ndim != 2 or grid.shape[1] != 3:
+        raise ValueError(
+            f"image_grid_thw must be [image_scales, 3] (t, h, w per image-scale), got shape {tuple(grid.shape)}; "
+            "pass the image processor's image_grid_thw."
+        )
+    grid = grid.to(device="cpu", dtype=torch.int64)
+    bad = (grid[:, 0] < 1) | (grid[:, 1:] < merge_size).any(-1) | (grid[:, 1:] % merge_size != 0).any(-1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(
+            f"image_grid_thw row {row} is {grid[row].tolist()}: t must be at least 1 and h, w positive multiples of "
+            f"merge_size={merge_size}; pass the image processor's image_grid_thw with the model's merge size."
+        )
+    return grid
+
+
 class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
     """NaViL: vision encoder → pixel shuffle + MLP connector (`mlp1`) → modality-expert language model.
 
@@ -955,18 +991,25 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         """[patches, 3·P·P] pixels of all image-scales → [patches / 4, hidden] LLM inputs, in window order.
 
         `pixel_values` are moved to the vision tower's device and cast to its dtype (float32 processor output feeds
-        a bfloat16 model as it is); they must be finite.
+        a bfloat16 model as it is); they must be finite. `image_grid_thw` (an integer tensor or nested list, read on
+        the CPU) must have one (t, h, w) row per image-scale with h and w multiples of the merge size, describing
+        exactly the rows of `pixel_values`.
         """
+        vision = self.config.vision_config
+        patch_shape = (vision.num_channels, vision.patch_size, vision.patch_size)
         if not torch.is_floating_point(pixel_values):
             raise ValueError(
                 f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}."
             )
-        if pixel_values.ndim not in (2, 4):
+        if pixel_values.shape[1:] not in ((patch_shape[0] * patch_shape[1] * patch_shape[2],), patch_shape):
             raise ValueError(
-                f"pixel_values must be [patches, 3*P*P] or [patches, 3, P, P], got shape {tuple(pixel_values.shape)}."
+                f"pixel_values must be [patches, {patch_shape[0] * patch_shape[1] * patch_shape[2]}] or [patches, "
+                f"{', '.join(map(str, patch_shape))}] for this model, got shape {tuple(pixel_values.shape)}; pass the "
+                "image processor's pixel_values with the model's patch_size."
             )
         if not bool(torch.isfinite(pixel_values).all()):
             raise ValueError("pixel_values contain NaN or infinite values; check the image or preprocessing.")
+        image_grid_thw = check_image_grid(image_grid_thw, vision.merge_size)
         weight = self.vision_model.embeddings.patch_embedding.weight
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         features = self.vision_model(pixel_values, image_grid_thw)  # [patches, W]
@@ -995,32 +1038,86 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         context_mask = input_ids == self.special_token_id(IMG_CONTEXT_TOKEN)
         if image_grid_thw is None:
             raise ValueError("pixel_values were given without image_grid_thw; pass both from the image processor.")
+        image_grid_thw = check_image_grid(image_grid_thw, self.config.vision_config.merge_size)
+        self._check_image_tokens(input_ids, context_mask, image_grid_thw)
         features = self.get_image_features(pixel_values, image_grid_thw)
-        if int(context_mask.sum()) != features.shape[0]:
-            raise ValueError(
-                f"The prompt has {int(context_mask.sum())} {IMG_CONTEXT_TOKEN} tokens but the images give "
-                f"{features.shape[0]} features; build the prompt with the processor (or expand each <image> with "
-                "the same image_grid_thw)."
-            )
         embeddings = embeddings.masked_scatter(context_mask[..., None], features.to(embeddings.dtype))
         visual_token_mask = context_mask | (input_ids == self.special_token_id(IMG_START_TOKEN))
         return embeddings, visual_token_mask
 
-    def check_prompt(self, tokens: torch.Tensor) -> None:
-        """Clear errors for prompts this model cannot run: wrong device, unknown token ids, too many positions."""
+    def _check_image_tokens(self, input_ids, context_mask, image_grid_thw) -> None:
+        """Refuses prompts whose `<IMG_CONTEXT>` tokens do not match the images, before the vision tower runs: in
+        total and, when the tokenizer has `<IMG_FRAME_BREAK>` (which ends every frame of every image-scale), frame
+        by frame, so that features never land on the tokens of another image."""
+        grid = image_grid_thw
+        per_frame = (grid[:, 1] * grid[:, 2] // self.config.vision_config.merge_size**2).repeat_interleave(grid[:, 0])
+        found, expected = int(context_mask.sum()), int(per_frame.sum())
+        if found != expected:
+            raise ValueError(
+                f"The prompt has {found} {IMG_CONTEXT_TOKEN} tokens but the images give {expected} features; build "
+                "the prompt with the processor (or expand each <image> with the same image_grid_thw)."
+            )
+        frame_break = self.config.special_token_ids.get(IMG_FRAME_BREAK_TOKEN)
+        if frame_break is None or not expected:
+            return
+        breaks = (input_ids == frame_break).flatten()
+        frame_of_token = breaks.cumsum(0) - breaks.long()  # the frame each token belongs to, batch rows in order
+        counts = torch.bincount(frame_of_token[context_mask.flatten()], minlength=len(per_frame)).cpu()
+        if not torch.equal(counts, per_frame):
+            frame = next(i for i, (a, b) in enumerate(zip(counts.tolist(), per_frame.tolist() + [0])) if a != b)
+            has = int(counts[frame])
+            wants = int(per_frame[frame]) if frame < len(per_frame) else 0
+            raise ValueError(
+                f"The prompt's image tokens do not follow image_grid_thw: frame {frame} of the image-scales has {has} "
+                f"{IMG_CONTEXT_TOKEN} tokens but its grid gives {wants} features, so features would land on another "
+                "image's tokens. Take the prompt and the images from one processor call, in the same order."
+            )
+
+    def check_prompt(self, input_ids=None, inputs_embeds=None, attention_mask=None, pixel_values=None) -> None:
+        """Clear errors for prompts this model cannot run: wrong shape, dtype or device, an attention mask of another
+        shape, unknown token ids, too many positions, images given with `inputs_embeds` (they would be ignored).
+
+        Nothing is converted here: token ids must be int64 (or int32) on the device of the embeddings. Only
+        `pixel_values` are moved and cast, to the vision tower (see `get_image_features`).
+        """
+        text = self.config.text_config
+        tokens = input_ids if input_ids is not None else inputs_embeds
         device = self.get_input_embeddings().weight.device
         if tokens.device != device:
             raise ValueError(
                 f"The inputs are on {tokens.device} but the model is on {device}; move them with .to(model.device)."
             )
-        text = self.config.text_config
-        if text.rope_type != "dynamic" and tokens.shape[-1] > text.max_position_embeddings:
+        if input_ids is not None:
+            if input_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}; convert with .long().")
+            if input_ids.ndim != 2:
+                raise ValueError(
+                    f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}; add the batch dimension "
+                    "with input_ids[None]."
+                )
+        else:
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != text.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be [batch, seq, {text.hidden_size}], got shape {tuple(inputs_embeds.shape)}."
+                )
+            if pixel_values is not None:
+                raise ValueError(
+                    "pixel_values are only used with input_ids (their <IMG_CONTEXT> tokens mark where the features "
+                    "go); pass input_ids, or put get_image_features() into your inputs_embeds yourself."
+                )
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            if attention_mask.shape != tokens.shape[:2]:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but the prompt is [batch, seq] = "
+                    f"{tuple(tokens.shape[:2])}; pass the attention_mask returned with input_ids by the processor."
+                )
+        if text.rope_type != "dynamic" and tokens.shape[1] > text.max_position_embeddings:
             raise ValueError(
-                f"The prompt has {tokens.shape[-1]} tokens but the model supports {text.max_position_embeddings} "
+                f"The prompt has {tokens.shape[1]} tokens but the model supports {text.max_position_embeddings} "
                 "positions; shorten the prompt or use fewer/smaller images (max_pixels)."
             )
-        if not torch.is_floating_point(tokens) and tokens.numel():
-            low, high = int(tokens.min()), int(tokens.max())
+        if input_ids is not None and input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= text.vocab_size:
                 raise ValueError(
                     f"input_ids must lie in [0, {text.vocab_size}) but range over [{low}, {high}]; was the prompt "
@@ -1071,7 +1168,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         if decoding is None:
             decoding = past_key_values is not None and bool(past_key_values.get_seq_length() > 0)
         if not decoding:
-            self.check_prompt(input_ids if input_ids is not None else inputs_embeds[..., 0])
+            self.check_prompt(input_ids, inputs_embeds, attention_mask, pixel_values)
         if inputs_embeds is None:
             if decoding:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -1117,17 +1214,46 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         processor.image_processor.multiscale = True
         return processor
 
-    def _generation_kwargs(self, generation_config, tokenizer):
+    def _generation_kwargs(self, generation_config, tokenizer, prompt_length: int) -> dict:
+        """`generate` arguments of the chat helpers: greedy, up to 512 new tokens and stopping at `<|im_end|>` unless
+        `generation_config` says otherwise. Refuses a prompt plus `max_new_tokens` (or `max_length`) that does not
+        fit in the model's positions, rather than clamping the reply."""
+        if generation_config is not None and not isinstance(generation_config, Mapping):
+            raise ValueError(
+                f"generation_config must be a dict of generate() arguments, e.g. dict(max_new_tokens=64, "
+                f"do_sample=False), got {type(generation_config).__name__}."
+            )
         kwargs = dict(generation_config or {})
-        kwargs.setdefault("max_new_tokens", 512)
+        if "max_length" not in kwargs:
+            kwargs.setdefault("max_new_tokens", 512)
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("eos_token_id", self.special_token_id(END_OF_TURN_TOKEN))
         if tokenizer.pad_token_id is not None:
             kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        text = self.config.text_config
+        new_tokens = kwargs.get("max_new_tokens")
+        total = prompt_length + new_tokens if new_tokens is not None else kwargs.get("max_length", prompt_length)
+        if text.rope_type != "dynamic" and total > text.max_position_embeddings:
+            room = text.max_position_embeddings - prompt_length
+            raise ValueError(
+                f"The prompt has {prompt_length} tokens and up to {total - prompt_length} new tokens were asked for, "
+                f"more than the model's {text.max_position_embeddings} positions; "
+                + (f"lower max_new_tokens to at most {room}, or " if room > 0 else "")
+                + "shorten the prompt or history, or use fewer/smaller images (max_pixels)."
+            )
         return kwargs
 
     def _prepare_chat_inputs(self, processor, questions, images_per_question, histories, pixel_inputs=None):
         """Tokenised prompts (left padded) and image tensors for a batch of conversations."""
+        for index, question in enumerate(questions):
+            name = "The question" if len(questions) == 1 else f"Question {index}"
+            if not isinstance(question, str):
+                raise ValueError(f"{name} must be a string, got {type(question).__name__}.")
+            if not question.strip():
+                raise ValueError(
+                    f"{name} is empty; ask something about the images, e.g. 'Describe the image.' (an image-only "
+                    "question is '<image>')."
+                )
         prompts = []
         for question, images, history in zip(questions, images_per_question, histories):
             prompts.append(processor.build_prompt(question, history=history, num_images=len(images)))
@@ -1166,6 +1292,11 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         images) with `num_patches_list` (their image_grid_thw rows) and `num_scales` (scales per image), or, for
         convenience, images (PIL, arrays, paths) that are preprocessed here with the multi-scale pyramid, or `None`.
         Without `history`, one `<image>\\n` per image is prefixed to a question that has no `<image>`.
+
+        Bad inputs raise a `ValueError` naming the problem before anything is generated: an empty or non-string
+        question, a history that is not a list of (question, answer) string pairs, `<image>` placeholders that do not
+        match the images, tensors whose `num_patches_list` / `num_scales` do not describe `pixel_values`, a
+        `generation_config` that is not a dict, and a prompt plus `max_new_tokens` longer than the model's positions.
         """
         processor = self.chat_processor(tokenizer)
         images, pixel_inputs = [], None
@@ -1173,7 +1304,12 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             if anyres_image_size and num_patches_list is None:
                 raise ValueError("Preprocessed pixel_values need num_patches_list (the image_grid_thw rows).")
             grids = torch.as_tensor(num_patches_list if num_patches_list is not None else [], dtype=torch.long)
-            grids = grids.view(-1, 3).cpu()
+            if grids.numel() % 3:
+                raise ValueError(
+                    f"num_patches_list must hold the (t, h, w) image_grid_thw rows of pixel_values, got "
+                    f"{grids.numel()} numbers; pass the image processor's image_grid_thw."
+                )
+            grids = check_image_grid(grids.view(-1, 3), self.config.vision_config.merge_size)
             scales = torch.as_tensor([len(grids)] if num_scales is None else num_scales, dtype=torch.long).view(-1)
             pixel_inputs = {
                 "pixel_values": pixel_values,
@@ -1184,7 +1320,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         elif pixel_values is not None:
             images = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else [pixel_values]
         prompts, inputs = self._prepare_chat_inputs(processor, [question], [images], [history], pixel_inputs)
-        kwargs = self._generation_kwargs(generation_config, tokenizer)
+        kwargs = self._generation_kwargs(generation_config, tokenizer, inputs["input_ids"].shape[1])
         output_ids = self.generate(**inputs, **kwargs, streamer=streamer)
         new_ids = output_ids[:, inputs["input_ids"].shape[1] :]
         reply = processor.decode_reply(new_ids)[0]
@@ -1201,9 +1337,18 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
 
         `images[i]` is the list of images (PIL, arrays or paths) of conversation i; `histories[i]` its history.
         """
+        if not isinstance(questions, (list, tuple)):
+            raise ValueError(
+                f"batch_chat takes a list of questions, got {type(questions).__name__}; for one question use chat()."
+            )
         processor = self.chat_processor(tokenizer)
         images = images if images is not None else [[] for _ in questions]
         histories = histories if histories is not None else [None] * len(questions)
+        for name, value in (("images", images), ("histories", histories)):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(
+                    f"batch_chat takes {name} as a list with one entry per conversation, got {type(value).__name__}."
+                )
         if not len(questions) == len(images) == len(histories):
             raise ValueError(
                 f"batch_chat got {len(questions)} questions, {len(images)} image lists and {len(histories)} "
@@ -1211,11 +1356,15 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             )
         images = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
         _, inputs = self._prepare_chat_inputs(processor, questions, images, histories)
-        output_ids = self.generate(**inputs, **self._generation_kwargs(generation_config, tokenizer))
+        kwargs = self._generation_kwargs(generation_config, tokenizer, inputs["input_ids"].shape[1])
+        output_ids = self.generate(**inputs, **kwargs)
         return processor.decode_reply(output_ids[:, inputs["input_ids"].shape[1] :])
 
     def stream_chat(self, tokenizer, pixel_values, question, generation_config=None, history=None, **kwargs):
-        """Like `chat`, yielding the reply in pieces as it is generated; the pieces join to `chat`'s reply."""
+        """Like `chat`, yielding the reply in pieces as it is generated; the pieces join to `chat`'s reply.
+
+        Bad inputs raise `chat`'s `ValueError`s when the iteration starts.
+        """
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors = []
 
