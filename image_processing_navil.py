@@ -117,7 +117,8 @@ class NaViLImageProcessor(BaseImageProcessor):
       and aspect ratios above 200 raise `ValueError`.
     - Files, file objects, byte strings and PIL images larger than `max_image_pixels` are refused before their pixels
       are decoded (decompression bombs); PIL's own limit (`PIL.Image.MAX_IMAGE_PIXELS`) also applies to files.
-      Arrays and tensors are already in memory and are not limited.
+      Larger arrays and tensors are refused too, before any conversion copy, so that the processor's memory is
+      bounded by the limit. Accepted images are resized as uint8 PIL images; only the resized image becomes floats.
     - Animated images (GIF, APNG, WebP) read from files use their first frame; PIL images use their current frame.
 
     Args:
@@ -211,12 +212,17 @@ class NaViLImageProcessor(BaseImageProcessor):
 
     # -- loading -------------------------------------------------------------------------------------------------
 
-    def _check_pixel_count(self, width: int, height: int) -> None:
+    def _check_pixel_count(self, width: int, height: int, in_memory: bool = False) -> None:
         if self.max_image_pixels is not None and width * height > self.max_image_pixels:
+            reason = (
+                "it was refused before conversion"
+                if in_memory
+                else "it was refused before decoding (possible decompression bomb)"
+            )
             raise ValueError(
                 f"The image declares {width}x{height} = {width * height} pixels, more than max_image_pixels="
-                f"{self.max_image_pixels}; it was refused before decoding (possible decompression bomb). Downscale "
-                "the file, or raise the processor's max_image_pixels (None disables the check) if you trust it."
+                f"{self.max_image_pixels}; {reason}. Downscale the image, or raise the processor's "
+                "max_image_pixels (None disables the check) if you trust it."
             )
 
     def _open(self, source, name: str) -> Image.Image:
@@ -301,6 +307,7 @@ class NaViLImageProcessor(BaseImageProcessor):
         height, width = array.shape[:2]
         if height == 0 or width == 0:
             raise ValueError(f"{name} has zero size ({width}x{height} pixels); pass a non-empty image.")
+        self._check_pixel_count(width, height, in_memory=True)
         array = self._to_uint8(array, name, pil_mode)
         channels = array.shape[-1]
         if channels == 1:

@@ -1105,6 +1105,8 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                     "pixel_values are only used with input_ids (their <IMG_CONTEXT> tokens mark where the features "
                     "go); pass input_ids, or put get_image_features() into your inputs_embeds yourself."
                 )
+        if tokens.shape[1] == 0:
+            raise ValueError("The prompt is empty (0 tokens); pass at least one token, e.g. a prompt from build_prompt.")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
             if attention_mask.shape != tokens.shape[:2]:
                 raise ValueError(

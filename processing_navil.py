@@ -81,6 +81,34 @@ def add_navil_special_tokens(tokenizer) -> int:
     return tokenizer.add_tokens(missing, special_tokens=True)
 
 
+def check_history(history) -> None:
+    """Raises a `ValueError` naming the problem unless `history` is `None` or a list of (question, answer) pairs of
+    strings (or `None`)."""
+    if history is None:
+        return
+    if not isinstance(history, (list, tuple)):
+        raise ValueError(
+            f"history must be a list of (question, answer) pairs, got {type(history).__name__}; pass the history "
+            "returned by chat(..., return_history=True), or None."
+        )
+    for index, turn in enumerate(history):
+        if isinstance(turn, dict):
+            raise ValueError(
+                f"history[{index}] is a dict; history holds (question, answer) string pairs. For role/content "
+                "messages use processor.apply_chat_template(messages) instead."
+            )
+        if not isinstance(turn, (list, tuple)) or len(turn) != 2:
+            raise ValueError(
+                f"history[{index}] must be a (question, answer) pair, got {turn!r:.80}; pass the history returned "
+                "by chat(..., return_history=True)."
+            )
+        for part, text in zip(("question", "answer"), turn):
+            if text is not None and not isinstance(text, str):
+                raise ValueError(
+                    f"The {part} of history[{index}] must be a string, got {type(text).__name__}; convert it to text."
+                )
+
+
 def _jinja_string(value: str) -> str:
     """`value` as a Jinja string literal."""
     return json.dumps(value, ensure_ascii=False)
@@ -209,7 +237,13 @@ class NaViLProcessor(ProcessorMixin):
             num_images (`int`): Number of images of the question. When `history` is `None` (not merely empty) and
                 the question has no `<image>`, `"<image>\\n" * num_images` is prefixed to it, as in the original.
             system_message (`str`, *optional*): Overrides the processor's system message for this prompt.
+
+        Raises `ValueError` when `question` is not a string (or `None`) or `history` is not a list of
+        (question, answer) pairs of strings (or `None`, rendered as a bare role like empty strings).
         """
+        if question is not None and not isinstance(question, str):
+            raise ValueError(f"The question must be a string, got {type(question).__name__}.")
+        check_history(history)
         roles = self.roles
         if system_message is None:
             system_message = DEFAULT_SYSTEM_MESSAGE if self.system_message is None else self.system_message
@@ -301,7 +335,8 @@ class NaViLProcessor(ProcessorMixin):
                 `apply_chat_template` and the pipeline pass them). Anything [`NaViLImageProcessor`] accepts, paths and
                 URLs included. Without images, `<image>` in a text stays literal text (as in the original text chat).
             text (`str` or `list[str]`):
-                Prompts (e.g. from [`~NaViLProcessor.build_prompt`]) with one `<image>` per image.
+                Prompts (e.g. from [`~NaViLProcessor.build_prompt`]) with one `<image>` per image. With images, a
+                text that already contains `<IMG_CONTEXT>` is refused (its features would land on the wrong tokens).
             padding_side (`str`, *optional*, defaults to `"left"`):
                 Side of the padding of shorter prompts (`"left"` for generation). The pad id is the tokenizer's pad
                 token, else its eos token.
@@ -335,6 +370,13 @@ class NaViLProcessor(ProcessorMixin):
 
         data = {}
         if images is not None:
+            for index, item in enumerate(texts):
+                if IMG_CONTEXT_TOKEN in item:
+                    raise ValueError(
+                        f"text {index} already contains {IMG_CONTEXT_TOKEN}, the token reserved for image features; "
+                        f"mark each image with {IMAGE_PLACEHOLDER} (expanded here), or pass an already expanded text "
+                        "without images."
+                    )
             per_text = self._images_per_text(images, [item.count(IMAGE_PLACEHOLDER) for item in texts])
             image_kwargs = {"multiscale": multiscale, "min_pixels": min_pixels, "max_pixels": max_pixels}
             image_kwargs.update(images_kwargs)
@@ -354,7 +396,10 @@ class NaViLProcessor(ProcessorMixin):
 
         kwargs.setdefault("return_token_type_ids", False)
         encoded = self.tokenizer(texts, **kwargs)
-        data.update(self._pad(encoded["input_ids"], padding_side))
+        padded = self._pad(encoded["input_ids"], padding_side)
+        if return_tensors is not None:  # int64 even when every prompt is empty
+            padded = {key: torch.tensor(value, dtype=torch.long) for key, value in padded.items()}
+        data.update(padded)
         if return_tensors != "pt":
             data = {key: value.numpy() if isinstance(value, torch.Tensor) else value for key, value in data.items()}
         return BatchFeature(data=data, tensor_type=return_tensors)

@@ -1,0 +1,224 @@
+"""The `navil` command: chat with a NaViL model (the embedded tiny one by default), train, evaluate, convert.
+
+navil chat --image examples/shapes.png "What color is the circle?"
+navil chat --image examples/shapes.png                 # interactive: one question per line
+navil train --output-dir checkpoints/navil-tiny         # the recipe of the embedded model (see docs/training.md)
+navil eval --num-questions 3000 [--out-of-range]        # exact-match accuracy per question type
+navil convert path/to/NaViL-2B NaViL-2B-hf              # make an original checkpoint loadable by Auto classes
+navil build-tokenizer tokenizer                         # rebuild the tiny model's tokenizer (deterministic)
+"""
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Optional
+
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / "navil-tiny"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto"):
+    """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat."""
+    from transformers import AutoTokenizer
+
+    from .modeling_navil import NaViLForConditionalGeneration
+
+    path = str(model) if model else str(EMBEDDED_MODEL_DIR)
+    if not model and not EMBEDDED_MODEL_DIR.is_dir():
+        raise SystemExit(f"The embedded model is missing ({EMBEDDED_MODEL_DIR}); train it with `navil train`.")
+    device = _device(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    navil = NaViLForConditionalGeneration.from_pretrained(path, dtype=_dtype(dtype, device)).eval().to(device)
+    navil.init_special_token_ids(tokenizer)
+    return navil, tokenizer
+
+
+def _answer(model, tokenizer, image, question: str, args) -> None:
+    """Prints the reply to one question (streamed with --stream)."""
+    generation = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+    inputs = {}
+    if image is not None and args.no_multiscale:
+        processed = model.image_processor(image, return_tensors="pt")
+        image = processed["pixel_values"]
+        inputs = dict(num_patches_list=processed["image_grid_thw"], num_scales=processed["num_scales"])
+    if args.stream:
+        for piece in model.stream_chat(tokenizer, image, question, generation, **inputs):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(model.chat(tokenizer, image, question, generation, **inputs))
+
+
+def run_chat(args) -> int:
+    import torch
+
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    image = args.image
+    if image is not None and not str(image).startswith(("http://", "https://")) and not Path(image).is_file():
+        raise SystemExit(f"No image at {image}.")
+    with torch.inference_mode():
+        if args.question:
+            _answer(model, tokenizer, image, " ".join(args.question), args)
+            return 0
+        print("Ask a question per line (an empty line or Ctrl-D quits).", file=sys.stderr)
+        while True:
+            try:
+                question = input("> ").strip()
+            except EOFError:
+                break
+            if not question:
+                break
+            _answer(model, tokenizer, image, question, args)
+    return 0
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of `TrainingArguments`, defaulting to the settings of the shipped model."""
+    from .training_navil import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    for field in dataclasses.fields(TrainingArguments):
+        flag = "--" + field.name.replace("_", "-")
+        hint = hints[field.name]
+        default = field.default
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif typing.get_origin(hint) is tuple:
+            parser.add_argument(flag, type=int, nargs="+", default=list(default), metavar="N")
+        else:
+            kind = next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
+            parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper())
+
+
+def run_train(args) -> int:
+    from .training_navil import TrainingArguments, train_tiny_navil
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    values = {name: value for name, value in vars(args).items() if name in names}
+    for name in ("vision_fullatt_block_indexes", "size_range"):
+        values[name] = tuple(values[name])
+    train_tiny_navil(TrainingArguments(**values), progress=not args.quiet)
+    return 0
+
+
+def run_eval(args) -> int:
+    import torch
+
+    from .synthetic_data import OUT_OF_RANGE_SIZES, QUESTION_TYPES, TRAIN_SIZE_RANGE
+    from .training_navil import evaluate, navil_processor
+
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    processor = navil_processor(model.config, tokenizer)
+    size_range = OUT_OF_RANGE_SIZES if args.out_of_range else TRAIN_SIZE_RANGE
+    types = args.types or list(QUESTION_TYPES)
+    with torch.inference_mode():
+        accuracy = evaluate(
+            model,
+            processor,
+            num_questions=args.num_questions,
+            seed=args.seed,
+            size_range=size_range,
+            batch_size=args.batch_size,
+            multiscale=not args.no_multiscale,
+            question_types=types,
+            progress=not args.quiet,
+        )
+    ranges = " or ".join(f"{low}-{high}" for low, high in (size_range if args.out_of_range else [size_range]))
+    print(f"{args.num_questions} questions, image sides {ranges} px, seed {args.seed}")
+    print("| question type | exact match |")
+    print("|---|---|")
+    for kind, value in accuracy.items():
+        print(f"| {kind} | {100 * value:.1f}% |")
+    return 0
+
+
+def run_convert(args) -> int:
+    from .convert_navil import convert_checkpoint
+
+    convert_checkpoint(args.src_dir, args.out_dir, tokenizer_dir=args.tokenizer)
+    print(f"converted {args.src_dir} -> {args.out_dir}")
+    return 0
+
+
+def run_build_tokenizer(args) -> int:
+    from .training_navil import build_tokenizer
+
+    tokenizer = build_tokenizer(args.out_dir)
+    print(f"saved a {len(tokenizer)}-token tokenizer to {args.out_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="navil", description="NaViL native multimodal LLMs for transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_flags(sub):
+        sub.add_argument("--model", help="model folder or Hub id (default: the embedded tiny model)")
+        sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: cuda if available)")
+        sub.add_argument("--dtype", default="auto", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+
+    chat = commands.add_parser("chat", help="answer questions about an image")
+    chat.add_argument("question", nargs="*", help="the question; interactive when omitted")
+    chat.add_argument("--image", help="image file or URL")
+    model_flags(chat)
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--no-multiscale", action="store_true", help="encode the image at full size only")
+    chat.add_argument("--stream", action="store_true", help="print the reply as it is generated")
+    chat.set_defaults(run=run_chat)
+
+    train = commands.add_parser(
+        "train", help="train a tiny NaViL end to end on synthetic data (defaults: the embedded model's recipe)"
+    )
+    _add_training_flags(train)
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(run=run_train)
+
+    evaluation = commands.add_parser("eval", help="exact-match accuracy per question type on fresh synthetic data")
+    model_flags(evaluation)
+    evaluation.add_argument("--num-questions", type=int, default=600, help="questions in all, cycling through types")
+    evaluation.add_argument("--seed", type=int, default=1234, help="data seed (training used 0)")
+    evaluation.add_argument("--out-of-range", action="store_true", help="image sizes outside the training range")
+    evaluation.add_argument("--types", nargs="+", help="question types to ask (default: all)")
+    evaluation.add_argument("--batch-size", type=int, default=32)
+    evaluation.add_argument("--no-multiscale", action="store_true", help="encode images at full size only")
+    evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluation.set_defaults(run=run_eval)
+
+    convert = commands.add_parser("convert", help="make an original NaViL checkpoint loadable with the Auto classes")
+    convert.add_argument("src_dir", help="folder of the original checkpoint")
+    convert.add_argument("out_dir", help="folder to write")
+    convert.add_argument("--tokenizer", help="folder of the tokenizer, if not in src_dir")
+    convert.set_defaults(run=run_convert)
+
+    tokenizer = commands.add_parser("build-tokenizer", help="rebuild the tiny model's tokenizer")
+    tokenizer.add_argument("out_dir", help="folder to write (the packaged one is tokenizer/)")
+    tokenizer.set_defaults(run=run_build_tokenizer)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the `navil` console script."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
