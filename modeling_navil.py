@@ -1106,7 +1106,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                     "go); pass input_ids, or put get_image_features() into your inputs_embeds yourself."
                 )
         if tokens.shape[1] == 0:
-            raise ValueError("The prompt is empty (0 tokens); pass at least one token, e.g. a prompt from build_prompt.")
+            raise ValueError("The prompt is empty (0 tokens); pass at least one token, e.g. from build_prompt.")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
             if attention_mask.shape != tokens.shape[:2]:
                 raise ValueError(

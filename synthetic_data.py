@@ -25,8 +25,11 @@ Everything is deterministic: item `index` of a dataset with seed `seed` is drawn
 index, kind])`, so items can be generated in any order with identical results.
 """
 
+import json
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -95,7 +98,7 @@ class Scene:
         for shape in self.shapes:
             draw.polygon(_outline(shape, scale), fill=shape.fill)
         if self.word is not None:
-            font = ImageFont.load_default(size=self.font_size * scale)
+            font = _font(self.font_size * scale)
             draw.text((self.word_origin[0] * scale, self.word_origin[1] * scale), self.word, fill=self.ink, font=font)
         return image.resize((self.width, self.height), Image.Resampling.BOX)
 
@@ -128,6 +131,12 @@ class Sample:
     answer: str
     question_type: str
     scene: Scene
+
+
+@cache
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's built-in scalable font (no font file needed) at `size` pixels."""
+    return ImageFont.load_default(size=size)
 
 
 def _listing(items: Sequence[str]) -> str:
@@ -196,7 +205,7 @@ def random_scene(
     ink = tuple(int(value) for value in rng.integers(10, 70, size=3))
     if with_word:
         word = WORDS[rng.integers(len(WORDS))]
-        _, _, right, lower = ImageFont.load_default(size=font_size).getbbox(word)
+        _, _, right, lower = _font(font_size).getbbox(word)
         band = lower + 0.25 * font_size
         x = float(rng.uniform(0, max(width - right, 1)))
         if rng.integers(2):
@@ -287,9 +296,13 @@ class ShapesDataset:
         question, answer = make_question(scene, question_type, rng)
         return Sample(scene.render(), question, answer, question_type, scene)
 
+    def caption_scene(self, index: int) -> Scene:
+        """The scene of captioning example `index`."""
+        return random_scene(self._rng(index, _CAPTION), self.size_range)
+
     def caption(self, index: int) -> Sample:
         """Captioning example `index`: the image, an empty question and the scene's caption (type "caption")."""
-        scene = random_scene(self._rng(index, _CAPTION), self.size_range)
+        scene = self.caption_scene(index)
         return Sample(scene.render(), "", scene.caption(), "caption", scene)
 
     def text_example(self, index: int) -> tuple[str, str]:
@@ -310,3 +323,14 @@ def example_sample() -> Sample:
         circles = [shape for shape in scene.shapes if shape.kind == "circle"]
         if circles:
             return Sample(scene.render(), "What color is the circle?", circles[0].color, "color", scene)
+
+
+def save_example(folder: Union[str, Path]) -> Path:
+    """Writes the README's example to `folder`: `shapes.png` and `shapes.json` ({"question": …, "answer": …})."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sample = example_sample()
+    sample.image.save(folder / "shapes.png")
+    record = {"question": sample.question, "answer": sample.answer}
+    (folder / "shapes.json").write_text(json.dumps(record, indent=2) + "\n")
+    return folder / "shapes.png"

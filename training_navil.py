@@ -92,7 +92,7 @@ def tokenizer_corpus(num_examples: int = 3000, seed: int = 0) -> list[str]:
     texts = fixed * (num_examples // 10)
     for index in range(num_examples):
         sample_question, sample_answer = data.text_example(index)
-        texts += [sample_question, sample_answer, data.caption(index).answer]
+        texts += [sample_question, sample_answer, data.caption_scene(index).caption()]
     return texts
 
 

@@ -1,0 +1,280 @@
+"""Training code of the embedded model: synthetic data, tokenizer, batches, upcycling and the training loop."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen3ForCausalLM
+
+from navil.configuration_navil import NaViLConfig
+from navil.modeling_navil import SPECIAL_TOKENS, NaViLForConditionalGeneration
+from navil.synthetic_data import (
+    OUT_OF_RANGE_SIZES,
+    QUESTION_TYPES,
+    TRAIN_SIZE_RANGE,
+    ShapesDataset,
+    example_sample,
+)
+from navil.training_navil import (
+    TOKENIZER_DIR,
+    Conversation,
+    TrainingArguments,
+    build_tokenizer,
+    collate_conversations,
+    load_tokenizer,
+    navil_processor,
+    question_batches,
+    set_text_weights_trainable,
+    tiny_navil_config,
+    tiny_text_config,
+    train_loop,
+    upcycle_from_text_model,
+)
+
+MINIATURE = TrainingArguments(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    vision_hidden_size=32,
+    vision_intermediate_size=64,
+    vision_num_hidden_layers=2,
+    vision_num_attention_heads=2,
+    vision_fullatt_block_indexes=(1,),
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return navil_processor(tiny_navil_config(MINIATURE, tiny_text_config(MINIATURE, len(tokenizer))), tokenizer)
+
+
+def miniature_models(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    text_config = tiny_text_config(MINIATURE, len(tokenizer))
+    text_model = Qwen3ForCausalLM(text_config).eval()
+    for name, parameter in text_model.named_parameters():
+        if "norm" in name:  # non-trivial norms, so that a norm copied to the wrong place shows
+            torch.nn.init.uniform_(parameter, 0.5, 1.5)
+    model = NaViLForConditionalGeneration(tiny_navil_config(MINIATURE, text_config)).eval()
+    model.init_special_token_ids(tokenizer)
+    return text_model, model
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+
+def test_dataset_items_are_deterministic_and_seed_dependent():
+    first, again, other = ShapesDataset(seed=3)[7], ShapesDataset(seed=3)[7], ShapesDataset(seed=4)[7]
+    assert (first.question, first.answer, first.scene) == (again.question, again.answer, again.scene)
+    assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
+    assert first.scene != other.scene
+
+
+def test_dataset_cycles_through_question_types_with_answerable_scenes():
+    data = ShapesDataset(seed=0)
+    samples = [data[index] for index in range(4 * len(QUESTION_TYPES))]
+    assert [sample.question_type for sample in samples[: len(QUESTION_TYPES)]] == list(QUESTION_TYPES)
+    for sample in samples:
+        shapes = sample.scene.shapes
+        assert len({shape.kind for shape in shapes}) == len({shape.color for shape in shapes}) == len(shapes)
+        assert [shape.center[0] for shape in shapes] == sorted(shape.center[0] for shape in shapes)
+        if sample.question_type == "position":
+            assert len(shapes) >= 2 and sample.answer in ("left", "right")
+        if sample.question_type == "ocr":
+            assert sample.answer == sample.scene.word
+        if sample.question_type == "describe":
+            assert sample.answer.count(" a ") + sample.answer.count(" an ") + 1 == len(shapes)
+
+
+def test_image_sizes_stay_in_the_training_range_and_held_out_sizes_outside_it():
+    low, high = TRAIN_SIZE_RANGE
+    for index in range(30):
+        assert all(low <= side <= high for side in ShapesDataset(seed=0)[index].image.size)
+        held_out = ShapesDataset(seed=1, size_range=OUT_OF_RANGE_SIZES)[index].image.size
+        assert all(side < low or side > high for side in held_out)
+
+
+def test_example_image_answers_its_question():
+    sample = example_sample()
+    assert sample.question == "What color is the circle?"
+    assert sample.answer in [shape.color for shape in sample.scene.shapes if shape.kind == "circle"]
+
+
+# -- tokenizer and batches -----------------------------------------------------------------------------------------
+
+
+def test_rebuilt_tokenizer_equals_the_packaged_one(tmp_path):
+    build_tokenizer(tmp_path)
+    rebuilt = json.loads((tmp_path / "tokenizer.json").read_text())
+    packaged = json.loads((Path(TOKENIZER_DIR) / "tokenizer.json").read_text())
+    assert rebuilt == packaged
+
+
+def test_tokenizer_has_the_navil_special_tokens_appended_and_no_bos(tokenizer):
+    vocab = tokenizer.get_vocab()
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.bos_token is None
+    assert tokenizer("red")["input_ids"] == [vocab["red"]]
+    special_ids = [vocab[token] for token in SPECIAL_TOKENS]
+    assert min(special_ids) > max(vocab[token] for token in ("red", "circle", "cat"))
+
+
+def test_labels_cover_exactly_the_answer_and_end_of_turn(processor, tokenizer):
+    sample = ShapesDataset(seed=0)[3]
+    batch = collate_conversations(
+        processor,
+        [Conversation(sample.image, sample.question, sample.answer), Conversation(None, "Say red.", "red")],
+    )
+    for row in range(2):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        assert tokenizer.decode(labelled) == [sample.answer, "red"][row] + "<|im_end|>"
+        length = int(batch["attention_mask"][row].sum())
+        answer_start = length - len(labelled)
+        assert torch.equal(batch["input_ids"][row, answer_start:length], labelled)
+    context = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    grids = batch["image_grid_thw"]
+    assert int((batch["input_ids"] == context).sum()) == int(grids.prod(-1).sum()) // 4
+
+
+# -- upcycling -----------------------------------------------------------------------------------------------------
+
+
+def test_upcycling_copies_text_weights_into_both_experts(tokenizer):
+    text_model, model = miniature_models(tokenizer)
+    report = upcycle_from_text_model(text_model, model)
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert report.special_token_rows == list(SPECIAL_TOKENS)
+    text = text_model.state_dict()
+    navil = model.state_dict()
+    for key, value in text.items():
+        assert torch.equal(navil[f"language_model.{key}"], value)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+        assert torch.equal(
+            navil[f"language_model.model.layers.1.self_attn.{name}_ve.weight"],
+            text[f"model.layers.1.self_attn.{name}.weight"],
+        )
+    assert torch.equal(
+        navil["language_model.model.layers.0.mlp_ve.up_proj.weight"], text["model.layers.0.mlp.up_proj.weight"]
+    )
+    embeddings = text["model.embed_tokens.weight"]
+    for row, token in enumerate(SPECIAL_TOKENS):
+        assert torch.equal(
+            model.special_token_embedding.weight[row], embeddings[tokenizer.convert_tokens_to_ids(token)]
+        )
+
+
+def test_upcycled_model_gives_the_text_model_logits_on_text(tokenizer, processor):
+    text_model, model = miniature_models(tokenizer)
+    upcycle_from_text_model(text_model, model)
+    prompt = processor.build_prompt("Where is the <ref>red circle</ref>? <box> <img> </img>")
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = text_model(input_ids).logits
+        actual = model(input_ids=input_ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_upcycling_reports_missing_and_unexpected_keys(tokenizer):
+    text_model, model = miniature_models(tokenizer)
+    state = text_model.state_dict()
+    del state["model.layers.0.mlp.down_proj.weight"]
+    state["model.layers.0.mlp.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing: .*layers\.0\.mlp\.down_proj.* unexpected: .*mlp\.extra"):
+        upcycle_from_text_model(state, model)
+    report = upcycle_from_text_model(state, model, strict=False)
+    assert report.missing_keys == [
+        "language_model.model.layers.0.mlp.down_proj.weight",
+        "language_model.model.layers.0.mlp_ve.down_proj.weight",
+    ]
+    assert report.unexpected_keys == ["model.layers.0.mlp.extra.weight"]
+
+
+def test_upcycling_rejects_a_text_model_of_another_shape(tokenizer):
+    _, model = miniature_models(tokenizer)
+    other = Qwen3ForCausalLM(tiny_text_config(TrainingArguments(hidden_size=48, head_dim=16), len(tokenizer)))
+    with pytest.raises(ValueError, match="does not match"):
+        upcycle_from_text_model(other, model)
+
+
+def test_upcycling_handles_the_internlm2_layout_and_tied_heads(tokenizer):
+    config = NaViLConfig(
+        vision_config=dict(
+            hidden_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            intermediate_size=64,
+            fullatt_block_indexes=None,
+        ),
+        text_config=dict(
+            architectures=["InternLM2VEForCausalLM"],
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+    )
+    torch.manual_seed(0)
+    source = NaViLForConditionalGeneration(config).language_model.state_dict()
+    text_state = {key: value for key, value in source.items() if "_ve." not in key and key != "output.weight"}
+    assert "model.layers.1.attention.wqkv.weight" in text_state and "model.tok_embeddings.weight" in text_state
+    torch.manual_seed(1)
+    model = NaViLForConditionalGeneration(config)
+    upcycle_from_text_model(text_state, model, tokenizer=tokenizer)
+    navil = model.language_model.state_dict()
+    assert torch.equal(
+        navil["model.layers.1.attention.wqkv_ve.weight"], text_state["model.layers.1.attention.wqkv.weight"]
+    )
+    assert torch.equal(
+        navil["model.layers.1.attention.wo_ve.weight"], text_state["model.layers.1.attention.wo.weight"]
+    )
+    assert torch.equal(
+        navil["model.layers.0.feed_forward_ve.w2.weight"], text_state["model.layers.0.feed_forward.w2.weight"]
+    )
+    assert torch.equal(navil["output.weight"], text_state["model.tok_embeddings.weight"])
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+
+
+def train_miniature(tokenizer, processor, steps, seed=0):
+    text_model, model = miniature_models(tokenizer, seed)
+    upcycle_from_text_model(text_model, model)
+    batches = question_batches(processor, ShapesDataset(seed=seed, size_range=(64, 96)), batch_size=4)
+    return train_loop(model, batches, steps, learning_rate=3e-3, warmup_ratio=0.1, progress=False)
+
+
+def test_miniature_model_loss_decreases(tokenizer, processor):
+    text_model, model = miniature_models(tokenizer)
+    upcycle_from_text_model(text_model, model)
+    batch = question_batches(processor, ShapesDataset(seed=0, size_range=(64, 96)), batch_size=6)(0)
+    losses = train_loop(model, lambda step: batch, 15, learning_rate=1e-2, warmup_ratio=0.0, progress=False)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_same_seed_gives_the_same_first_20_losses(tokenizer, processor):
+    first = train_miniature(tokenizer, processor, 20)
+    assert train_miniature(tokenizer, processor, 20) == first
+    assert train_miniature(tokenizer, processor, 1, seed=1) != first[:1]
+
+
+def test_stage_one_freezing_leaves_only_visual_experts_trainable_in_the_language_model(tokenizer):
+    _, model = miniature_models(tokenizer)
+    set_text_weights_trainable(model, False)
+    trainable = {name for name, parameter in model.language_model.named_parameters() if parameter.requires_grad}
+    assert trainable and all("_ve." in name for name in trainable)
+    assert all(parameter.requires_grad for parameter in model.vision_model.parameters())
+    assert model.special_token_embedding.weight.requires_grad and model.mlp1[1].weight.requires_grad
+    set_text_weights_trainable(model, True)
+    assert all(parameter.requires_grad for parameter in model.parameters())
