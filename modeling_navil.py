@@ -1017,11 +1017,21 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         features = features.reshape(-1, merge_units * features.shape[-1])  # 2×2 pixel shuffle
         return self.mlp1(features)
 
-    def embed_tokens(self, input_ids, pixel_values=None, image_grid_thw=None):
+    def embed_tokens(self, input_ids, pixel_values=None, image_grid_thw=None, num_prompt_tokens=None):
         """Word embeddings with special-token rows replaced and image features scattered over `<IMG_CONTEXT>`.
 
+        Tokens from position `num_prompt_tokens` on were generated: like cached decode steps they get the plain word
+        embeddings and are routed as text, so generation without a cache equals generation with one.
         Returns `(inputs_embeds [batch, seq, hidden], visual_token_mask [batch, seq] or None)`.
         """
+        if num_prompt_tokens is not None and num_prompt_tokens < input_ids.shape[1]:
+            prompt_embeds, visual_token_mask = self.embed_tokens(
+                input_ids[:, :num_prompt_tokens], pixel_values, image_grid_thw
+            )
+            generated_embeds = self.get_input_embeddings()(input_ids[:, num_prompt_tokens:])
+            if visual_token_mask is not None:
+                visual_token_mask = F.pad(visual_token_mask, (0, generated_embeds.shape[1]), value=False)
+            return torch.cat((prompt_embeds, generated_embeds), dim=1), visual_token_mask
         embeddings = self.get_input_embeddings()(input_ids)
         ids = self.config.special_token_ids
         if ids:
@@ -1143,6 +1153,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         visual_token_mask: Optional[torch.Tensor] = None,
         num_scales: Optional[torch.LongTensor] = None,
         is_decode_step: Optional[bool] = None,
+        num_prompt_tokens: Optional[int] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -1156,6 +1167,9 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             are generated tokens (embedded with the plain word embeddings and routed as text, as in the original).
             Read from the cache when `None`; `generate` sets it, so compiled decode steps never branch on the
             length of a static cache.
+        num_prompt_tokens (`int`, *optional*): length of the prompt when `input_ids` also hold generated tokens
+            (generation without a cache; `generate` sets it): those tokens are embedded and routed like cached decode
+            steps.
         labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): next-token targets; -100 and
             `<IMG_CONTEXT>` positions are ignored.
         """
@@ -1175,7 +1189,9 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             if decoding:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
             else:
-                inputs_embeds, visual_token_mask = self.embed_tokens(input_ids, pixel_values, image_grid_thw)
+                inputs_embeds, visual_token_mask = self.embed_tokens(
+                    input_ids, pixel_values, image_grid_thw, num_prompt_tokens
+                )
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -1194,6 +1210,13 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                 logits=outputs.logits, labels=labels, vocab_size=self.config.text_config.vocab_size
             )
         return CausalLMOutputWithPast(loss=loss, logits=outputs.logits, past_key_values=outputs.past_key_values)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`, telling `forward` where the prompt ends (see `num_prompt_tokens`)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is not None and prompt.ndim == 2:
+            kwargs.setdefault("num_prompt_tokens", prompt.shape[1])
+        return super().generate(inputs, generation_config, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
