@@ -54,7 +54,7 @@ OUT_OF_RANGE_SIZES = ((64, 88), (208, 288))
 
 _SUPERSAMPLE = 2  # scenes are drawn at twice the size and downscaled, for smooth edges
 # Streams of random numbers per item (the third entry of the seed).
-_QUESTION, _CAPTION, _TEXT = 0, 1, 2
+_QUESTION, _CAPTION, _TEXT, _CONVERSATION = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,12 @@ def scene_for_question(rng: np.random.Generator, question_type: str, size_range=
     return random_scene(rng, size_range, num_shapes=num_shapes, with_word=True if question_type == "ocr" else None)
 
 
+def _answerable(scene: Scene, question_type: str) -> bool:
+    if question_type == "position":
+        return len(scene.shapes) >= 2
+    return question_type != "ocr" or scene.word is not None
+
+
 class ShapesDataset:
     """Deterministic, indexable (image, question, answer) examples.
 
@@ -296,14 +302,25 @@ class ShapesDataset:
         question, answer = make_question(scene, question_type, rng)
         return Sample(scene.render(), question, answer, question_type, scene)
 
-    def caption_scene(self, index: int) -> Scene:
-        """The scene of captioning example `index`."""
-        return random_scene(self._rng(index, _CAPTION), self.size_range)
+    def caption_scene(self, index: int, num_shapes: Optional[int] = None) -> Scene:
+        """The scene of captioning example `index` (with `num_shapes` shapes, or 1–3)."""
+        return random_scene(self._rng(index, _CAPTION), self.size_range, num_shapes=num_shapes)
 
-    def caption(self, index: int) -> Sample:
-        """Captioning example `index`: the image, an empty question and the scene's caption (type "caption")."""
-        scene = self.caption_scene(index)
+    def caption(self, index: int, num_shapes: Optional[int] = None) -> Sample:
+        """Captioning example `index`: the image, an empty question and the scene's caption (type "caption").
+        `num_shapes` fixes the number of shapes (single-shape captions need no binding of colours to shapes: an
+        easy start for a vision encoder trained from scratch)."""
+        scene = self.caption_scene(index, num_shapes)
         return Sample(scene.render(), "", scene.caption(), "caption", scene)
+
+    def conversation(self, index: int) -> tuple[Image.Image, list[tuple[str, str, str]]]:
+        """Multi-question example `index`: an image and one (question, answer, type) per question type that its scene
+        allows, in random order (position needs two shapes, ocr a word)."""
+        rng = self._rng(index, _CONVERSATION)
+        scene = random_scene(rng, self.size_range)
+        types = [kind for kind in self.question_types if _answerable(scene, kind)]
+        turns = [(*make_question(scene, kind, rng), kind) for kind in types]
+        return scene.render(), [turns[position] for position in rng.permutation(len(turns))]
 
     def text_example(self, index: int) -> tuple[str, str]:
         """Text-only example `index` for text pre-training: (question, answer) where the question states the scene

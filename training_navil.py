@@ -50,7 +50,7 @@ from .synthetic_data import (
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOKENIZER_DIR = PACKAGE_DIR / "tokenizer"
 EMBEDDED_MODEL_DIR = PACKAGE_DIR / "checkpoints" / "navil-tiny"
-SYSTEM_MESSAGE = "You are a helpful assistant that answers questions about images."
+SYSTEM_MESSAGE = "Answer the question about the image."
 TEMPLATE = "qwen3-chat"
 PAD_TOKEN = "<|endoftext|>"
 
@@ -156,18 +156,18 @@ class TrainingArguments:
     vision_intermediate_size: int = 384
     vision_num_hidden_layers: int = 4
     vision_num_attention_heads: int = 4
-    vision_window_size: int = 4
+    vision_window_size: int = 8
     vision_fullatt_block_indexes: tuple[int, ...] = (1, 3)
     min_dynamic_patch: int = 36
     max_dynamic_patch: int = 400
     # schedule
-    text_steps: int = 300
+    text_steps: int = 150
     text_batch_size: int = 32
     text_learning_rate: float = 3e-3
     caption_steps: int = 300
     caption_batch_size: int = 16
-    caption_learning_rate: float = 2e-3
-    qa_steps: int = 1200
+    caption_learning_rate: float = 1e-3
+    qa_steps: int = 1500
     qa_batch_size: int = 16
     qa_learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
@@ -177,8 +177,8 @@ class TrainingArguments:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     threads: int = 1
-    eval_every: int = 400
-    eval_questions: int = 60
+    eval_every: int = 500
+    eval_questions: int = 120
     size_range: tuple[int, int] = TRAIN_SIZE_RANGE
 
 
@@ -386,11 +386,10 @@ def upcycle_from_text_model(
 
 
 class Conversation(NamedTuple):
-    """One training conversation: an optional image, the user's message and the assistant's answer."""
+    """One training conversation: an optional image and its (question, answer) turns, in order."""
 
     image: object
-    question: str
-    answer: str
+    turns: list[tuple[str, str]]
 
 
 def collate_conversations(
@@ -401,32 +400,41 @@ def collate_conversations(
 ) -> dict[str, torch.Tensor]:
     """Tokenised, right-padded training batch in the processor's chat format.
 
-    Each conversation becomes `build_prompt(question)` (with `<image>` expanded into the image's tokens) followed by
-    the tokens of the answer and `<|im_end|>`. Labels are -100 on the prompt (unless `loss_on_prompt`) and on padding.
-    `multiscale` (one flag, or one per conversation) chooses the image pyramid or the single full-size pass.
+    A conversation is tokenised as `chat()` builds its prompts: the first turn is `build_prompt(question)` (with the
+    `<image>` prefix expanded into the image's tokens), each later turn adds the user role, the question,
+    `<|im_end|>` and the assistant role; every answer is followed by `<|im_end|>`. Answers are tokenised on their own,
+    exactly as the model generates them. Labels are -100 except on the answers and their `<|im_end|>` (or everywhere
+    but padding with `loss_on_prompt`). `multiscale` (one flag, or one per conversation) chooses the image pyramid or
+    the single full-size pass.
 
     Returns `input_ids`, `attention_mask`, `labels` ([batch, longest]) and, with images, `pixel_values`,
     `image_grid_thw` and `num_scales`.
     """
     tokenizer = processor.tokenizer
+    roles = processor.roles
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
     flags = multiscale if isinstance(multiscale, list) else [multiscale] * len(conversations)
     pixel_values, grids, scales, sequences = [], [], [], []
     for conversation, flag in zip(conversations, flags):
         has_image = conversation.image is not None
-        prompt = processor.build_prompt(conversation.question, num_images=int(has_image))
+        (first_question, _), *later_turns = conversation.turns
+        prompts = [processor.build_prompt(first_question, num_images=int(has_image))]
+        prompts += [roles["user"] + question + roles["separator"] + roles["assistant"] for question, _ in later_turns]
         if has_image:
             image_inputs = processor.image_processor(conversation.image, return_tensors="pt", multiscale=flag)
-            prompt = processor.expand_image_placeholders(
-                prompt, image_inputs["image_grid_thw"], image_inputs["num_scales"]
+            prompts[0] = processor.expand_image_placeholders(
+                prompts[0], image_inputs["image_grid_thw"], image_inputs["num_scales"]
             )
             pixel_values.append(image_inputs["pixel_values"])
             grids.append(image_inputs["image_grid_thw"])
             scales.append(image_inputs["num_scales"])
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(conversation.answer, add_special_tokens=False)["input_ids"] + [end_id]
-        labels = (prompt_ids if loss_on_prompt else [-100] * len(prompt_ids)) + answer_ids
-        sequences.append((prompt_ids + answer_ids, labels))
+        ids, labels = [], []
+        for prompt, (_, answer) in zip(prompts, conversation.turns):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_id]
+            ids += prompt_ids + answer_ids
+            labels += (prompt_ids if loss_on_prompt else [-100] * len(prompt_ids)) + answer_ids
+        sequences.append((ids, labels))
 
     longest = max(len(ids) for ids, _ in sequences)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
@@ -452,18 +460,19 @@ def text_batches(processor, data: ShapesDataset, batch_size: int) -> Callable[[i
 
     def batch(step: int) -> dict:
         examples = [data.text_example(step * batch_size + i) for i in range(batch_size)]
-        conversations = [Conversation(None, question, answer) for question, answer in examples]
+        conversations = [Conversation(None, [example]) for example in examples]
         return collate_conversations(processor, conversations, loss_on_prompt=True)
 
     return batch
 
 
-def caption_batches(processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0):
-    """Step → batch of captioning conversations: the image alone as the question, its caption as the answer."""
+def caption_batches(processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0, num_shapes=None):
+    """Step → batch of captioning conversations: the image alone as the question, its caption as the answer
+    (`num_shapes` shapes per image, or 1–3)."""
 
     def batch(step: int) -> dict:
-        samples = [data.caption(step * batch_size + i) for i in range(batch_size)]
-        conversations = [Conversation(sample.image, sample.question, sample.answer) for sample in samples]
+        samples = [data.caption(step * batch_size + i, num_shapes) for i in range(batch_size)]
+        conversations = [Conversation(sample.image, [(sample.question, sample.answer)]) for sample in samples]
         flags = _multiscale_flags(data.seed, step, batch_size, single_scale_fraction)
         return collate_conversations(processor, conversations, multiscale=flags)
 
@@ -471,11 +480,12 @@ def caption_batches(processor, data: ShapesDataset, batch_size: int, single_scal
 
 
 def question_batches(processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0):
-    """Step → batch of (image, question, answer) conversations cycling through the question types."""
+    """Step → batch of conversations about one image each, with one question of every type its scene allows, in
+    random order (several answers per image make each vision forward pass count more)."""
 
     def batch(step: int) -> dict:
-        samples = [data[step * batch_size + i] for i in range(batch_size)]
-        conversations = [Conversation(sample.image, sample.question, sample.answer) for sample in samples]
+        examples = [data.conversation(step * batch_size + i) for i in range(batch_size)]
+        conversations = [Conversation(image, [turn[:2] for turn in turns]) for image, turns in examples]
         flags = _multiscale_flags(data.seed + 1, step, batch_size, single_scale_fraction)
         return collate_conversations(processor, conversations, multiscale=flags)
 

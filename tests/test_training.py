@@ -96,6 +96,14 @@ def test_dataset_cycles_through_question_types_with_answerable_scenes():
             assert sample.answer.count(" a ") + sample.answer.count(" an ") + 1 == len(shapes)
 
 
+def test_conversations_ask_every_answerable_question_type_once():
+    data = ShapesDataset(seed=0)
+    for index in range(10):
+        _, turns = data.conversation(index)
+        types = [kind for _, _, kind in turns]
+        assert len(types) == len(set(types)) and {"color", "shape", "count", "describe"} <= set(types)
+
+
 def test_image_sizes_stay_in_the_training_range_and_held_out_sizes_outside_it():
     low, high = TRAIN_SIZE_RANGE
     for index in range(30):
@@ -129,21 +137,29 @@ def test_tokenizer_has_the_navil_special_tokens_appended_and_no_bos(tokenizer):
     assert min(special_ids) > max(vocab[token] for token in ("red", "circle", "cat"))
 
 
-def test_labels_cover_exactly_the_answer_and_end_of_turn(processor, tokenizer):
+def test_labels_cover_exactly_the_answers_and_their_end_of_turn(processor, tokenizer):
     sample = ShapesDataset(seed=0)[3]
-    batch = collate_conversations(
-        processor,
-        [Conversation(sample.image, sample.question, sample.answer), Conversation(None, "Say red.", "red")],
-    )
-    for row in range(2):
-        labelled = batch["labels"][row][batch["labels"][row] != -100]
-        assert tokenizer.decode(labelled) == [sample.answer, "red"][row] + "<|im_end|>"
-        length = int(batch["attention_mask"][row].sum())
-        answer_start = length - len(labelled)
-        assert torch.equal(batch["input_ids"][row, answer_start:length], labelled)
+    conversations = [
+        Conversation(sample.image, [(sample.question, sample.answer)]),
+        Conversation(None, [("Say red.", "red"), ("And blue?", "blue")]),
+    ]
+    batch = collate_conversations(processor, conversations)
+    labels = batch["labels"]
+    assert tokenizer.decode(labels[0][labels[0] != -100]) == sample.answer + "<|im_end|>"
+    assert tokenizer.decode(labels[1][labels[1] != -100]) == "red<|im_end|>blue<|im_end|>"
+    second = batch["input_ids"][1][batch["attention_mask"][1] == 1]
+    expected = processor.build_prompt("And blue?", history=[("Say red.", "red")]) + "blue<|im_end|>"
+    assert tokenizer.decode(second) == expected
     context = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    grids = batch["image_grid_thw"]
-    assert int((batch["input_ids"] == context).sum()) == int(grids.prod(-1).sum()) // 4
+    assert int((batch["input_ids"] == context).sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // 4
+
+
+def test_the_first_turn_of_a_training_conversation_is_the_chat_prompt(processor, tokenizer):
+    image, turns = ShapesDataset(seed=0).conversation(5)
+    batch = collate_conversations(processor, [Conversation(image, [turn[:2] for turn in turns])], multiscale=True)
+    prompt = processor.build_prompt(turns[0][0], num_images=1)
+    expected = processor(images=[image], text=[prompt])["input_ids"][0]
+    assert torch.equal(batch["input_ids"][0, : len(expected)], expected)
 
 
 # -- upcycling -----------------------------------------------------------------------------------------------------
@@ -259,7 +275,7 @@ def test_miniature_model_loss_decreases(tokenizer, processor):
     text_model, model = miniature_models(tokenizer)
     upcycle_from_text_model(text_model, model)
     batch = question_batches(processor, ShapesDataset(seed=0, size_range=(64, 96)), batch_size=6)(0)
-    losses = train_loop(model, lambda step: batch, 15, learning_rate=1e-2, warmup_ratio=0.0, progress=False)
+    losses = train_loop(model, lambda step: batch, 30, learning_rate=1e-2, warmup_ratio=0.0, progress=False)
     assert losses[-1] < 0.5 * losses[0]
 
 
