@@ -24,6 +24,23 @@ def golden_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def golden_image_processor(manifest):
+    """The image processor with the settings the golden files were recorded with."""
+    from navil.image_processing_navil import NaViLImageProcessor
+
+    config = manifest["image_processor"]["config"]
+    return NaViLImageProcessor(
+        patch_size=config["patch_size"],
+        merge_size=config["merge_size"],
+        min_pixels=config["min_pixels"],
+        max_pixels=config["max_pixels"],
+        scale_downsample_ratio=config["scale_downsample_ratio"],
+        image_mean=config["image_mean"],
+        image_std=config["image_std"],
+    )
+
+
+@pytest.fixture(scope="session")
 def image_processor_outputs():
     return load_file(GOLDEN / "image_processor.safetensors")
 

@@ -12,17 +12,8 @@ GOLDEN_IMAGES = ("grad", "gray", "noise", "rgba", "shapes", "strip")
 
 
 @pytest.fixture(scope="module")
-def processor(manifest):
-    config = manifest["image_processor"]["config"]
-    return NaViLImageProcessor(
-        patch_size=config["patch_size"],
-        merge_size=config["merge_size"],
-        min_pixels=config["min_pixels"],
-        max_pixels=config["max_pixels"],
-        scale_downsample_ratio=config["scale_downsample_ratio"],
-        image_mean=config["image_mean"],
-        image_std=config["image_std"],
-    )
+def processor(golden_image_processor):
+    return golden_image_processor
 
 
 def open_golden(name):

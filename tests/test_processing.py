@@ -23,15 +23,8 @@ PIXEL_KEYS = ("pixel_values", "image_grid_thw", "num_scales")
 
 
 @pytest.fixture(scope="module")
-def image_processor(manifest):
-    config = manifest["image_processor"]["config"]
-    return NaViLImageProcessor(
-        patch_size=config["patch_size"],
-        merge_size=config["merge_size"],
-        min_pixels=config["min_pixels"],
-        max_pixels=config["max_pixels"],
-        scale_downsample_ratio=config["scale_downsample_ratio"],
-    )
+def image_processor(golden_image_processor):
+    return golden_image_processor
 
 
 @pytest.fixture(scope="module")
