@@ -1,5 +1,7 @@
 """NaViLImageProcessor reproduces the original preprocessing (golden `image_processor.safetensors`) exactly."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -175,10 +177,10 @@ def test_return_tensors_none_gives_numpy_and_empty_list_gives_empty_outputs(proc
 
 
 def test_save_and_load_round_trip(tmp_path, processor):
+    processor = copy.deepcopy(processor)  # the fixture is shared across test modules
     processor.max_image_pixels = None
     processor.save_pretrained(tmp_path)
     loaded = NaViLImageProcessor.from_pretrained(tmp_path)
-    processor.max_image_pixels = NaViLImageProcessor.max_image_pixels
     assert (tmp_path / "preprocessor_config.json").is_file()
     assert loaded.max_image_pixels is None
     for key in ("patch_size", "merge_size", "min_pixels", "max_pixels", "scale_downsample_ratio", "multiscale"):
