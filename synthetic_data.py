@@ -314,13 +314,23 @@ class ShapesDataset:
         return Sample(scene.render(), "", scene.caption(), "caption", scene)
 
     def conversation(self, index: int) -> tuple[Image.Image, list[tuple[str, str, str]]]:
-        """Multi-question example `index`: an image and one (question, answer, type) per question type that its scene
-        allows, in random order (position needs two shapes, ocr a word)."""
+        """Example `index` as a conversation: an image and its (question, answer, type) turns.
+
+        At most two turns, in random order: one question of a type drawn uniformly among the other types the scene
+        allows (color, shape, count, describe, position when there are two shapes or more), and the ocr question when
+        a word is written. The two never give away each other's answer (the word is not a shape, and no shape
+        question mentions it), unlike, say, a describe answer followed by a color question; and every type comes
+        first as often as second, so the model learns to answer it as the first question of a chat.
+        """
         rng = self._rng(index, _CONVERSATION)
         scene = random_scene(rng, self.size_range)
-        types = [kind for kind in self.question_types if _answerable(scene, kind)]
-        turns = [(*make_question(scene, kind, rng), kind) for kind in types]
-        return scene.render(), [turns[position] for position in rng.permutation(len(turns))]
+        if not any(_answerable(scene, kind) for kind in self.question_types):
+            scene = scene_for_question(rng, self.question_types[0], self.size_range)
+        others = [kind for kind in self.question_types if kind != "ocr" and _answerable(scene, kind)]
+        kinds = [others[rng.integers(len(others))]] if others else []
+        if "ocr" in self.question_types and _answerable(scene, "ocr"):
+            kinds.append("ocr")
+        return scene.render(), [(*make_question(scene, kinds[i], rng), kinds[i]) for i in rng.permutation(len(kinds))]
 
     def text_example(self, index: int) -> tuple[str, str]:
         """Text-only example `index` for text pre-training: (question, answer) where the question states the scene

@@ -140,7 +140,7 @@ def build_tokenizer(output_dir: Optional[Union[str, Path]] = None, vocab_size: i
 
 @dataclass
 class TrainingArguments:
-    """Every setting of `navil train`; the defaults trained the shipped `checkpoints/navil-tiny`."""
+    """Every setting of `navil train`; the defaults are the recipe of `checkpoints/navil-tiny` (docs/training.md)."""
 
     output_dir: str = "runs/navil-tiny"
     tokenizer_dir: Optional[str] = None  # default: the packaged tokenizer/
@@ -164,21 +164,21 @@ class TrainingArguments:
     text_steps: int = 150
     text_batch_size: int = 32
     text_learning_rate: float = 3e-3
-    caption_steps: int = 300
+    caption_steps: int = 150
     caption_batch_size: int = 16
-    caption_learning_rate: float = 1e-3
-    qa_steps: int = 1500
-    qa_batch_size: int = 16
-    qa_learning_rate: float = 1e-3
+    caption_learning_rate: float = 3e-4
+    qa_steps: int = 6000
+    qa_batch_size: int = 8
+    qa_learning_rate: float = 3e-4
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    single_scale_fraction: float = 0.25
+    single_scale_fraction: float = 0.75
     dtype: str = "float32"
     gradient_checkpointing: bool = False
-    threads: int = 1
-    eval_every: int = 500
-    eval_questions: int = 120
+    threads: int = 2
+    eval_every: int = 1000
+    eval_questions: int = 60
     size_range: tuple[int, int] = TRAIN_SIZE_RANGE
 
 
@@ -480,8 +480,8 @@ def caption_batches(processor, data: ShapesDataset, batch_size: int, single_scal
 
 
 def question_batches(processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0):
-    """Step → batch of conversations about one image each, with one question of every type its scene allows, in
-    random order (several answers per image make each vision forward pass count more)."""
+    """Step → batch of conversations about one image each (`ShapesDataset.conversation`: a question about the shapes
+    and, when a word is written, the ocr question, in random order; neither gives away the other's answer)."""
 
     def batch(step: int) -> dict:
         examples = [data.conversation(step * batch_size + i) for i in range(batch_size)]

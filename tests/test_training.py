@@ -96,12 +96,23 @@ def test_dataset_cycles_through_question_types_with_answerable_scenes():
             assert sample.answer.count(" a ") + sample.answer.count(" an ") + 1 == len(shapes)
 
 
-def test_conversations_ask_every_answerable_question_type_once():
+def test_conversations_pair_at_most_one_shape_question_with_the_word_in_either_order():
     data = ShapesDataset(seed=0)
-    for index in range(10):
+    first_types = set()
+    for index in range(60):
         _, turns = data.conversation(index)
         types = [kind for _, _, kind in turns]
-        assert len(types) == len(set(types)) and {"color", "shape", "count", "describe"} <= set(types)
+        assert 1 <= len(types) <= 2 and sum(kind != "ocr" for kind in types) <= 1 and len(set(types)) == len(types)
+        first_types.add(types[0])
+    assert first_types == set(QUESTION_TYPES)
+
+
+@pytest.mark.parametrize("question_types", [("ocr",), ("position",), ("position", "ocr")])
+def test_conversations_restricted_to_conditional_types_are_never_empty(question_types):
+    data = ShapesDataset(seed=0, question_types=question_types)
+    for index in range(20):
+        _, turns = data.conversation(index)
+        assert turns and {kind for _, _, kind in turns} <= set(question_types)
 
 
 def test_image_sizes_stay_in_the_training_range_and_held_out_sizes_outside_it():
