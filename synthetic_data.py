@@ -326,11 +326,12 @@ class ShapesDataset:
         scene = random_scene(rng, self.size_range)
         if not any(_answerable(scene, kind) for kind in self.question_types):
             scene = scene_for_question(rng, self.question_types[0], self.size_range)
-        others = [kind for kind in self.question_types if kind != "ocr" and _answerable(scene, kind)]
+        answerable = [kind for kind in self.question_types if _answerable(scene, kind)]
+        others = [kind for kind in answerable if kind != "ocr"]
         kinds = [others[rng.integers(len(others))]] if others else []
-        if "ocr" in self.question_types and _answerable(scene, "ocr"):
-            kinds.append("ocr")
-        return scene.render(), [(*make_question(scene, kinds[i], rng), kinds[i]) for i in rng.permutation(len(kinds))]
+        kinds += [kind for kind in answerable if kind == "ocr"]
+        kinds = [kinds[i] for i in rng.permutation(len(kinds))]
+        return scene.render(), [(*make_question(scene, kind, rng), kind) for kind in kinds]
 
     def text_example(self, index: int) -> tuple[str, str]:
         """Text-only example `index` for text pre-training: (question, answer) where the question states the scene
