@@ -45,7 +45,8 @@ def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto"):
     if not model and not EMBEDDED_MODEL_DIR.is_dir():
         raise SystemExit(f"The embedded model is missing ({EMBEDDED_MODEL_DIR}); train it with `navil train`.")
     device = _device(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # the embedded model's remote code is this package's own, so it is trusted without asking
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=not model or None)
     navil = NaViLForConditionalGeneration.from_pretrained(path, dtype=_dtype(dtype, device)).eval().to(device)
     navil.init_special_token_ids(tokenizer)
     return navil, tokenizer

@@ -47,10 +47,10 @@ WORDS = ("cat", "dog", "sun", "box", "hat", "cup", "map", "pen", "key", "bus")
 NUMBER_WORDS = ("zero", "one", "two", "three")
 QUESTION_TYPES = ("color", "shape", "count", "describe", "position", "ocr")
 
-# Both sides of a training image lie in this range (pixels), so aspect ratios range from 1:2 to 2:1.
-TRAIN_SIZE_RANGE = (96, 192)
+# Both sides of a training image lie in this range (pixels), so aspect ratios range from 3:5 to 5:3.
+TRAIN_SIZE_RANGE = (192, 320)
 # Held-out sizes outside the training range: both sides in one of these ranges (smaller or larger images).
-OUT_OF_RANGE_SIZES = ((64, 88), (208, 288))
+OUT_OF_RANGE_SIZES = ((112, 176), (352, 448))
 
 _SUPERSAMPLE = 2  # scenes are drawn at twice the size and downscaled, for smooth edges
 # Streams of random numbers per item (the third entry of the seed).
@@ -313,8 +313,11 @@ class ShapesDataset:
         scene = self.caption_scene(index, num_shapes)
         return Sample(scene.render(), "", scene.caption(), "caption", scene)
 
-    def conversation(self, index: int) -> tuple[Image.Image, list[tuple[str, str, str]]]:
-        """Example `index` as a conversation: an image and its (question, answer, type) turns.
+    def conversation(
+        self, index: int, num_shapes: Optional[int] = None
+    ) -> tuple[Image.Image, list[tuple[str, str, str]]]:
+        """Example `index` as a conversation: an image (with `num_shapes` shapes, or 1–3) and its (question, answer,
+        type) turns.
 
         At most two turns, in random order: one question of a type drawn uniformly among the other types the scene
         allows (color, shape, count, describe, position when there are two shapes or more), and the ocr question when
@@ -323,7 +326,7 @@ class ShapesDataset:
         first as often as second, so the model learns to answer it as the first question of a chat.
         """
         rng = self._rng(index, _CONVERSATION)
-        scene = random_scene(rng, self.size_range)
+        scene = random_scene(rng, self.size_range, num_shapes=num_shapes)
         if not any(_answerable(scene, kind) for kind in self.question_types):
             scene = scene_for_question(rng, self.question_types[0], self.size_range)
         answerable = [kind for kind in self.question_types if _answerable(scene, kind)]
@@ -347,7 +350,7 @@ def example_sample() -> Sample:
     """The README's example image (two shapes and a word) with "What color is the circle?" and its answer."""
     rng = np.random.default_rng([2025, 10, 8565])
     while True:
-        scene = random_scene(rng, (144, 160), num_shapes=2, with_word=True)
+        scene = random_scene(rng, (224, 256), num_shapes=2, with_word=True)
         circles = [shape for shape in scene.shapes if shape.kind == "circle"]
         if circles:
             return Sample(scene.render(), "What color is the circle?", circles[0].color, "color", scene)

@@ -9,8 +9,11 @@
    `special_token_embedding`, so that the upcycled model computes exactly the text model on text.
 3. Stage 1 (captioning): the text weights are frozen; the vision encoder, the connector (`mlp1`), the visual experts
    and `special_token_embedding` learn to caption images.
-4. Stage 2 (question answering): everything trains on (image, question, answer) conversations, with the loss on the
-   answer tokens only.
+4. Stage 2 (questions about one shape): everything trains on (image, question, answer) conversations about images
+   with a single shape, with the loss on the answer tokens only. Here the answer's attention has one object to find,
+   so the vision encoder gets a focused signal and learns to tell the shapes apart.
+5. Stage 3 (questions about 1–3 shapes): the same on the full data, where colours must be bound to shapes and shapes
+   ordered from left to right.
 
 Each stage uses AdamW with linear warm-up and cosine decay and gradient clipping. `train_tiny_navil` runs the whole
 recipe from `TrainingArguments` (the flags of `navil train`) and saves model, processor and tokenizer with
@@ -156,18 +159,19 @@ class TrainingArguments:
     vision_intermediate_size: int = 384
     vision_num_hidden_layers: int = 4
     vision_num_attention_heads: int = 4
-    vision_window_size: int = 8
+    vision_window_size: int = 32
     vision_fullatt_block_indexes: tuple[int, ...] = (1, 3)
-    min_dynamic_patch: int = 36
+    min_dynamic_patch: int = 144
     max_dynamic_patch: int = 400
     # schedule
     text_steps: int = 150
     text_batch_size: int = 32
     text_learning_rate: float = 3e-3
-    caption_steps: int = 150
+    caption_steps: int = 300
     caption_batch_size: int = 16
     caption_learning_rate: float = 3e-4
-    qa_steps: int = 6000
+    single_shape_steps: int = 1500
+    qa_steps: int = 2500
     qa_batch_size: int = 8
     qa_learning_rate: float = 3e-4
     warmup_ratio: float = 0.05
@@ -479,12 +483,13 @@ def caption_batches(processor, data: ShapesDataset, batch_size: int, single_scal
     return batch
 
 
-def question_batches(processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0):
+def question_batches(processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0, num_shapes=None):
     """Step → batch of conversations about one image each (`ShapesDataset.conversation`: a question about the shapes
-    and, when a word is written, the ocr question, in random order; neither gives away the other's answer)."""
+    and, when a word is written, the ocr question, in random order; neither gives away the other's answer), with
+    `num_shapes` shapes per image, or 1–3."""
 
     def batch(step: int) -> dict:
-        examples = [data.conversation(step * batch_size + i) for i in range(batch_size)]
+        examples = [data.conversation(step * batch_size + i, num_shapes) for i in range(batch_size)]
         conversations = [Conversation(image, [turn[:2] for turn in turns]) for image, turns in examples]
         flags = _multiscale_flags(data.seed + 1, step, batch_size, single_scale_fraction)
         return collate_conversations(processor, conversations, multiscale=flags)
@@ -700,39 +705,48 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
         history["evaluations"].append({"step": step, **accuracy})
         log(f"step {step}: {format_accuracy(accuracy)}")
 
-    stage_start = time.perf_counter()
+    def stage(name: str, batches, steps: int, learning_rate: float, description: str, **evaluation) -> None:
+        stage_start = time.perf_counter()
+        history[f"{name}_losses"] = train_loop(
+            model,
+            batches,
+            steps,
+            learning_rate,
+            args.warmup_ratio,
+            args.weight_decay,
+            args.max_grad_norm,
+            args.dtype,
+            description=description,
+            progress=progress,
+            **evaluation,
+        )
+        history["seconds"][name] = time.perf_counter() - stage_start
+
     set_text_weights_trainable(model, False)
-    history["caption_losses"] = train_loop(
-        model,
+    stage(
+        "caption",
         caption_batches(processor, data, args.caption_batch_size, args.single_scale_fraction),
         args.caption_steps,
         args.caption_learning_rate,
-        args.warmup_ratio,
-        args.weight_decay,
-        args.max_grad_norm,
-        args.dtype,
-        description="stage 1: captions (text frozen)",
-        progress=progress,
+        "stage 1: captions (text frozen)",
     )
-    history["seconds"]["caption"] = time.perf_counter() - stage_start
-
-    stage_start = time.perf_counter()
     set_text_weights_trainable(model, True)
-    history["qa_losses"] = train_loop(
-        model,
+    stage(
+        "single_shape",
+        question_batches(processor, data, args.qa_batch_size, args.single_scale_fraction, num_shapes=1),
+        args.single_shape_steps,
+        args.qa_learning_rate,
+        "stage 2: questions about one shape",
+    )
+    stage(
+        "qa",
         question_batches(processor, data, args.qa_batch_size, args.single_scale_fraction),
         args.qa_steps,
         args.qa_learning_rate,
-        args.warmup_ratio,
-        args.weight_decay,
-        args.max_grad_norm,
-        args.dtype,
-        description="stage 2: questions (all weights)",
+        "stage 3: questions about 1-3 shapes",
         callback=run_eval,
         callback_every=args.eval_every,
-        progress=progress,
     )
-    history["seconds"]["qa"] = time.perf_counter() - stage_start
     history["seconds"]["total"] = time.perf_counter() - started
 
     if args.gradient_checkpointing:

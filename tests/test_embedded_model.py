@@ -65,3 +65,12 @@ def test_embedded_checkpoint_loads_with_the_auto_classes():
 @needs_checkpoint
 def test_embedded_checkpoint_is_at_most_20_megabytes():
     assert sum(path.stat().st_size for path in CHECKPOINT.rglob("*") if path.is_file()) <= 20 * 1024 * 1024
+
+
+@needs_checkpoint
+@pytest.mark.parametrize(
+    "module", ["configuration_navil.py", "modeling_navil.py", "image_processing_navil.py", "processing_navil.py"]
+)
+def test_embedded_checkpoint_carries_the_current_remote_code(module):
+    # AutoModel(..., trust_remote_code=True) runs these copies; they must not fall behind the package
+    assert (CHECKPOINT / module).read_text() == (PACKAGE / module).read_text()

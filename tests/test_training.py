@@ -1,5 +1,6 @@
 """Training code of the embedded model: synthetic data, tokenizer, batches, upcycling and the training loop."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from navil.training_navil import (
     tiny_navil_config,
     tiny_text_config,
     train_loop,
+    train_tiny_navil,
     upcycle_from_text_model,
 )
 
@@ -113,6 +115,17 @@ def test_conversations_restricted_to_conditional_types_are_never_empty(question_
     for index in range(20):
         _, turns = data.conversation(index)
         assert turns and {kind for _, _, kind in turns} <= set(question_types)
+
+
+def test_single_shape_conversations_ask_only_what_one_shape_allows():
+    data = ShapesDataset(seed=0)
+    kinds = set()
+    for index in range(60):
+        _, turns = data.conversation(index, num_shapes=1)
+        kinds |= {kind for _, _, kind in turns}
+        assert all(answer == "one" for _, answer, kind in turns if kind == "count")
+        assert all(" and " not in answer for _, answer, kind in turns if kind == "describe")
+    assert kinds == set(QUESTION_TYPES) - {"position"}
 
 
 def test_image_sizes_stay_in_the_training_range_and_held_out_sizes_outside_it():
@@ -305,3 +318,16 @@ def test_stage_one_freezing_leaves_only_visual_experts_trainable_in_the_language
     assert model.special_token_embedding.weight.requires_grad and model.mlp1[1].weight.requires_grad
     set_text_weights_trainable(model, True)
     assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_recipe_runs_every_stage_and_saves_a_model_that_loads_back(tmp_path):
+    steps = dict(text_steps=2, caption_steps=2, single_shape_steps=2, qa_steps=2, eval_every=2, eval_questions=6)
+    args = dataclasses.replace(MINIATURE, output_dir=str(tmp_path), **steps)
+    model, _, history = train_tiny_navil(args, progress=False, log=lambda message: None)
+    assert [len(history[f"{name}_losses"]) for name in ("text", "caption", "single_shape", "qa")] == [2, 2, 2, 2]
+    assert [evaluation["step"] for evaluation in history["evaluations"]] == [2]
+    summary = json.loads((tmp_path / "training_history.json").read_text())
+    assert set(summary["seconds"]) == {"text", "caption", "single_shape", "qa", "total"}
+    reloaded = NaViLForConditionalGeneration.from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name

@@ -1,0 +1,341 @@
+"""NaViL configuration: a native-resolution ViT, a pixel-shuffle MLP connector and an LLM with modality experts.
+
+`NaViLConfig` reads the `config.json` of an ORIGINAL NaViL checkpoint unchanged (model_type "navil_chat", with
+`vision_config` and `llm_config`) and writes a config that loads back identically. The LLM sub-config is stored
+as `text_config` (the name transformers' generation utilities look for); `llm_config` is accepted on input.
+"""
+
+from transformers import PretrainedConfig
+
+INTERNLM2_VE = "InternLM2VEForCausalLM"
+QWEN3_VE = "Qwen3VEForCausalLM"
+BACKBONES = {INTERNLM2_VE: "internlm2", QWEN3_VE: "qwen3"}
+TEMPLATES = {"internlm2": "internlm2-chat", "qwen3": "qwen3-chat"}
+ROPE_TYPES = ("default", "linear", "dynamic")
+# Written into every saved config so that the folder loads through the Auto classes with trust_remote_code=True.
+AUTO_MAP = {
+    "AutoConfig": "configuration_navil.NaViLConfig",
+    "AutoModel": "modeling_navil.NaViLForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_navil.NaViLForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_navil.NaViLForConditionalGeneration",
+}
+
+
+class NaViLVisionConfig(PretrainedConfig):
+    r"""
+    Configuration of the NaViL vision encoder: a ViT that embeds `patch_size`² patches of an image at its native
+    resolution, with 2-D rotary positions, windowed attention in most layers and full attention (over each
+    image-scale) in the layers listed in `fullatt_block_indexes`.
+
+    Args:
+        hidden_size (`int`, *optional*, defaults to 1024): width W of the encoder.
+        num_attention_heads (`int`, *optional*, defaults to 16): heads; W / heads must be divisible by 4 (2-D RoPE).
+        num_hidden_layers (`int`, *optional*, defaults to 24): number of encoder layers.
+        intermediate_size (`int`, *optional*, defaults to 4096): width of the MLP.
+        patch_size (`int`, *optional*, defaults to 16): side of a square patch in pixels.
+        num_channels (`int`, *optional*, defaults to 3): image channels.
+        qkv_bias (`bool`, *optional*, defaults to `True`): bias on the fused qkv projection.
+        qk_normalization (`bool`, *optional*, defaults to `False`): RMS-normalise q and k over the full width
+            before splitting heads (the original only runs this with one head).
+        norm_type (`str`, *optional*, defaults to `"rms_norm"`): `"rms_norm"` or `"layer_norm"`.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6): epsilon of the norms.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`): MLP activation (exact erf GELU).
+        initializer_factor (`float`, *optional*, defaults to 0.1): initial value of the layer scales.
+        initializer_range (`float`, *optional*, defaults to 0.02): std of the weight initialisation.
+        window_size (`int`, *optional*, defaults to 8): side of an attention window, in patches.
+        fullatt_block_indexes (`list[int]`, *optional*): layers with full attention; `None` = every layer.
+        downsample_ratio (`float`, *optional*, defaults to 0.5): overwritten by the top-level value.
+    """
+
+    model_type = "navil_vit"
+    base_config_key = "vision_config"
+
+    def __init__(
+        self,
+        hidden_size=1024,
+        num_attention_heads=16,
+        num_hidden_layers=24,
+        intermediate_size=4096,
+        patch_size=16,
+        num_channels=3,
+        qkv_bias=True,
+        qk_normalization=False,
+        norm_type="rms_norm",
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        initializer_factor=0.1,
+        initializer_range=0.02,
+        window_size=8,
+        fullatt_block_indexes=(5, 11, 17, 23),
+        downsample_ratio=0.5,
+        **kwargs,
+    ):
+        self.hidden_size = hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.num_hidden_layers = num_hidden_layers
+        self.intermediate_size = intermediate_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.qkv_bias = qkv_bias
+        self.qk_normalization = qk_normalization
+        self.norm_type = norm_type
+        self.layer_norm_eps = layer_norm_eps
+        self.hidden_act = hidden_act
+        self.initializer_factor = initializer_factor
+        self.initializer_range = initializer_range
+        self.window_size = window_size
+        self.fullatt_block_indexes = None if fullatt_block_indexes is None else list(fullatt_block_indexes)
+        self.downsample_ratio = downsample_ratio
+        super().__init__(**kwargs)
+        self.validate_vision()
+
+    def validate_vision(self):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"vision hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if (self.hidden_size // self.num_attention_heads) % 4 != 0:
+            raise ValueError(
+                f"vision head dim ({self.hidden_size // self.num_attention_heads}) must be a multiple of 4: the 2-D "
+                "rotary embedding splits it into row and column halves of cos/sin pairs."
+            )
+        if self.norm_type not in ("rms_norm", "layer_norm"):
+            raise ValueError(f"vision norm_type must be 'rms_norm' or 'layer_norm', got {self.norm_type!r}.")
+        if self.fullatt_block_indexes is not None:
+            bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise ValueError(
+                    f"fullatt_block_indexes {bad} are outside the {self.num_hidden_layers} vision layers."
+                )
+
+    @property
+    def merge_size(self):
+        return round(1 / self.downsample_ratio)
+
+
+class NaViLTextConfig(PretrainedConfig):
+    r"""
+    Configuration of the NaViL language model: a decoder whose attention projections and feed-forward blocks have
+    a text copy and a visual-expert copy. `architectures[0]` picks the layout of the original checkpoints:
+    `"InternLM2VEForCausalLM"` (fused interleaved `wqkv`, NaViL-2B) or `"Qwen3VEForCausalLM"` (q/k/v with per-head
+    q/k norms, NaViL-9B).
+
+    Args:
+        architectures (`list[str]`, *optional*, defaults to `["InternLM2VEForCausalLM"]`): the layout.
+        vocab_size (`int`, *optional*, defaults to 92553): vocabulary size.
+        hidden_size (`int`, *optional*, defaults to 2048): hidden size Hd.
+        intermediate_size (`int`, *optional*, defaults to 8192): feed-forward width.
+        num_hidden_layers (`int`, *optional*, defaults to 24): decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to 16): query heads.
+        num_key_value_heads (`int`, *optional*, defaults to 8): key/value heads (`None` = query heads).
+        head_dim (`int`, *optional*): per-head width; InternLM2 always uses hidden_size / heads.
+        hidden_act (`str`, *optional*, defaults to `"silu"`): feed-forward activation.
+        max_position_embeddings (`int`, *optional*, defaults to 32768): longest supported sequence.
+        rms_norm_eps (`float`, *optional*, defaults to 1e-6): epsilon of the RMS norms.
+        rope_theta (`float`, *optional*, defaults to 1e6): RoPE base.
+        rope_scaling (`dict`, *optional*): as in original configs, `None` or `{"type": "linear"|"dynamic",
+            "factor": f >= 1}`; read into `rope_type` and `rope_factor`.
+        rope_type (`str`, *optional*, defaults to `"default"`): `"default"`, `"linear"` or `"dynamic"` (NTK).
+        rope_factor (`float`, *optional*, defaults to 1.0): the scaling factor of `rope_type`.
+        attention_bias (`bool`, *optional*, defaults to `False`): biases on the attention projections
+            (`bias` in InternLM2 configs).
+        use_sliding_window (`bool`, *optional*, defaults to `False`) and sliding_window (`int`, *optional*):
+            Qwen3 sliding-window attention, applied only when `use_sliding_window` is true.
+        initializer_range (`float`, *optional*, defaults to 0.02): std of the weight initialisation.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`): tie the LM head to the embeddings.
+    """
+
+    model_type = "navil_llm"
+    base_config_key = "text_config"
+
+    def __init__(
+        self,
+        architectures=None,
+        vocab_size=92553,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=None,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        rope_scaling=None,
+        rope_type="default",
+        rope_factor=1.0,
+        attention_bias=None,
+        use_sliding_window=False,
+        sliding_window=None,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        **kwargs,
+    ):
+        # Inert keys of the original configs: the attention backend is chosen at load time
+        # (`attn_implementation=`), RoPE settings arrive as `rope_scaling` and InternLM2 spells the bias `bias`.
+        for key in ("attn_implementation", "rope_parameters", "skip_final_norm_weight", "max_window_layers"):
+            kwargs.pop(key, None)
+        bias = kwargs.pop("bias", None)
+        self.architectures = list(architectures or [INTERNLM2_VE])
+        if self.architectures[0] not in BACKBONES:
+            raise ValueError(
+                f"llm_config.architectures[0] must be one of {sorted(BACKBONES)}, got {self.architectures[0]!r}."
+            )
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        if self.backbone == "internlm2" or head_dim is None:
+            head_dim = hidden_size // num_attention_heads
+        self.head_dim = head_dim
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = float(rope_theta)
+        # RoPE scaling is stored as two plain fields (`rope_scaling` is a reserved property in transformers 5).
+        self.rope_type, self.rope_factor = parse_rope_scaling(rope_scaling, rope_type, rope_factor)
+        self.attention_bias = bool(attention_bias if attention_bias is not None else bias or False)
+        self.use_sliding_window = use_sliding_window
+        self.sliding_window = sliding_window
+        self.initializer_range = initializer_range
+        super().__init__(
+            architectures=self.architectures,
+            tie_word_embeddings=tie_word_embeddings,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+        self.validate_text()
+
+    def validate_text(self):
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})."
+            )
+        if self.backbone == "internlm2" and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"InternLM2 hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if self.use_sliding_window and not self.sliding_window:
+            raise ValueError("use_sliding_window is true but sliding_window is not set.")
+
+    @property
+    def backbone(self):
+        """`"internlm2"` or `"qwen3"`: the layout of the decoder's weights."""
+        return BACKBONES[self.architectures[0]]
+
+
+def parse_rope_scaling(rope_scaling, rope_type="default", rope_factor=1.0):
+    """Returns `(rope_type, factor)` from an original `rope_scaling` dict (InternLM2 or Qwen3 spelling) or the fields."""
+    if rope_scaling is not None:
+        if not isinstance(rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be a dict or None, got {rope_scaling!r}.")
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        rope_factor = rope_scaling.get("factor", 1.0)
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}.")
+    if not isinstance(rope_factor, (int, float)) or rope_factor < 1.0:
+        raise ValueError(f"rope scaling factor must be a number >= 1, got {rope_factor!r}.")
+    return rope_type, float(rope_factor)
+
+
+class NaViLConfig(PretrainedConfig):
+    r"""
+    Configuration of a NaViL model (`NaViLForConditionalGeneration`).
+
+    Args:
+        vision_config (`dict` or `NaViLVisionConfig`, *optional*): the vision encoder.
+        text_config (`dict` or `NaViLTextConfig`, *optional*): the language model (`llm_config` in original files).
+        template (`str`, *optional*): chat template, `"internlm2-chat"` or `"qwen3-chat"`; defaults to the one of
+            the backbone.
+        system_message (`str`, *optional*): replaces the template's default system message.
+        downsample_ratio (`float`, *optional*, defaults to 0.5): pixel-shuffle ratio; 1/ratio patches per side are
+            merged into one visual token.
+        min_dynamic_patch (`int`, *optional*, defaults to 256) and max_dynamic_patch (`int`, *optional*, defaults
+            to 24576): bounds of an image's area in patches (min/max pixels = value × patch_size²).
+        scale_downsample_ratio (`float`, *optional*, defaults to 0.7071): side ratio between pyramid scales.
+        anyres_image_size (`bool`, *optional*, defaults to `True`): stored for compatibility.
+        special_token_ids (`dict[str, int]`, *optional*): ids of the NaViL special tokens, filled by
+            `NaViLForConditionalGeneration.init_special_token_ids(tokenizer)`.
+    """
+
+    model_type = "navil_chat"
+    sub_configs = {"vision_config": NaViLVisionConfig, "text_config": NaViLTextConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        template=None,
+        system_message=None,
+        downsample_ratio=0.5,
+        min_dynamic_patch=256,
+        max_dynamic_patch=24576,
+        scale_downsample_ratio=0.7071,
+        anyres_image_size=True,
+        special_token_ids=None,
+        **kwargs,
+    ):
+        llm_config = kwargs.pop("llm_config", None)
+        if text_config is None:
+            text_config = llm_config
+        if isinstance(vision_config, PretrainedConfig):
+            vision_config = vision_config.to_dict()
+        if isinstance(text_config, PretrainedConfig):
+            text_config = text_config.to_dict()
+        vision_config = dict(vision_config or {}, downsample_ratio=downsample_ratio)
+        self.vision_config = NaViLVisionConfig(**vision_config)
+        self.text_config = NaViLTextConfig(**(text_config or {}))
+        self.template = template or TEMPLATES[self.text_config.backbone]
+        self.system_message = system_message
+        self.downsample_ratio = downsample_ratio
+        self.min_dynamic_patch = min_dynamic_patch
+        self.max_dynamic_patch = max_dynamic_patch
+        self.scale_downsample_ratio = scale_downsample_ratio
+        self.anyres_image_size = anyres_image_size
+        self.special_token_ids = dict(special_token_ids or {})
+        kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(**kwargs)
+        self.validate_navil()
+
+    def validate_navil(self):
+        if self.template not in TEMPLATES.values():
+            raise ValueError(f"template must be one of {sorted(TEMPLATES.values())}, got {self.template!r}.")
+        merge = 1 / self.downsample_ratio
+        if merge != round(merge) or merge < 1:
+            raise ValueError(f"downsample_ratio must be 1/n for a whole n, got {self.downsample_ratio}.")
+        if self.vision_config.window_size // self.vision_config.merge_size <= 0:
+            raise ValueError(
+                f"vision window_size ({self.vision_config.window_size}) must be at least the merge size "
+                f"({self.vision_config.merge_size})."
+            )
+        if not 0 < self.min_dynamic_patch <= self.max_dynamic_patch:
+            raise ValueError(
+                f"need 0 < min_dynamic_patch <= max_dynamic_patch, got {self.min_dynamic_patch} and "
+                f"{self.max_dynamic_patch}."
+            )
+        if not 0 < self.scale_downsample_ratio < 1:
+            raise ValueError(f"scale_downsample_ratio must be in (0, 1), got {self.scale_downsample_ratio}.")
+
+    @property
+    def llm_config(self):
+        """The language-model config under its name in original NaViL code."""
+        return self.text_config
+
+
+NaViLConfig.register_for_auto_class()
+
+__all__ = ["NaViLConfig", "NaViLTextConfig", "NaViLVisionConfig"]

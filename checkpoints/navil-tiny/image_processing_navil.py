@@ -1,0 +1,499 @@
+"""Image processor for NaViL: native-resolution patches with an optional multi-scale pyramid."""
+
+import base64
+import io
+import math
+import os
+import struct
+import zlib
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# Exceptions PIL raises while decoding a damaged file (truncated data, bad chunks, broken compression streams).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_VALID_CHANNELS = (1, 3, 4)
+_MAX_ASPECT_RATIO = 200
+
+
+def _download(url: str):
+    """GET `url` with httpx (transformers 5) or requests (transformers 4), raising on HTTP errors."""
+    try:
+        import httpx
+
+        response = httpx.get(url, follow_redirects=True, timeout=30)
+    except ImportError:
+        import requests
+
+        response = requests.get(url, timeout=30)
+    response.raise_for_status()
+    return response
+
+
+def _as_scalar(value):
+    """A 0-d tensor or array as a numpy scalar of its dtype; other values unchanged."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise ValueError(f"min_pixels and max_pixels must be single numbers, got an array of shape {value.shape}.")
+        value = value.reshape(())[()]
+    return value
+
+
+def smart_resize(height: int, width: int, min_pixels: float, max_pixels: Union[float, np.float32]) -> tuple[int, int]:
+    """Target (height, width) of one pass: the original's "smart resize" with a factor of 1.
+
+    The size is kept unless its area exceeds `max_pixels` (then both sides are scaled down by the same factor and
+    floored) or falls below `min_pixels` (then scaled up and rounded up). As in the original, the result is not
+    re-checked against the limits. When `max_pixels` is a `np.float32` (the multi-scale pyramid), the area ratio is
+    computed in float32, like the original's float32 torch scalar.
+    """
+    aspect = max(height, width) / min(height, width)
+    if aspect > _MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than {_MAX_ASPECT_RATIO}, got {aspect} (image of {width}x{height} "
+            "pixels); crop or pad the image to a less extreme shape."
+        )
+    area = height * width
+    float32_limit = isinstance(max_pixels, np.float32)
+    too_large = np.float32(area) > max_pixels if float32_limit else area > max_pixels
+    if too_large:
+        ratio = float(np.float32(area) / max_pixels) if float32_limit else area / max_pixels
+        beta = math.sqrt(ratio)
+        resized_height, resized_width = math.floor(height / beta), math.floor(width / beta)
+    elif area < min_pixels:
+        beta = math.sqrt(min_pixels / area)
+        resized_height, resized_width = math.ceil(height * beta), math.ceil(width * beta)
+    else:
+        resized_height, resized_width = height, width
+    if resized_height == 0 or resized_width == 0:
+        raise ValueError(
+            f"max_pixels={float(max_pixels)} is too small for an image of {width}x{height} pixels: one side would "
+            "shrink to 0 pixels; raise max_pixels or crop the image."
+        )
+    return resized_height, resized_width
+
+
+class NaViLImageProcessor(BaseImageProcessor):
+    r"""
+    Image processor of NaViL. It reproduces the original preprocessing bit for bit (Qwen2-VL style, factor 1):
+
+    1. convert to RGB with PIL's `convert("RGB")`;
+    2. keep the native size unless the area is outside `[min_pixels, max_pixels]` ("smart resize", aspect ratio at
+       most 200), resizing the uint8 image with PIL bicubic;
+    3. zero-pad bottom/right to multiples of `patch_size * merge_size` and map every value `x` to
+       `(x / 255 - mean) / std` in float32 (`x / 127.5 - 1` with the default mean = std = 0.5, padding becomes -1);
+    4. cut into `patch_size` patches ordered by `merge_size` x `merge_size` blocks (blocks row-major, patches
+       row-major inside a block), each patch flattened channel-major.
+
+    With `multiscale=True` each image also gets the original demo's pyramid: after the full-size pass, another pass
+    runs with `max_pixels` = (patches of the smallest scale so far) * `patch_size`² * `scale_downsample_ratio`²
+    (computed in float32 like the original) until that limit drops below `min_pixels` or the grid stops shrinking.
+    Scales are returned smallest first, so the full-size pass is always the last. Unlike the original demo, every image
+    of a call starts from `max_pixels`: the demo carried the last `max_pixels` of one image over to the next one in a
+    multi-image call (a bug that shrank every image after the first); here a multi-image call equals processing each
+    image alone.
+
+    Input decisions (the original only ever saw 8-bit RGB/L/P/RGBA files):
+
+    - Alpha is dropped, not composited on white: RGBA/LA/PA images keep the colours stored under transparent pixels
+      (as the original's `convert("RGB")`), and 4-channel arrays lose their 4th channel.
+    - EXIF orientation is ignored by default, like the original; `apply_exif_orientation=True` rotates the image
+      upright first.
+    - 16-bit images (`I;16*` modes, uint16 arrays) are scaled to 8 bits (`x / 257`) instead of being clipped at 255
+      as PIL's `convert("RGB")` would; 32-bit integer (`I`) images must lie in [0, 255] (used as is) or [0, 65535]
+      (scaled like 16-bit). Float (`F`) images use [0, 1] when their maximum is at most 1, else PIL's [0, 255] scale.
+      Float arrays and tensors must lie in [0, 1]. NaN or infinite values are refused.
+    - A 1x1 image is valid: like every image below `min_pixels` it is upscaled to the minimum area. Zero-size images
+      and aspect ratios above 200 raise `ValueError`.
+    - Files, file objects, byte strings and PIL images larger than `max_image_pixels` are refused before their pixels
+      are decoded (decompression bombs); PIL's own limit (`PIL.Image.MAX_IMAGE_PIXELS`) also applies to files.
+      Larger arrays and tensors are refused too, before any conversion copy, so that the processor's memory is
+      bounded by the limit. Accepted images are resized as uint8 PIL images; only the resized image becomes floats.
+    - Animated images (GIF, APNG, WebP) read from files use their first frame; PIL images use their current frame.
+
+    Args:
+        patch_size (`int`, *optional*, defaults to 16):
+            Side of a vision patch in pixels.
+        merge_size (`int`, *optional*, defaults to 2):
+            Side of the square of patches merged into one LLM token; images are padded to multiples of
+            `patch_size * merge_size`.
+        min_pixels (`int`, *optional*, defaults to `256 * 16 * 16`):
+            Smaller images are upscaled to about this area (NaViL: `min_dynamic_patch * patch_size**2`).
+        max_pixels (`int`, *optional*, defaults to `24576 * 16 * 16`):
+            Larger images are downscaled to at most this area before padding (NaViL:
+            `max_dynamic_patch * patch_size**2`).
+        scale_downsample_ratio (`float`, *optional*, defaults to 0.7071):
+            Side ratio between consecutive scales of the pyramid.
+        multiscale (`bool`, *optional*, defaults to `True`):
+            Whether to return the multi-scale pyramid (the NaViL demo) or only the full-size pass (the model's own
+            processor, `model.image_processor`).
+        image_mean (`float` or `list[float]`, *optional*, defaults to 0.5):
+            Per-channel mean subtracted after scaling to [0, 1].
+        image_std (`float` or `list[float]`, *optional*, defaults to 0.5):
+            Per-channel standard deviation the values are divided by.
+        resample (`int`, *optional*, defaults to `PIL.Image.Resampling.BICUBIC`):
+            PIL resampling filter of the resize.
+        max_image_pixels (`int`, *optional*, defaults to 100_000_000):
+            Largest accepted image (width * height) for files and PIL images; `None` disables the check.
+        apply_exif_orientation (`bool`, *optional*, defaults to `False`):
+            Whether to rotate images upright according to their EXIF orientation tag (the original does not).
+    """
+
+    model_input_names = ["pixel_values", "image_grid_thw", "num_scales"]
+
+    patch_size = 16
+    merge_size = 2
+    min_pixels = 256 * 16 * 16
+    max_pixels = 24576 * 16 * 16
+    scale_downsample_ratio = 0.7071
+    multiscale = True
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    resample = Image.Resampling.BICUBIC
+    max_image_pixels = 100_000_000
+    apply_exif_orientation = False
+
+    def __init__(
+        self,
+        patch_size: int = 16,
+        merge_size: int = 2,
+        min_pixels: int = 256 * 16 * 16,
+        max_pixels: int = 24576 * 16 * 16,
+        scale_downsample_ratio: float = 0.7071,
+        multiscale: bool = True,
+        image_mean: Union[float, list[float]] = 0.5,
+        image_std: Union[float, list[float]] = 0.5,
+        resample: int = Image.Resampling.BICUBIC,
+        max_image_pixels: Optional[int] = 100_000_000,
+        apply_exif_orientation: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if patch_size <= 0 or merge_size <= 0:
+            raise ValueError(f"patch_size and merge_size must be positive, got {patch_size} and {merge_size}.")
+        if scale_downsample_ratio <= 0:
+            raise ValueError(f"scale_downsample_ratio must be positive, got {scale_downsample_ratio}.")
+        self.patch_size = int(patch_size)
+        self.merge_size = int(merge_size)
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.scale_downsample_ratio = scale_downsample_ratio
+        self.multiscale = multiscale
+        self.image_mean = self._per_channel(image_mean, "image_mean")
+        self.image_std = self._per_channel(image_std, "image_std")
+        self.resample = int(resample)
+        self.max_image_pixels = max_image_pixels
+        self.apply_exif_orientation = apply_exif_orientation
+
+    @staticmethod
+    def _per_channel(value: Union[float, list[float]], name: str) -> list[float]:
+        values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+        if len(values) != 3:
+            raise ValueError(f"{name} needs one value or three (one per RGB channel), got {len(values)}.")
+        return values
+
+    def _value_table(self) -> np.ndarray:
+        """[3, 256] float32: the normalised value of every uint8 level per channel, computed as the original does
+        (rescale in float64, cast to float32, then subtract the mean and divide by the std in float32)."""
+        levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+        return (levels[None, :] - mean) / std
+
+    # -- loading -------------------------------------------------------------------------------------------------
+
+    def _check_pixel_count(self, width: int, height: int, in_memory: bool = False) -> None:
+        if self.max_image_pixels is not None and width * height > self.max_image_pixels:
+            reason = (
+                "it was refused before conversion"
+                if in_memory
+                else "it was refused before decoding (possible decompression bomb)"
+            )
+            raise ValueError(
+                f"The image declares {width}x{height} = {width * height} pixels, more than max_image_pixels="
+                f"{self.max_image_pixels}; {reason}. Downscale the image, or raise the processor's "
+                "max_image_pixels (None disables the check) if you trust it."
+            )
+
+    def _open(self, source, name: str) -> Image.Image:
+        """Decodes a file path, file object or bytes into an RGB image, refusing oversized images first."""
+        try:
+            with Image.open(source) as image:
+                self._check_pixel_count(*image.size)
+                image.seek(0)
+                return self._pil_to_rgb(image, name)
+        except FileNotFoundError:
+            raise ValueError(f"Image file not found: {name}; check the path.") from None
+        except IsADirectoryError:
+            raise ValueError(f"{name} is a directory, not an image file; pass the path of an image file.") from None
+        except Image.DecompressionBombError as error:
+            raise ValueError(
+                f"{name} was refused before decoding: {error} Downscale the file, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                "and the processor's max_image_pixels if you trust it."
+            ) from None
+        except UnidentifiedImageError:
+            raise ValueError(
+                f"Cannot read {name} as an image: it is not in a format PIL can decode (PNG, JPEG, GIF, WebP, BMP, "
+                "TIFF, ...) or its header is corrupt; check that the file is an image."
+            ) from None
+        except PermissionError as error:
+            raise ValueError(f"Cannot open {name}: {error}; check the file permissions.") from None
+
+    def _fetch(self, image) -> tuple[object, str]:
+        """Turns a path / URL / data URI string into something `PIL.Image.open` reads, plus a name for errors."""
+        text = os.fspath(image)
+        if text.startswith(("http://", "https://")):
+            try:
+                response = _download(text)
+            except Exception as error:
+                raise ValueError(f"Could not download the image at {text}: {error}") from None
+            return io.BytesIO(response.content), text
+        if text.startswith("data:image/"):
+            try:
+                return io.BytesIO(base64.b64decode(text.split(",", 1)[1], validate=True)), "the data URI"
+            except (IndexError, ValueError):
+                raise ValueError(
+                    "The image data URI is not valid base64 ('data:image/<type>;base64,<data>')."
+                ) from None
+        return text, text
+
+    def _pil_to_rgb(self, image: Image.Image, name: str) -> Image.Image:
+        """RGB uint8 copy of a PIL image, decoding its pixels if they are not loaded yet."""
+        width, height = image.size
+        self._check_pixel_count(width, height)
+        if width == 0 or height == 0:
+            raise ValueError(f"{name} has zero size ({width}x{height} pixels); pass a non-empty image.")
+        high_depth = image.mode in _HIGH_DEPTH_MODES
+        try:
+            if self.apply_exif_orientation:
+                image = ImageOps.exif_transpose(image)
+            image.load()
+            converted = np.asarray(image) if high_depth else image.convert("RGB")
+        except _DECODE_ERRORS as error:
+            raise ValueError(
+                f"Could not decode {name} (mode {image.mode}): {error}. The file is truncated or corrupt, or PIL cannot "
+                "convert its mode to RGB; re-export or re-download it (e.g. as an 8-bit PNG or JPEG)."
+            ) from None
+        return self._array_to_rgb(converted, name, pil_mode=image.mode) if high_depth else converted
+
+    def _array_to_rgb(self, array: np.ndarray, name: str, pil_mode: Optional[str] = None) -> Image.Image:
+        """RGB image from a [H, W], [H, W, C] or [C, H, W] array (C in 1, 3, 4), converting the dtype to uint8."""
+        if array.ndim == 3:
+            last, first = array.shape[-1] in _VALID_CHANNELS, array.shape[0] in _VALID_CHANNELS
+            if not (last or first):
+                raise ValueError(
+                    f"{name} has shape {tuple(array.shape)}: no channel axis of size 1, 3 or 4 (gray, RGB, RGBA) "
+                    "first or last; pass [H, W], [H, W, C] or [C, H, W]."
+                )
+            if not last:
+                array = np.moveaxis(array, 0, -1)
+        elif array.ndim == 2:
+            array = array[..., None]
+        else:
+            raise ValueError(
+                f"{name} has {array.ndim} dimensions (shape {tuple(array.shape)}); one image must be [H, W], "
+                "[H, W, C] or [C, H, W]. Pass several images as a list."
+            )
+        height, width = array.shape[:2]
+        if height == 0 or width == 0:
+            raise ValueError(f"{name} has zero size ({width}x{height} pixels); pass a non-empty image.")
+        self._check_pixel_count(width, height, in_memory=True)
+        array = self._to_uint8(array, name, pil_mode)
+        channels = array.shape[-1]
+        if channels == 1:
+            array = np.repeat(array, 3, axis=-1)
+        elif channels == 4:
+            array = array[..., :3]
+        return Image.fromarray(np.ascontiguousarray(array))
+
+    @staticmethod
+    def _to_uint8(array: np.ndarray, name: str, pil_mode: Optional[str]) -> np.ndarray:
+        """uint8 copy of an image array: see the class docstring for the accepted ranges per dtype."""
+        if array.dtype == np.uint8:
+            return array
+        if array.dtype == np.bool_:
+            return array.astype(np.uint8) * 255
+        if np.issubdtype(array.dtype, np.floating):
+            if not np.isfinite(array).all():
+                raise ValueError(f"{name} contains NaN or infinite values; replace or clip them first.")
+            low, high = float(array.min()), float(array.max())
+            scale = 255.0 if pil_mode != "F" or high <= 1.0 else 1.0
+            top = 255.0 / scale
+            if low < 0 or high > top:
+                hint = (
+                    "divide 8-bit data by 255 or clip it"
+                    if pil_mode != "F"
+                    else "rescale it to [0, 1] or [0, 255] first"
+                )
+                raise ValueError(
+                    f"{name} is a float image with values in [{low}, {high}] but must lie in [0, {top:g}]; {hint}."
+                )
+            return np.rint(array.astype(np.float64) * scale).astype(np.uint8)
+        if np.issubdtype(array.dtype, np.integer):
+            low, high = int(array.min()), int(array.max())
+            sixteen_bit = array.dtype == np.uint16 or (pil_mode or "").startswith("I;16")
+            if low >= 0 and (sixteen_bit or 255 < high <= 65535):
+                return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+            if low >= 0 and high <= 255:
+                return array.astype(np.uint8)
+            raise ValueError(
+                f"{name} is an integer image ({array.dtype}) with values in [{low}, {high}]; expected 8-bit [0, 255] "
+                "or 16-bit [0, 65535] data. Convert it to uint8 first."
+            )
+        raise ValueError(f"{name} has dtype {array.dtype}; pass uint8 (or uint16) integers or floats in [0, 1].")
+
+    def load_image(self, image, name: str = "the image") -> Image.Image:
+        """Converts one supported input to an RGB PIL image (see the class docstring for the accepted inputs)."""
+        if isinstance(image, (str, os.PathLike)):
+            source, name = self._fetch(image)
+            return self._open(source, name)
+        if isinstance(image, (bytes, bytearray)):
+            return self._open(io.BytesIO(image), name)
+        if hasattr(image, "read"):
+            return self._open(image, name)
+        if isinstance(image, Image.Image):
+            return self._pil_to_rgb(image, name)
+        if isinstance(image, torch.Tensor):
+            tensor = image.detach().cpu()
+            if tensor.is_floating_point():
+                tensor = tensor.float()
+            array = tensor.numpy()
+            # tensors are channel-first by convention: prefer CHW when the first axis looks like channels
+            if array.ndim == 3 and array.shape[0] in _VALID_CHANNELS:
+                array = np.moveaxis(array, 0, -1)
+            return self._array_to_rgb(array, name)
+        if isinstance(image, np.ndarray):
+            return self._array_to_rgb(image, name)
+        raise ValueError(
+            f"Unsupported image type {type(image).__name__}; pass a PIL image, a numpy array or torch tensor "
+            "([H, W, C] or [C, H, W]), a file path or URL, bytes, or a binary file object."
+        )
+
+    # -- processing ----------------------------------------------------------------------------------------------
+
+    def _single_pass(
+        self, image: Image.Image, min_pixels: float, max_pixels: Union[float, np.float32], table: np.ndarray
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """One pass on an RGB image: [patches, 3 * P * P] float32 pixel values and the (t, h, w) patch grid."""
+        patch, merge = self.patch_size, self.merge_size
+        width, height = image.size
+        resized_height, resized_width = smart_resize(height, width, min_pixels, max_pixels)
+        if (resized_width, resized_height) != image.size:
+            image = image.resize((resized_width, resized_height), resample=self.resample)
+        unit = patch * merge
+        padded_height = math.ceil(resized_height / unit) * unit
+        padded_width = math.ceil(resized_width / unit) * unit
+        pixels = np.zeros((padded_height, padded_width, 3), dtype=np.uint8)
+        pixels[:resized_height, :resized_width] = np.asarray(image)
+        values = torch.from_numpy(table[np.arange(3), pixels])  # [H, W, 3]
+        grid_h, grid_w = padded_height // patch, padded_width // patch
+        values = values.view(grid_h // merge, merge, patch, grid_w // merge, merge, patch, 3)
+        values = values.permute(0, 3, 1, 4, 6, 2, 5)  # [h/M, w/M, M, M, 3, P, P]
+        return values.reshape(grid_h * grid_w, 3 * patch * patch), (1, grid_h, grid_w)
+
+    def _pyramid(
+        self, image: Image.Image, min_pixels: float, max_pixels: float, multiscale: bool, table: np.ndarray
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
+        """All scales of one image, smallest first (only the full-size pass when `multiscale` is False)."""
+        values, grid = self._single_pass(image, min_pixels, max_pixels, table)
+        scales, grids = [values], [grid]
+        ratio = np.float32(self.scale_downsample_ratio**2)
+        while multiscale:
+            smallest = math.prod(grids[0])
+            next_max = np.float32(smallest * self.patch_size**2) * ratio
+            if next_max < min_pixels:
+                break
+            values, grid = self._single_pass(image, min_pixels, next_max, table)
+            if math.prod(grid) >= smallest:
+                break
+            scales.insert(0, values)
+            grids.insert(0, grid)
+        return scales, grids
+
+    def preprocess(
+        self,
+        images,
+        return_tensors=None,
+        min_pixels: Optional[float] = None,
+        max_pixels: Optional[float] = None,
+        multiscale: Optional[bool] = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Preprocess one image or a (possibly nested, one list per conversation) list of images.
+
+        Args:
+            images:
+                PIL images, numpy arrays or torch tensors ([H, W], [H, W, C] or [C, H, W]; uint8, or floats in
+                [0, 1]), file paths, URLs, `data:image/...;base64,` URIs, bytes, or binary file objects.
+            return_tensors (`str` or `TensorType`, *optional*):
+                `"pt"` for torch tensors; numpy arrays otherwise.
+            min_pixels (`float`, *optional*):
+                Overrides `self.min_pixels` for this call.
+            max_pixels (`float`, *optional*):
+                Overrides `self.max_pixels` for this call.
+            multiscale (`bool`, *optional*):
+                Overrides `self.multiscale` for this call.
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` (float32 `[patches, 3 * patch_size**2]`, all scales of all images,
+            image by image, smallest scale first), `image_grid_thw` (int64 `[image_scales, 3]`) and `num_scales`
+            (int64 `[images]`).
+        """
+        if kwargs:
+            logger.warning(f"NaViLImageProcessor ignores the unrecognized arguments {sorted(kwargs)}.")
+        # tensor limits (the model card computes smaller max_pixels as float32 torch scalars) become numpy scalars of
+        # the same dtype, so that float32 limits keep the original's float32 arithmetic
+        min_pixels = self.min_pixels if min_pixels is None else _as_scalar(min_pixels)
+        max_pixels = self.max_pixels if max_pixels is None else _as_scalar(max_pixels)
+        multiscale = self.multiscale if multiscale is None else multiscale
+        if max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {float(max_pixels)}.")
+        if images is None:
+            raise ValueError("NaViLImageProcessor got images=None; pass an image or a list of images.")
+        flat = self._flatten(images)
+        table = self._value_table()
+        pixel_values, grids, num_scales = [], [], []
+        for index, image in enumerate(flat):
+            name = "the image" if len(flat) == 1 else f"image {index}"
+            try:
+                rgb = self.load_image(image, name)
+                scales, image_grids = self._pyramid(rgb, min_pixels, max_pixels, multiscale, table)
+            except ValueError as error:
+                if len(flat) == 1:
+                    raise
+                raise ValueError(f"Image {index} of {len(flat)}: {error}") from None
+            pixel_values.extend(scales)
+            grids.extend(image_grids)
+            num_scales.append(len(image_grids))
+        data = {
+            "pixel_values": torch.cat(pixel_values) if pixel_values else torch.zeros(0, 3 * self.patch_size**2),
+            "image_grid_thw": torch.tensor(grids, dtype=torch.int64).view(-1, 3),
+            "num_scales": torch.tensor(num_scales, dtype=torch.int64),
+        }
+        if return_tensors != "pt":
+            data = {key: value.numpy() for key, value in data.items()}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @staticmethod
+    def _flatten(images) -> list:
+        """Flat list of images from one image or a (nested) list/tuple of them."""
+        if not isinstance(images, (list, tuple)):
+            return [images]
+        flat = []
+        for item in images:
+            flat.extend(NaViLImageProcessor._flatten(item) if isinstance(item, (list, tuple)) else [item])
+        return flat
+
+
+NaViLImageProcessor.register_for_auto_class()
