@@ -324,6 +324,9 @@ class ShapesDataset:
         a word is written. The two never give away each other's answer (the word is not a shape, and no shape
         question mentions it), unlike, say, a describe answer followed by a color question; and every type comes
         first as often as second, so the model learns to answer it as the first question of a chat.
+
+        When the drawn scene allows none of the dataset's types (e.g. `num_shapes=1` for a dataset of position
+        questions), a scene for its first type is drawn instead, whatever `num_shapes` says.
         """
         rng = self._rng(index, _CONVERSATION)
         scene = random_scene(rng, self.size_range, num_shapes=num_shapes)
