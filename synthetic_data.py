@@ -46,6 +46,8 @@ SHAPES = ("circle", "square", "triangle", "star")
 WORDS = ("cat", "dog", "sun", "box", "hat", "cup", "map", "pen", "key", "bus")
 NUMBER_WORDS = ("zero", "one", "two", "three")
 QUESTION_TYPES = ("color", "shape", "count", "describe", "position", "ocr")
+# Left/right questions per training image (a scene of three shapes has six ordered pairs).
+MAX_POSITION_QUESTIONS = 2
 
 # Both sides of a training image lie in this range (pixels), so aspect ratios range from 3:5 to 5:3.
 TRAIN_SIZE_RANGE = (192, 320)
@@ -54,7 +56,7 @@ OUT_OF_RANGE_SIZES = ((112, 176), (352, 448))
 
 _SUPERSAMPLE = 2  # scenes are drawn at twice the size and downscaled, for smooth edges
 # Streams of random numbers per item (the third entry of the seed).
-_QUESTION, _CAPTION, _TEXT, _CONVERSATION = 0, 1, 2, 3
+_QUESTION, _CAPTION, _TEXT, _QUESTIONS = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -313,31 +315,44 @@ class ShapesDataset:
         scene = self.caption_scene(index, num_shapes)
         return Sample(scene.render(), "", scene.caption(), "caption", scene)
 
-    def conversation(
+    def questions(
         self, index: int, num_shapes: Optional[int] = None
     ) -> tuple[Image.Image, list[tuple[str, str, str]]]:
-        """Example `index` as a conversation: an image (with `num_shapes` shapes, or 1–3) and its (question, answer,
-        type) turns.
+        """Example `index` as an image (with `num_shapes` shapes, or 1–3) and every question of the dataset's types that
+        its scene allows, as (question, answer, type): the colour of each shape, the shape of each colour, the count,
+        the description, left or right for up to `MAX_POSITION_QUESTIONS` ordered pairs of shapes, and the word when
+        one is written.
 
-        At most two turns, in random order: one question of a type drawn uniformly among the other types the scene
-        allows (color, shape, count, describe, position when there are two shapes or more), and the ocr question when
-        a word is written. The two never give away each other's answer (the word is not a shape, and no shape
-        question mentions it), unlike, say, a describe answer followed by a color question; and every type comes
-        first as often as second, so the model learns to answer it as the first question of a chat.
+        Training asks each question on its own after the shared image (`collate_question_branches`), so one answer
+        never gives away another (a description, for instance, names every colour).
 
         When the drawn scene allows none of the dataset's types (e.g. `num_shapes=1` for a dataset of position
         questions), a scene for its first type is drawn instead, whatever `num_shapes` says.
         """
-        rng = self._rng(index, _CONVERSATION)
+        rng = self._rng(index, _QUESTIONS)
         scene = random_scene(rng, self.size_range, num_shapes=num_shapes)
         if not any(_answerable(scene, kind) for kind in self.question_types):
             scene = scene_for_question(rng, self.question_types[0], self.size_range)
-        answerable = [kind for kind in self.question_types if _answerable(scene, kind)]
-        others = [kind for kind in answerable if kind != "ocr"]
-        kinds = [others[rng.integers(len(others))]] if others else []
-        kinds += [kind for kind in answerable if kind == "ocr"]
-        kinds = [kinds[i] for i in rng.permutation(len(kinds))]
-        return scene.render(), [(*make_question(scene, kind, rng), kind) for kind in kinds]
+        shapes = scene.shapes
+        questions = []
+        for kind in self.question_types:
+            if not _answerable(scene, kind):
+                continue
+            if kind == "color":
+                questions += [(f"What color is the {shape.kind}?", shape.color, kind) for shape in shapes]
+            elif kind == "shape":
+                questions += [(f"What shape is the {shape.color} one?", shape.kind, kind) for shape in shapes]
+            elif kind == "position":
+                pairs = [
+                    (first, second) for first in range(len(shapes)) for second in range(len(shapes)) if first != second
+                ]
+                for pair in rng.permutation(len(pairs))[:MAX_POSITION_QUESTIONS]:
+                    first, second = pairs[pair]
+                    question = f"Is the {shapes[first].name} left or right of the {shapes[second].name}?"
+                    questions.append((question, "left" if first < second else "right", kind))
+            else:
+                questions.append((*make_question(scene, kind, rng), kind))
+        return scene.render(), questions
 
     def text_example(self, index: int) -> tuple[str, str]:
         """Text-only example `index` for text pre-training: (question, answer) where the question states the scene

@@ -9,9 +9,10 @@
    `special_token_embedding`, so that the upcycled model computes exactly the text model on text.
 3. Stage 1 (captioning): the text weights are frozen; the vision encoder, the connector (`mlp1`), the visual experts
    and `special_token_embedding` learn to caption images.
-4. Stage 2 (questions about one shape): everything trains on (image, question, answer) conversations about images
-   with a single shape, with the loss on the answer tokens only. Here the answer's attention has one object to find,
-   so the vision encoder gets a focused signal and learns to tell the shapes apart.
+4. Stage 2 (questions about one shape): everything trains on images with a single shape, each with every question
+   its scene allows, with the loss on the answer tokens only. The questions are separate branches after the shared
+   image tokens (`collate_question_branches`), so each is computed exactly as `chat()` asks it alone while the image
+   is encoded once. Here the answer's attention has one object to find.
 5. Stage 3 (questions about 1–3 shapes): the same on the full data, where colours must be bound to shapes and shapes
    ordered from left to right.
 
@@ -38,7 +39,13 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM,
 from .configuration_navil import NaViLConfig
 from .image_processing_navil import NaViLImageProcessor
 from .modeling_navil import SPECIAL_TOKENS, NaViLForConditionalGeneration
-from .processing_navil import CHAT_TEMPLATES, END_OF_TURN_TOKEN, NAVIL_SPECIAL_TOKENS, NaViLProcessor
+from .processing_navil import (
+    CHAT_TEMPLATES,
+    END_OF_TURN_TOKEN,
+    IMAGE_PLACEHOLDER,
+    NAVIL_SPECIAL_TOKENS,
+    NaViLProcessor,
+)
 from .synthetic_data import (
     COLORS,
     NUMBER_WORDS,
@@ -170,8 +177,8 @@ class TrainingArguments:
     caption_steps: int = 300
     caption_batch_size: int = 16
     caption_learning_rate: float = 3e-4
-    single_shape_steps: int = 1500
-    qa_steps: int = 2500
+    single_shape_steps: int = 1000
+    qa_steps: int = 2200
     qa_batch_size: int = 8
     qa_learning_rate: float = 3e-4
     warmup_ratio: float = 0.05
@@ -181,7 +188,7 @@ class TrainingArguments:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     threads: int = 2
-    eval_every: int = 1000
+    eval_every: int = 1100
     eval_questions: int = 60
     size_range: tuple[int, int] = TRAIN_SIZE_RANGE
 
@@ -454,6 +461,71 @@ def collate_conversations(
     return batch
 
 
+def collate_question_branches(
+    processor: NaViLProcessor, examples: list[Conversation], multiscale: Union[bool, list[bool]] = True
+) -> dict[str, torch.Tensor]:
+    """Training batch in which every question about an image is a separate branch after the image's tokens.
+
+    Each row holds one image's prompt up to `</img>`, then one branch per (question, answer) turn: the rest of the
+    question's chat prompt (`"\\n" + question`, `<|im_end|>`, the assistant role), the answer and `<|im_end|>`. A 4-D
+    attention mask lets a branch see the shared prefix and itself only, and its position ids continue from the
+    prefix, so each branch is computed exactly as `chat()` would compute that single question while the vision
+    encoder and the image tokens run once for all of them. Labels cover the answers and their `<|im_end|>`.
+
+    Returns `input_ids`, `labels`, `position_ids` ([batch, longest]), a boolean `attention_mask` ([batch, 1,
+    longest, longest], True where attention is allowed), `pixel_values`, `image_grid_thw` and `num_scales`.
+    """
+    tokenizer = processor.tokenizer
+    roles = processor.roles
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
+    flags = multiscale if isinstance(multiscale, list) else [multiscale] * len(examples)
+    pixel_values, grids, scales, rows = [], [], [], []
+    head = processor.build_prompt(None, num_images=1).split(IMAGE_PLACEHOLDER)[0] + IMAGE_PLACEHOLDER
+    for example, flag in zip(examples, flags):
+        image_inputs = processor.image_processor(example.image, return_tensors="pt", multiscale=flag)
+        pixel_values.append(image_inputs["pixel_values"])
+        grids.append(image_inputs["image_grid_thw"])
+        scales.append(image_inputs["num_scales"])
+        prefix = processor.expand_image_placeholders(head, image_inputs["image_grid_thw"], image_inputs["num_scales"])
+        branches = []
+        for question, answer in example.turns:
+            prompt = "\n" + question + roles["separator"] + roles["assistant"]
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_id]
+            branches.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+        rows.append((tokenizer(prefix, add_special_tokens=False)["input_ids"], branches))
+
+    longest = max(len(prefix) + sum(len(ids) for ids, _ in branches) for prefix, branches in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+    input_ids = torch.full((len(rows), longest), pad_id)
+    labels = torch.full((len(rows), longest), -100)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    attention_mask = torch.eye(longest, dtype=torch.bool).repeat(len(rows), 1, 1, 1)  # padding sees itself only
+    for row, (prefix, branches) in enumerate(rows):
+        length = len(prefix)
+        input_ids[row, :length] = torch.tensor(prefix)
+        position_ids[row, :length] = torch.arange(length)
+        attention_mask[row, 0, :length, :length] = torch.ones(length, length, dtype=torch.bool).tril()
+        start = length
+        for ids, branch_labels in branches:
+            branch = slice(start, start + len(ids))
+            input_ids[row, branch] = torch.tensor(ids)
+            labels[row, branch] = torch.tensor(branch_labels)
+            position_ids[row, branch] = torch.arange(length, length + len(ids))
+            attention_mask[row, 0, branch, :length] = True
+            attention_mask[row, 0, branch, branch] = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+            start += len(ids)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "labels": labels,
+        "pixel_values": torch.cat(pixel_values),
+        "image_grid_thw": torch.cat(grids),
+        "num_scales": torch.cat(scales),
+    }
+
+
 def _multiscale_flags(seed: int, step: int, size: int, single_scale_fraction: float) -> list[bool]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return (torch.rand(size, generator=generator) >= single_scale_fraction).tolist()
@@ -483,16 +555,19 @@ def caption_batches(processor, data: ShapesDataset, batch_size: int, single_scal
     return batch
 
 
-def question_batches(processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0, num_shapes=None):
-    """Step → batch of conversations about one image each (`ShapesDataset.conversation`: a question about the shapes
-    and, when a word is written, the ocr question, in random order; neither gives away the other's answer), with
-    `num_shapes` shapes per image, or 1–3."""
+def question_batches(
+    processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0, num_shapes=None, first_index=0
+):
+    """Step → batch of images with every question their scenes allow (`ShapesDataset.questions`), each question a
+    separate branch after its image (`collate_question_branches`); `num_shapes` shapes per image, or 1–3. Step `s`
+    uses examples `first_index + s * batch_size` onwards."""
 
     def batch(step: int) -> dict:
-        examples = [data.conversation(step * batch_size + i, num_shapes) for i in range(batch_size)]
-        conversations = [Conversation(image, [turn[:2] for turn in turns]) for image, turns in examples]
-        flags = _multiscale_flags(data.seed + 1, step, batch_size, single_scale_fraction)
-        return collate_conversations(processor, conversations, multiscale=flags)
+        indices = range(first_index + step * batch_size, first_index + (step + 1) * batch_size)
+        examples = [data.questions(index, num_shapes) for index in indices]
+        examples = [Conversation(image, [question[:2] for question in questions]) for image, questions in examples]
+        flags = _multiscale_flags(data.seed + 1, first_index + step, batch_size, single_scale_fraction)
+        return collate_question_branches(processor, examples, multiscale=flags)
 
     return batch
 
@@ -740,7 +815,13 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
     )
     stage(
         "qa",
-        question_batches(processor, data, args.qa_batch_size, args.single_scale_fraction),
+        question_batches(
+            processor,
+            data,
+            args.qa_batch_size,
+            args.single_scale_fraction,
+            first_index=args.single_shape_steps * args.qa_batch_size,
+        ),
         args.qa_steps,
         args.qa_learning_rate,
         "stage 3: questions about 1-3 shapes",
@@ -779,6 +860,7 @@ __all__ = [
     "answer_questions",
     "build_tokenizer",
     "collate_conversations",
+    "collate_question_branches",
     "evaluate",
     "train_loop",
     "train_tiny_navil",

@@ -12,8 +12,11 @@ from transformers import Qwen3ForCausalLM
 from navil.configuration_navil import NaViLConfig
 from navil.modeling_navil import SPECIAL_TOKENS, NaViLForConditionalGeneration
 from navil.synthetic_data import (
+    COLORS,
+    NUMBER_WORDS,
     OUT_OF_RANGE_SIZES,
     QUESTION_TYPES,
+    SHAPES,
     TRAIN_SIZE_RANGE,
     ShapesDataset,
     example_sample,
@@ -24,6 +27,7 @@ from navil.training_navil import (
     TrainingArguments,
     build_tokenizer,
     collate_conversations,
+    collate_question_branches,
     load_tokenizer,
     navil_processor,
     question_batches,
@@ -98,33 +102,38 @@ def test_dataset_cycles_through_question_types_with_answerable_scenes():
             assert sample.answer.count(" a ") + sample.answer.count(" an ") + 1 == len(shapes)
 
 
-def test_conversations_pair_at_most_one_shape_question_with_the_word_in_either_order():
+def test_training_questions_are_every_question_the_scene_allows():
     data = ShapesDataset(seed=0)
-    first_types = set()
     for index in range(60):
-        _, turns = data.conversation(index)
-        types = [kind for _, _, kind in turns]
-        assert 1 <= len(types) <= 2 and sum(kind != "ocr" for kind in types) <= 1 and len(set(types)) == len(types)
-        first_types.add(types[0])
-    assert first_types == set(QUESTION_TYPES)
+        image, questions = data.questions(index)
+        kinds = [kind for _, _, kind in questions]
+        count = next(answer for _, answer, kind in questions if kind == "count")
+        shapes = NUMBER_WORDS.index(count)
+        assert kinds.count("color") == kinds.count("shape") == shapes
+        assert kinds.count("count") == kinds.count("describe") == 1
+        assert kinds.count("position") == (0 if shapes == 1 else 2)
+        assert kinds.count("ocr") <= 1 and len(set(questions)) == len(questions)
+        assert {answer for _, answer, kind in questions if kind == "color"} <= set(COLORS)
+        assert {answer for _, answer, kind in questions if kind == "shape"} <= set(SHAPES)
+        assert all(TRAIN_SIZE_RANGE[0] <= side <= TRAIN_SIZE_RANGE[1] for side in image.size)
 
 
 @pytest.mark.parametrize("question_types", [("ocr",), ("position",), ("position", "ocr")])
-def test_conversations_restricted_to_conditional_types_are_never_empty(question_types):
+def test_training_questions_restricted_to_conditional_types_are_never_empty(question_types):
     data = ShapesDataset(seed=0, question_types=question_types)
     for index in range(20):
-        _, turns = data.conversation(index)
-        assert turns and {kind for _, _, kind in turns} <= set(question_types)
+        _, questions = data.questions(index, num_shapes=1)
+        assert questions and {kind for _, _, kind in questions} <= set(question_types)
 
 
-def test_single_shape_conversations_ask_only_what_one_shape_allows():
+def test_single_shape_training_questions_ask_only_what_one_shape_allows():
     data = ShapesDataset(seed=0)
     kinds = set()
     for index in range(60):
-        _, turns = data.conversation(index, num_shapes=1)
-        kinds |= {kind for _, _, kind in turns}
-        assert all(answer == "one" for _, answer, kind in turns if kind == "count")
-        assert all(" and " not in answer for _, answer, kind in turns if kind == "describe")
+        _, questions = data.questions(index, num_shapes=1)
+        kinds |= {kind for _, _, kind in questions}
+        assert all(answer == "one" for _, answer, kind in questions if kind == "count")
+        assert all(" and " not in answer for _, answer, kind in questions if kind == "describe")
     assert kinds == set(QUESTION_TYPES) - {"position"}
 
 
@@ -178,12 +187,34 @@ def test_labels_cover_exactly_the_answers_and_their_end_of_turn(processor, token
     assert int((batch["input_ids"] == context).sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // 4
 
 
-def test_the_first_turn_of_a_training_conversation_is_the_chat_prompt(processor, tokenizer):
-    image, turns = ShapesDataset(seed=0).conversation(5)
-    batch = collate_conversations(processor, [Conversation(image, [turn[:2] for turn in turns])], multiscale=True)
-    prompt = processor.build_prompt(turns[0][0], num_images=1)
-    expected = processor(images=[image], text=[prompt])["input_ids"][0]
-    assert torch.equal(batch["input_ids"][0, : len(expected)], expected)
+def test_each_question_branch_is_computed_exactly_as_chat_asks_that_question_alone(processor, tokenizer):
+    _, model = miniature_models(tokenizer)
+    data = ShapesDataset(seed=0, size_range=(64, 96))
+    examples = [data.questions(index) for index in range(2)]
+    batch = collate_question_branches(
+        processor, [Conversation(image, [q[:2] for q in questions]) for image, questions in examples], [True, False]
+    )
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        branched = model(**batch).logits
+        for row, ((image, questions), multiscale) in enumerate(zip(examples, [True, False])):
+            answers = []
+            for question, answer, _ in questions:
+                prompt = processor.build_prompt(question, num_images=1)
+                inputs = processor(images=[image], text=[prompt], multiscale=multiscale, return_tensors="pt")
+                answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_id]
+                ids = torch.cat([inputs["input_ids"], torch.tensor([answer_ids])], dim=1)
+                alone = model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits[0]
+                # the branch is the prompt after </img>, then the answer; find where it sits in the packed row
+                prefix = int((ids[0] == tokenizer.convert_tokens_to_ids("</img>")).nonzero()) + 1
+                branch = ids[0, prefix:].tolist()
+                packed = batch["input_ids"][row].tolist()
+                start = next(i for i in range(prefix, len(packed)) if packed[i : i + len(branch)] == branch)
+                torch.testing.assert_close(branched[row, :prefix], alone[:prefix])
+                torch.testing.assert_close(branched[row, start : start + len(branch)], alone[prefix:])
+                answers.append(answer + "<|im_end|>")
+            labels = batch["labels"][row]
+            assert tokenizer.decode(labels[labels != -100]) == "".join(answers)
 
 
 # -- upcycling -----------------------------------------------------------------------------------------------------
