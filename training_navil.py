@@ -641,6 +641,20 @@ def set_text_weights_trainable(model: NaViLForConditionalGeneration, trainable: 
         parameter.requires_grad = trainable or _is_visual_expert(name)
 
 
+def set_activation_checkpointing(model: NaViLForConditionalGeneration, enabled: bool) -> None:
+    """Turns activation (gradient) checkpointing on or off, non-reentrant; transformers 5 names it
+    `activation_checkpointing_enable`, 4.x `gradient_checkpointing_enable`."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def _is_visual_expert(name: str) -> bool:
     return "_ve." in name
 
@@ -772,7 +786,7 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
     model.init_special_token_ids(tokenizer)
     upcycle_from_text_model(text_model, model)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     data = ShapesDataset(seed=args.seed, size_range=args.size_range)
 
     def run_eval(step: int) -> None:
@@ -831,7 +845,7 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
     history["seconds"]["total"] = time.perf_counter() - started
 
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     output_dir = Path(args.output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

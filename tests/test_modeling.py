@@ -4,6 +4,8 @@ import pytest
 import torch
 from conftest import BACKBONES, GOLDEN, case_pixel_inputs, load_golden_model
 
+from navil.training_navil import set_activation_checkpointing
+
 ATOL = 1e-4
 FEATURE_ATOL = 1e-5
 
@@ -236,7 +238,7 @@ def test_training_step_gives_finite_loss_and_gradients_on_both_experts(
 ):
     model = load_golden_model(backbone, golden_tokenizer).train()
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        set_activation_checkpointing(model, True)
     input_ids = golden_outputs[backbone]["case.one_image.input_ids"]
     pixel_values, grids, _ = case_pixel_inputs(image_processor_outputs, ["shapes"])
     labels = input_ids.clone()
