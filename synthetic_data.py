@@ -25,6 +25,7 @@ Everything is deterministic: item `index` of a dataset with seed `seed` is drawn
 index, kind])`, so items can be generated in any order with identical results.
 """
 
+import itertools
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -103,6 +104,15 @@ class Scene:
             font = _font(self.font_size * scale)
             draw.text((self.word_origin[0] * scale, self.word_origin[1] * scale), self.word, fill=self.ink, font=font)
         return image.resize((self.width, self.height), Image.Resampling.BOX)
+
+    @property
+    def word_box(self) -> Optional[tuple[float, float, float, float]]:
+        """(x0, y0, x1, y1) of the written word's ink in canvas pixels, or None without a word."""
+        if self.word is None:
+            return None
+        left, top, right, bottom = _font(self.font_size).getbbox(self.word)
+        x, y = self.word_origin
+        return x + left, y + top, x + right, y + bottom
 
     def describe(self) -> str:
         """The shapes left to right: "a red circle", "a red circle and an orange square", "a …, a … and a …"."""
@@ -228,15 +238,27 @@ def random_scene(
     return Scene(width, height, background, tuple(shapes), word, word_origin, int(font_size), ink)
 
 
+def color_question(shape: Shape) -> tuple[str, str]:
+    return f"What color is the {shape.kind}?", shape.color
+
+
+def shape_question(shape: Shape) -> tuple[str, str]:
+    return f"What shape is the {shape.color} one?", shape.kind
+
+
+def position_question(shapes: Sequence[Shape], first: int, second: int) -> tuple[str, str]:
+    """Is `shapes[first]` left or right of `shapes[second]` (shapes listed left to right)?"""
+    answer = "left" if first < second else "right"
+    return f"Is the {shapes[first].name} left or right of the {shapes[second].name}?", answer
+
+
 def make_question(scene: Scene, question_type: str, rng: np.random.Generator) -> tuple[str, str]:
     """A (question, answer) pair of `question_type` about `scene` (phrasings in the module docstring)."""
     shapes = scene.shapes
     if question_type == "color":
-        shape = shapes[rng.integers(len(shapes))]
-        return f"What color is the {shape.kind}?", shape.color
+        return color_question(shapes[rng.integers(len(shapes))])
     if question_type == "shape":
-        shape = shapes[rng.integers(len(shapes))]
-        return f"What shape is the {shape.color} one?", shape.kind
+        return shape_question(shapes[rng.integers(len(shapes))])
     if question_type == "count":
         return "How many shapes are there?", NUMBER_WORDS[len(shapes)]
     if question_type == "describe":
@@ -245,8 +267,7 @@ def make_question(scene: Scene, question_type: str, rng: np.random.Generator) ->
         if len(shapes) < 2:
             raise ValueError("A position question needs a scene with at least two shapes.")
         first, second = rng.choice(len(shapes), size=2, replace=False)
-        answer = "left" if first < second else "right"
-        return f"Is the {shapes[first].name} left or right of the {shapes[second].name}?", answer
+        return position_question(shapes, first, second)
     if question_type == "ocr":
         if scene.word is None:
             raise ValueError("An ocr question needs a scene with a word.")
@@ -339,17 +360,13 @@ class ShapesDataset:
             if not _answerable(scene, kind):
                 continue
             if kind == "color":
-                questions += [(f"What color is the {shape.kind}?", shape.color, kind) for shape in shapes]
+                questions += [(*color_question(shape), kind) for shape in shapes]
             elif kind == "shape":
-                questions += [(f"What shape is the {shape.color} one?", shape.kind, kind) for shape in shapes]
+                questions += [(*shape_question(shape), kind) for shape in shapes]
             elif kind == "position":
-                pairs = [
-                    (first, second) for first in range(len(shapes)) for second in range(len(shapes)) if first != second
-                ]
+                pairs = list(itertools.permutations(range(len(shapes)), 2))
                 for pair in rng.permutation(len(pairs))[:MAX_POSITION_QUESTIONS]:
-                    first, second = pairs[pair]
-                    question = f"Is the {shapes[first].name} left or right of the {shapes[second].name}?"
-                    questions.append((question, "left" if first < second else "right", kind))
+                    questions.append((*position_question(shapes, *pairs[pair]), kind))
             else:
                 questions.append((*make_question(scene, kind, rng), kind))
         return scene.render(), questions

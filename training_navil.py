@@ -425,20 +425,14 @@ def collate_conversations(
     roles = processor.roles
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
     flags = multiscale if isinstance(multiscale, list) else [multiscale] * len(conversations)
-    pixel_values, grids, scales, sequences = [], [], [], []
+    images, sequences = [], []
     for conversation, flag in zip(conversations, flags):
         has_image = conversation.image is not None
         (first_question, _), *later_turns = conversation.turns
         prompts = [processor.build_prompt(first_question, num_images=int(has_image))]
         prompts += [roles["user"] + question + roles["separator"] + roles["assistant"] for question, _ in later_turns]
         if has_image:
-            image_inputs = processor.image_processor(conversation.image, return_tensors="pt", multiscale=flag)
-            prompts[0] = processor.expand_image_placeholders(
-                prompts[0], image_inputs["image_grid_thw"], image_inputs["num_scales"]
-            )
-            pixel_values.append(image_inputs["pixel_values"])
-            grids.append(image_inputs["image_grid_thw"])
-            scales.append(image_inputs["num_scales"])
+            prompts[0] = _add_image(processor, conversation.image, flag, prompts[0], images)
         ids, labels = [], []
         for prompt, (_, answer) in zip(prompts, conversation.turns):
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -454,11 +448,24 @@ def collate_conversations(
         "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids, _ in sequences]),
         "labels": torch.tensor([labels + [-100] * (longest - len(labels)) for _, labels in sequences]),
     }
-    if pixel_values:
-        batch.update(
-            pixel_values=torch.cat(pixel_values), image_grid_thw=torch.cat(grids), num_scales=torch.cat(scales)
-        )
+    if images:
+        batch.update(_image_tensors(images))
     return batch
+
+
+def _add_image(processor: NaViLProcessor, image, multiscale: bool, prompt: str, images: list[dict]) -> str:
+    """Runs the image processor on `image`, appends its outputs to `images` and returns `prompt` with the `<image>`
+    placeholder expanded into the image's tokens."""
+    image_inputs = processor.image_processor(image, return_tensors="pt", multiscale=multiscale)
+    images.append(image_inputs)
+    return processor.expand_image_placeholders(prompt, image_inputs["image_grid_thw"], image_inputs["num_scales"])
+
+
+def _image_tensors(images: list[dict]) -> dict[str, torch.Tensor]:
+    """The image processor's outputs of several images as one batch."""
+    return {
+        key: torch.cat([inputs[key] for inputs in images]) for key in ("pixel_values", "image_grid_thw", "num_scales")
+    }
 
 
 def collate_question_branches(
@@ -479,14 +486,10 @@ def collate_question_branches(
     roles = processor.roles
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
     flags = multiscale if isinstance(multiscale, list) else [multiscale] * len(examples)
-    pixel_values, grids, scales, rows = [], [], [], []
+    images, rows = [], []
     head = processor.build_prompt(None, num_images=1).split(IMAGE_PLACEHOLDER)[0] + IMAGE_PLACEHOLDER
     for example, flag in zip(examples, flags):
-        image_inputs = processor.image_processor(example.image, return_tensors="pt", multiscale=flag)
-        pixel_values.append(image_inputs["pixel_values"])
-        grids.append(image_inputs["image_grid_thw"])
-        scales.append(image_inputs["num_scales"])
-        prefix = processor.expand_image_placeholders(head, image_inputs["image_grid_thw"], image_inputs["num_scales"])
+        prefix = _add_image(processor, example.image, flag, head, images)
         branches = []
         for question, answer in example.turns:
             prompt = "\n" + question + roles["separator"] + roles["assistant"]
@@ -520,9 +523,7 @@ def collate_question_branches(
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "labels": labels,
-        "pixel_values": torch.cat(pixel_values),
-        "image_grid_thw": torch.cat(grids),
-        "num_scales": torch.cat(scales),
+        **_image_tensors(images),
     }
 
 

@@ -18,7 +18,7 @@ import torch
 from navil import NaViLForConditionalGeneration
 from navil.cli import load_model
 from navil.modeling_navil import get_window_index
-from navil.synthetic_data import COLORS, SHAPES, TRAIN_SIZE_RANGE, WORDS, _font, random_scene
+from navil.synthetic_data import COLORS, SHAPES, TRAIN_SIZE_RANGE, WORDS, random_scene
 from navil.training_navil import TrainingArguments, tiny_navil_config, tiny_text_config
 
 PROBE_SEED = 4242
@@ -57,11 +57,8 @@ def probe_features(model, processor, num_images: int):
             shape.center[0] + radius,
             shape.center[1] + radius,
         )
-        left, top, right, bottom = _font(scene.font_size).getbbox(scene.word)
-        x, y = scene.word_origin
-        word_box = (x + left, y + top, x + right, y + bottom)
         shape_features.append(raster[box_mask(shape_box, scene, grid_h, grid_w)].mean(0))
-        word_features.append(raster[box_mask(word_box, scene, grid_h, grid_w)].mean(0))
+        word_features.append(raster[box_mask(scene.word_box, scene, grid_h, grid_w)].mean(0))
         labels.append((list(COLORS).index(shape.color), SHAPES.index(shape.kind), WORDS.index(scene.word)))
     return torch.stack(shape_features), torch.stack(word_features), torch.tensor(labels)
 
