@@ -37,16 +37,18 @@ def _dtype(name: str, device: str):
 
 def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto"):
     """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    from .configuration_navil import NaViLConfig
     from .modeling_navil import NaViLForConditionalGeneration
 
     path = str(model) if model else str(EMBEDDED_MODEL_DIR)
     if not model and not EMBEDDED_MODEL_DIR.is_dir():
         raise SystemExit(f"The embedded model is missing ({EMBEDDED_MODEL_DIR}); train it with `navil train`.")
     device = _device(device)
-    # the embedded model's remote code is this package's own, so it is trusted without asking
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=not model or None)
+    # the tokenizer reads the folder's config: this package's own config class resolves it, no remote code to trust
+    AutoConfig.register(NaViLConfig.model_type, NaViLConfig, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     navil = NaViLForConditionalGeneration.from_pretrained(path, dtype=_dtype(dtype, device)).eval().to(device)
     navil.init_special_token_ids(tokenizer)
     return navil, tokenizer

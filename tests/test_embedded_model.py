@@ -1,6 +1,9 @@
 """The embedded tiny NaViL (`checkpoints/navil-tiny`): the README's first command gives the expected answer."""
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,19 @@ def test_chat_answers_the_readme_example():
 def test_navil_chat_command_prints_the_expected_answer(capsys):
     assert main(["chat", "--image", str(EXAMPLE_IMAGE), EXAMPLE["question"], "--max-new-tokens", "16"]) == 0
     assert capsys.readouterr().out.strip() == EXAMPLE["answer"]
+
+
+@needs_checkpoint
+def test_navil_chat_with_another_model_folder_answers_without_a_remote_code_prompt(tmp_path):
+    folder = shutil.copytree(CHECKPOINT, tmp_path / "my-navil")
+    arguments = ["chat", "--model", str(folder), "--image", str(EXAMPLE_IMAGE), EXAMPLE["question"]]
+    command = f"import sys; from navil.cli import main; sys.exit(main({arguments + ['--max-new-tokens', '16']!r}))"
+    result = subprocess.run(
+        [sys.executable, "-c", command], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == EXAMPLE["answer"]
+    assert "trust_remote_code" not in result.stderr and "custom code" not in result.stderr
 
 
 @needs_checkpoint

@@ -5,6 +5,7 @@ import io
 import resource
 import struct
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -176,6 +177,17 @@ def test_cmyk_palette_and_bilevel_images_convert_like_pil(processor):
     assert "transparency" in with_transparency.info
     for image in (rgb.convert("CMYK"), with_transparency, rgb.convert("1")):
         assert torch.equal(pixels(processor, image), pixels(processor, image.convert("RGB"))), image.mode
+
+
+def test_palette_image_with_per_entry_transparency_converts_like_pil_without_a_warning(processor):
+    palette = Image.fromarray(noise(40, 60)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = bytes(range(0, 256, 16))  # one alpha per palette entry
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = palette.convert("RGB")  # PIL warns here, and gives the same colours
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(pixels(processor, palette), pixels(processor, expected))
 
 
 def test_alpha_is_dropped_not_composited_on_white(processor):

@@ -278,6 +278,8 @@ class NaViLImageProcessor(BaseImageProcessor):
             if self.apply_exif_orientation:
                 image = ImageOps.exif_transpose(image)
             image.load()
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # same colours as a direct RGB conversion, without PIL's warning
             converted = np.asarray(image) if high_depth else image.convert("RGB")
         except _DECODE_ERRORS as error:
             raise ValueError(
