@@ -37,18 +37,14 @@ def _dtype(name: str, device: str):
 
 def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto"):
     """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from .configuration_navil import NaViLConfig
     from .modeling_navil import NaViLForConditionalGeneration
+    from .processing_navil import load_navil_tokenizer
 
     path = str(model) if model else str(EMBEDDED_MODEL_DIR)
     if not model and not EMBEDDED_MODEL_DIR.is_dir():
         raise SystemExit(f"The embedded model is missing ({EMBEDDED_MODEL_DIR}); train it with `navil train`.")
     device = _device(device)
-    # the tokenizer reads the folder's config: this package's own config class resolves it, no remote code to trust
-    AutoConfig.register(NaViLConfig.model_type, NaViLConfig, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_navil_tokenizer(path)
     navil = NaViLForConditionalGeneration.from_pretrained(path, dtype=_dtype(dtype, device)).eval().to(device)
     navil.init_special_token_ids(tokenizer)
     return navil, tokenizer

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
 
 import navil
 from navil.cli import main
@@ -46,17 +47,35 @@ def test_navil_chat_command_prints_the_expected_answer(capsys):
     assert capsys.readouterr().out.strip() == EXAMPLE["answer"]
 
 
+def run_without_stdin(code: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter whose stdin is closed (a prompt for remote code would fail there)."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr  # transformers' prompt goes to stdout, its advice to stderr
+    assert "trust_remote_code" not in output and "custom code" not in output
+    return result
+
+
 @needs_checkpoint
 def test_navil_chat_with_another_model_folder_answers_without_a_remote_code_prompt(tmp_path):
     folder = shutil.copytree(CHECKPOINT, tmp_path / "my-navil")
     arguments = ["chat", "--model", str(folder), "--image", str(EXAMPLE_IMAGE), EXAMPLE["question"]]
-    command = f"import sys; from navil.cli import main; sys.exit(main({arguments + ['--max-new-tokens', '16']!r}))"
-    result = subprocess.run(
-        [sys.executable, "-c", command], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300
+    result = run_without_stdin(
+        f"import sys; from navil.cli import main; sys.exit(main({arguments + ['--max-new-tokens', '16']!r}))"
     )
-    assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == EXAMPLE["answer"]
-    assert "trust_remote_code" not in result.stderr and "custom code" not in result.stderr
+
+
+@needs_checkpoint
+def test_processor_of_a_saved_folder_loads_without_a_remote_code_prompt(tmp_path):
+    folder = shutil.copytree(CHECKPOINT, tmp_path / "my-navil")
+    result = run_without_stdin(
+        "from navil.processing_navil import NaViLProcessor; "
+        f"print(len(NaViLProcessor.from_pretrained({str(folder)!r}).tokenizer))"
+    )
+    assert int(result.stdout) == len(AutoTokenizer.from_pretrained(CHECKPOINT, trust_remote_code=True))
 
 
 @needs_checkpoint

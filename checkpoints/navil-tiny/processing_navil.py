@@ -8,6 +8,7 @@ import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .configuration_navil import NaViLConfig
 from .image_processing_navil import NaViLImageProcessor
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -154,6 +155,16 @@ def build_chat_template(template: str, system_message: Optional[str] = None) -> 
     )
 
 
+def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
+    """`AutoTokenizer.from_pretrained` on a NaViL folder or Hub id without asking for remote code: `AutoTokenizer`
+    reads the folder's config first, and registering this module's `NaViLConfig` for its model type lets it resolve
+    that config (the tokenizer itself is a standard one)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    AutoConfig.register(NaViLConfig.model_type, NaViLConfig, exist_ok=True)
+    return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
 class NaViLProcessor(ProcessorMixin):
     r"""
     Processor of NaViL: a tokenizer and a [`NaViLImageProcessor`], plus the prompt format of the original `chat()`.
@@ -204,11 +215,9 @@ class NaViLProcessor(ProcessorMixin):
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Loads the sub-processors: the sibling [`NaViLImageProcessor`] class directly (so that a plain
-        `NaViLProcessor.from_pretrained` needs no remote code for it) and the tokenizer with `AutoTokenizer`."""
-        from transformers import AutoTokenizer
-
+        `NaViLProcessor.from_pretrained` needs no remote code for it) and the tokenizer with `load_navil_tokenizer`."""
         image_processor = NaViLImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = load_navil_tokenizer(pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
 
     @property
