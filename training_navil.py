@@ -170,6 +170,8 @@ class TrainingArguments:
     vision_fullatt_block_indexes: tuple[int, ...] = (1, 3)
     min_dynamic_patch: int = 144
     max_dynamic_patch: int = 400
+    # the connector's output layer starts at this multiple of the standard initialisation (std 0.02)
+    connector_init_gain: float = 10.0
     # schedule
     text_steps: int = 150
     text_batch_size: int = 32
@@ -421,10 +423,8 @@ def collate_conversations(
     Returns `input_ids`, `attention_mask`, `labels` ([batch, longest]) and, with images, `pixel_values`,
     `image_grid_thw` and `num_scales`.
     """
-    tokenizer = processor.tokenizer
-    roles = processor.roles
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
-    flags = multiscale if isinstance(multiscale, list) else [multiscale] * len(conversations)
+    tokenizer, roles, end_id = processor.tokenizer, processor.roles, _end_of_turn_id(processor)
+    flags = _per_example(multiscale, len(conversations))
     images, sequences = [], []
     for conversation, flag in zip(conversations, flags):
         has_image = conversation.image is not None
@@ -436,13 +436,13 @@ def collate_conversations(
         ids, labels = [], []
         for prompt, (_, answer) in zip(prompts, conversation.turns):
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_id]
+            answer_ids = _answer_ids(tokenizer, answer, end_id)
             ids += prompt_ids + answer_ids
             labels += (prompt_ids if loss_on_prompt else [-100] * len(prompt_ids)) + answer_ids
         sequences.append((ids, labels))
 
     longest = max(len(ids) for ids, _ in sequences)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+    pad_id = _pad_id(tokenizer, end_id)
     batch = {
         "input_ids": torch.tensor([ids + [pad_id] * (longest - len(ids)) for ids, _ in sequences]),
         "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids, _ in sequences]),
@@ -451,6 +451,24 @@ def collate_conversations(
     if images:
         batch.update(_image_tensors(images))
     return batch
+
+
+def _end_of_turn_id(processor: NaViLProcessor) -> int:
+    return processor.tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
+
+
+def _per_example(flag: Union[bool, list[bool]], count: int) -> list[bool]:
+    """One flag for every example: `flag` itself when it is already a list, else `flag` repeated."""
+    return flag if isinstance(flag, list) else [flag] * count
+
+
+def _answer_ids(tokenizer, answer: str, end_id: int) -> list[int]:
+    """An answer's tokens as the model generates them (tokenised on its own), then `<|im_end|>`."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_id]
+
+
+def _pad_id(tokenizer, end_id: int) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
 
 
 def _add_image(processor: NaViLProcessor, image, multiscale: bool, prompt: str, images: list[dict]) -> str:
@@ -482,10 +500,8 @@ def collate_question_branches(
     Returns `input_ids`, `labels`, `position_ids` ([batch, longest]), a boolean `attention_mask` ([batch, 1,
     longest, longest], True where attention is allowed), `pixel_values`, `image_grid_thw` and `num_scales`.
     """
-    tokenizer = processor.tokenizer
-    roles = processor.roles
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
-    flags = multiscale if isinstance(multiscale, list) else [multiscale] * len(examples)
+    tokenizer, roles, end_id = processor.tokenizer, processor.roles, _end_of_turn_id(processor)
+    flags = _per_example(multiscale, len(examples))
     images, rows = [], []
     head = processor.build_prompt(None, num_images=1).split(IMAGE_PLACEHOLDER)[0] + IMAGE_PLACEHOLDER
     for example, flag in zip(examples, flags):
@@ -494,12 +510,12 @@ def collate_question_branches(
         for question, answer in example.turns:
             prompt = "\n" + question + roles["separator"] + roles["assistant"]
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_id]
+            answer_ids = _answer_ids(tokenizer, answer, end_id)
             branches.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
         rows.append((tokenizer(prefix, add_special_tokens=False)["input_ids"], branches))
 
     longest = max(len(prefix) + sum(len(ids) for ids, _ in branches) for prefix, branches in rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+    pad_id = _pad_id(tokenizer, end_id)
     input_ids = torch.full((len(rows), longest), pad_id)
     labels = torch.full((len(rows), longest), -100)
     position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -786,6 +802,10 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
     model = NaViLForConditionalGeneration(config)
     model.init_special_token_ids(tokenizer)
     upcycle_from_text_model(text_model, model)
+    with torch.no_grad():
+        # visual tokens start at the scale training gives them (RMS ≈ 0.5 rather than 0.05), so in the language model
+        # each keeps its own content instead of being swamped by what it attends to (docs/training.md)
+        model.mlp1[-1].weight.mul_(args.connector_init_gain)
     if args.gradient_checkpointing:
         set_activation_checkpointing(model, True)
     data = ShapesDataset(seed=args.seed, size_range=args.size_range)
