@@ -693,7 +693,7 @@ def answer_questions(
 ) -> list[str]:
     """Greedy replies to (image, question) pairs in left-padded batches (the replies of `model.chat` one by one)."""
     replies = []
-    end_id = processor.tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
+    end_id = _end_of_turn_id(processor)
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
         prompts = [processor.build_prompt(question, num_images=1) for question in questions[chunk]]
