@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 
-CODE_FILES = ("configuration_navil.py", "modeling_navil.py", "image_processing_navil.py", "processing_navil.py")
+# The Hub files: they import each other relatively and run as remote code next to a checkpoint.
+CODE_FILES = (
+    "configuration_navil.py",
+    "compat_navil.py",
+    "modeling_navil.py",
+    "image_processing_navil.py",
+    "processing_navil.py",
+)
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 TOKENIZER_PATTERNS = (
     "tokenizer*",

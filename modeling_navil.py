@@ -24,12 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, TextIteratorStreamer
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .compat_navil import (
+    CACHE_NAMES,
+    cache_of,
+    causal_masks,
+    new_dynamic_cache,
+    output_with_cache,
+    pop_cache,
+    with_dtype_kwarg,
+)
 from .configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
 from .image_processing_navil import NaViLImageProcessor
 from .processing_navil import IMAGE_PLACEHOLDER, NaViLProcessor, clean_reply
@@ -303,7 +311,7 @@ class NaViLPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["NaViLVisionLayer", "InternLM2VEDecoderLayer", "Qwen3VEDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = list(CACHE_NAMES)
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_sdpa = True
@@ -324,6 +332,7 @@ class NaViLPreTrainedModel(PreTrainedModel):
                     "safetensors, or pass allow_pickle=True if you trust the files."
                 )
             kwargs.setdefault("use_safetensors", True)
+        kwargs = with_dtype_kwarg(kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         if strict:
             # mismatched shapes are collected and reported below, naming the tensors, instead of transformers' error
@@ -542,12 +551,12 @@ class ModalityExpertAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
 
-    def forward(self, hidden_states, router, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, router, position_embeddings, attention_mask, cache=None, **kwargs):
         batch, seq_len, _ = hidden_states.shape
         query, key, value = (states.transpose(1, 2) for states in self.project_qkv(hidden_states, router))
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         attn_output, _ = attention_interface(self.config._attn_implementation or "sdpa")(
             self,
             query,
@@ -687,10 +696,10 @@ class ModalityExpertDecoderLayer(GradientCheckpointingLayer):
     def sublayers(self):
         return tuple(getattr(self, name) for name in self.module_names)
 
-    def forward(self, hidden_states, router, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, router, position_embeddings, attention_mask, cache=None, **kwargs):
         attention_norm, attention, ffn_norm, ffn, ffn_ve = self.sublayers()
         hidden_states = hidden_states + attention(
-            attention_norm(hidden_states), router, position_embeddings, attention_mask, past_key_values, **kwargs
+            attention_norm(hidden_states), router, position_embeddings, attention_mask, cache, **kwargs
         )
         return hidden_states + route(router, ffn_norm(hidden_states), ffn, ffn_ve)
 
@@ -745,35 +754,30 @@ class ModalityExpertModel(NaViLPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = pop_cache(past_key_values, kwargs)
+        if use_cache and cache is None:
+            cache = new_dynamic_cache(self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = positions_from_attention_mask(
                 attention_mask, inputs_embeds.shape[1], past_length, inputs_embeds.device
             ).to(inputs_embeds.device)
 
-        mask_kwargs = {
-            "config": self.config,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
-            "position_ids": position_ids,
-        }
         if isinstance(attention_mask, dict):
             full_mask, window_mask = attention_mask.get("full_attention"), attention_mask.get("sliding_attention")
         else:
-            full_mask = create_causal_mask(**mask_kwargs)
-            window_mask = create_sliding_window_causal_mask(**mask_kwargs) if self.config.use_sliding_window else None
+            full_mask, window_mask = causal_masks(
+                self.config, inputs_embeds, attention_mask, cache, position_ids, self.config.use_sliding_window
+            )
 
         router = ModalityRouter.build(visual_token_mask)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers:
             mask = window_mask if layer.sublayers()[1].sliding_window is not None else full_mask
-            hidden_states = layer(hidden_states, router, position_embeddings, mask, past_key_values, **kwargs)
-        return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values if use_cache else None
+            hidden_states = layer(hidden_states, router, position_embeddings, mask, cache, **kwargs)
+        return output_with_cache(
+            BaseModelOutputWithPast, cache if use_cache else None, last_hidden_state=self.norm(hidden_states)
         )
 
 
@@ -840,7 +844,7 @@ class ModalityExpertForCausalLM(NaViLPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=pop_cache(past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             visual_token_mask=visual_token_mask,
@@ -852,7 +856,7 @@ class ModalityExpertForCausalLM(NaViLPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return output_with_cache(CausalLMOutputWithPast, cache_of(outputs), loss=loss, logits=logits)
 
 
 class InternLM2VEForCausalLM(ModalityExpertForCausalLM):
@@ -1180,9 +1184,10 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                 f"num_scales adds up to {int(num_scales.sum())} image-scales but image_grid_thw has "
                 f"{len(image_grid_thw)} rows."
             )
+        cache = pop_cache(past_key_values, kwargs)
         decoding = is_decode_step
         if decoding is None:
-            decoding = past_key_values is not None and bool(past_key_values.get_seq_length() > 0)
+            decoding = cache is not None and bool(cache.get_seq_length() > 0)
         if not decoding:
             self.check_prompt(input_ids, inputs_embeds, attention_mask, pixel_values)
         if inputs_embeds is None:
@@ -1195,7 +1200,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
@@ -1209,7 +1214,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=outputs.logits, labels=labels, vocab_size=self.config.text_config.vocab_size
             )
-        return CausalLMOutputWithPast(loss=loss, logits=outputs.logits, past_key_values=outputs.past_key_values)
+        return output_with_cache(CausalLMOutputWithPast, cache_of(outputs), loss=loss, logits=outputs.logits)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """`GenerationMixin.generate`, telling `forward` where the prompt ends (see `num_prompt_tokens`)."""
@@ -1220,7 +1225,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and model_inputs.get("past_key_values") is not None:
+        if not is_first_iteration and cache_of(model_inputs) is not None:
             model_inputs["is_decode_step"] = True
         return model_inputs
 

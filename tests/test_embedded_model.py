@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 import navil
 from navil.cli import main
+from navil.convert_navil import CODE_FILES
 from navil.synthetic_data import example_sample
 
 PACKAGE = Path(navil.__file__).parent
@@ -103,9 +104,7 @@ def test_embedded_checkpoint_is_at_most_20_megabytes():
 
 
 @needs_checkpoint
-@pytest.mark.parametrize(
-    "module", ["configuration_navil.py", "modeling_navil.py", "image_processing_navil.py", "processing_navil.py"]
-)
+@pytest.mark.parametrize("module", CODE_FILES)
 def test_embedded_checkpoint_carries_the_current_remote_code(module):
     # AutoModel(..., trust_remote_code=True) runs these copies; they must not fall behind the package
     assert (CHECKPOINT / module).read_text() == (PACKAGE / module).read_text()

@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import BACKBONES, GOLDEN, load_golden_model
 
+from navil.convert_navil import CODE_FILES
+
 IMAGE = GOLDEN / "images" / "shapes.png"
 QUESTION = "Describe the image shortly."
 
@@ -80,7 +82,7 @@ def test_saved_folder_loads_with_auto_classes_and_pipeline_in_fresh_process(back
     config = json.loads((tmp_path / "config.json").read_text())
     for auto_class in ("AutoConfig", "AutoModel", "AutoModelForImageTextToText"):
         assert auto_class in config["auto_map"]
-    for name in ("configuration_navil.py", "modeling_navil.py", "image_processing_navil.py", "processing_navil.py"):
+    for name in CODE_FILES:
         assert (tmp_path / name).is_file()
     result = assert_loads_and_pipeline_matches_chat(tmp_path)
     expected = model.chat(golden_tokenizer, str(IMAGE), QUESTION, dict(max_new_tokens=12, do_sample=False))
