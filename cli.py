@@ -3,6 +3,7 @@
 navil chat --image examples/shapes.png "What color is the circle?"
 navil chat --image examples/shapes.png                 # interactive: one question per line
 navil train --output-dir checkpoints/navil-tiny         # the recipe of the embedded model (see docs/training.md)
+navil finetune --data examples/finetune/train.jsonl --output-dir runs/ft   # adapt a model to one's own chat data
 navil eval --num-questions 3000 [--out-of-range]        # exact-match accuracy per question type
 navil convert path/to/NaViL-2B NaViL-2B-hf              # make an original checkpoint loadable by Auto classes
 navil build-tokenizer tokenizer                         # rebuild the tiny model's tokenizer (deterministic)
@@ -91,7 +92,7 @@ def run_chat(args) -> int:
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field of `TrainingArguments`, defaulting to the settings of the shipped model."""
-    from .training_navil import TrainingArguments
+    from .training import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
     for field in dataclasses.fields(TrainingArguments):
@@ -108,7 +109,7 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from .training_navil import TrainingArguments, train_tiny_navil
+    from .training import TrainingArguments, train_tiny_navil
 
     names = {field.name for field in dataclasses.fields(TrainingArguments)}
     values = {name: value for name, value in vars(args).items() if name in names}
@@ -118,11 +119,42 @@ def run_train(args) -> int:
     return 0
 
 
+def run_finetune(args) -> int:
+    from .training import finetune
+
+    model = args.model or str(EMBEDDED_MODEL_DIR)
+    if not Path(args.data).is_file():
+        raise SystemExit(f"No data file at {args.data}; pass a JSONL file (see the README's Fine-tuning section).")
+    stage = int(args.stage) if args.stage.isdigit() else args.stage
+    finetune(
+        model,
+        args.data,
+        args.output_dir,
+        stage=stage,
+        lora=args.lora,
+        lora_rank=args.lora_rank,
+        eval_fraction=args.eval_fraction,
+        max_length=args.max_length,
+        multiscale=False if args.no_multiscale else None,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        gradient_checkpointing=args.gradient_checkpointing,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        disable_tqdm=args.quiet,
+    )
+    print(f"saved the fine-tuned model to {args.output_dir}")
+    return 0
+
+
 def run_eval(args) -> int:
     import torch
 
-    from .synthetic_data import OUT_OF_RANGE_SIZES, QUESTION_TYPES, TRAIN_SIZE_RANGE
-    from .training_navil import evaluate, navil_processor
+    from .training import evaluate, navil_processor
+    from .training.synthetic_data import OUT_OF_RANGE_SIZES, QUESTION_TYPES, TRAIN_SIZE_RANGE
 
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     processor = navil_processor(model.config, tokenizer)
@@ -158,7 +190,7 @@ def run_convert(args) -> int:
 
 
 def run_build_tokenizer(args) -> int:
-    from .training_navil import build_tokenizer
+    from .training import build_tokenizer
 
     tokenizer = build_tokenizer(args.out_dir)
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.out_dir}")
@@ -189,6 +221,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(run=run_train)
+
+    tune = commands.add_parser("finetune", help="fine-tune a model on chat data with images (JSONL) with Trainer")
+    tune.add_argument("--model", help="model folder or Hub id (default: the embedded tiny model)")
+    tune.add_argument("--data", required=True, help='JSONL file, one {"messages": [...], "images": [...]} per line')
+    tune.add_argument("--output-dir", required=True, help="folder to save the fine-tuned model and processor to")
+    tune.add_argument("--stage", default="2", choices=["1", "2", "vision_frozen"], help="what trains (default: all)")
+    tune.add_argument("--lora", choices=["text", "visual", "both"], help="train LoRA adapters on these experts")
+    tune.add_argument("--lora-rank", type=int, default=8)
+    tune.add_argument("--epochs", type=float, default=3.0)
+    tune.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: --epochs)")
+    tune.add_argument("--batch-size", type=int, default=4, help="examples per step and process")
+    tune.add_argument("--learning-rate", type=float, default=1e-4)
+    tune.add_argument("--eval-fraction", type=float, default=0.1, help="examples held out for evaluation")
+    tune.add_argument("--max-length", type=int, help="longest sequence in tokens (longer examples are cut or dropped)")
+    tune.add_argument("--no-multiscale", action="store_true", help="encode images at full size only")
+    tune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    tune.add_argument("--logging-steps", type=int, default=1)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    tune.set_defaults(run=run_finetune)
 
     evaluation = commands.add_parser("eval", help="exact-match accuracy per question type on fresh synthetic data")
     model_flags(evaluation)

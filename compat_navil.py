@@ -2,21 +2,48 @@
 
 Remote code runs under whatever transformers the user has installed (4.51.0 through the newest 5.x), so the other
 files import the version-dependent pieces from here and read as if there were one transformers. Everything is
-feature-detected (attributes and signatures), never inferred from version strings.
+feature-detected (modules, attributes and signatures), never inferred from version strings.
 """
 
 import inspect
-from typing import Optional
+import json
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
 
-from transformers import PretrainedConfig
+import torch
+from torch import nn
+from transformers import AutoProcessor, GenerationMixin, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+try:  # 4.53+
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+except ImportError:
+    create_causal_mask = create_sliding_window_causal_mask = None
+
+try:  # 4.52+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:
+
+    class GradientCheckpointingLayer(nn.Module):
+        """A layer that `gradient_checkpointing_enable` switches to recomputing its forward in the backward pass
+        (pass tensors that need gradients positionally)."""
+
+        gradient_checkpointing = False
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+
+# -- cache naming -----------------------------------------------------------------------------------------------
 
 # 5.24 renamed the cache argument and output field `past_key_values` to `cache`.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 CACHE_NAMES = ("cache", "past_key_values")
-_MASK_CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 def pop_cache(past_key_values: Optional[Cache], kwargs: dict) -> Optional[Cache]:
@@ -46,22 +73,115 @@ def new_dynamic_cache(config) -> Cache:
     return DynamicCache()
 
 
+# 5.x tells `prepare_inputs_for_generation` whether it prepares the prompt (`is_first_iteration`); 4.x does not.
+_GENERATION_TELLS_FIRST_ITERATION = (
+    "is_first_iteration" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+)
+
+
+def generation_step_is_decode(generation_kwargs: dict, model_inputs: dict) -> Optional[bool]:
+    """Whether the step `prepare_inputs_for_generation` prepares feeds generated tokens to a cache holding the prompt:
+    `True` when `generate` says so, `None` when this transformers does not say (the forward then asks the cache)."""
+    if not _GENERATION_TELLS_FIRST_ITERATION or cache_of(model_inputs) is None:
+        return None
+    return True if not generation_kwargs.get("is_first_iteration", False) else None
+
+
+# -- attention ----------------------------------------------------------------------------------------------------
+
+
+def attention_function(implementation: str, eager_function: Callable) -> Callable:
+    """The attention function registered for `implementation`, `eager_function` for "eager"."""
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # 5.x
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_function)
+    return eager_function if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+if create_causal_mask is not None:
+    _MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
+    # 5.24 names the cache `cache`; 5.4 renamed `input_embeds` to `inputs_embeds` and dropped `cache_position`.
+    _MASK_CACHE_NAME = "cache" if "cache" in _MASK_PARAMETERS else "past_key_values"
+    _MASK_EMBEDS_NAME = "inputs_embeds" if "inputs_embeds" in _MASK_PARAMETERS else "input_embeds"
+    _MASK_TAKES_CACHE_POSITION = "cache_position" in _MASK_PARAMETERS
+
+
+def _past_length(cache: Optional[Cache]):
+    """Tokens already in `cache` (a device tensor for static caches, so compiled steps need no host sync)."""
+    return cache.get_seq_length() if cache is not None else 0
+
+
 def causal_masks(config, inputs_embeds, attention_mask, cache, position_ids, sliding_window: bool):
     """(full-attention mask, sliding-window mask or None) in the form the configured attention implementation takes.
 
-    `attention_mask` is the 2-D padding mask [batch, kv_len] (or None); static caches are handled by the mask
-    functions of transformers, which size the mask to the cache.
+    `attention_mask` is the 2-D padding mask [batch, kv_len] (or None); masks are sized to the cache's keys (the
+    maximum length for static caches).
     """
+    if create_causal_mask is None:
+        return _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding_window)
     mask_kwargs = {
         "config": config,
-        "inputs_embeds": inputs_embeds,
+        _MASK_EMBEDS_NAME: inputs_embeds,
         "attention_mask": attention_mask,
         _MASK_CACHE_NAME: cache,
         "position_ids": position_ids,
     }
+    if _MASK_TAKES_CACHE_POSITION:
+        seq_len = inputs_embeds.shape[1]
+        mask_kwargs["cache_position"] = torch.arange(seq_len, device=inputs_embeds.device) + _past_length(cache)
     full_mask = create_causal_mask(**mask_kwargs)
     window_mask = create_sliding_window_causal_mask(**mask_kwargs) if sliding_window else None
     return full_mask, window_mask
+
+
+def _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding_window: bool):
+    """`causal_masks` for releases without `masking_utils` (4.51, 4.52), built as those releases' attention functions
+    take them: eager an additive float mask [batch, 1, q, kv], sdpa a boolean one (None where `is_causal` suffices),
+    flash attention the 2-D padding mask."""
+    if attention_mask is not None and attention_mask.ndim == 4:  # already a mask in the implementation's form
+        return attention_mask, attention_mask if sliding_window else None
+    batch, seq_len = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    past_length = _past_length(cache)
+    # static caches hand attention all `max_cache_len` keys; dynamic ones the past and the new tokens
+    max_length = cache.get_max_cache_shape() if cache is not None else None
+    kv_length = max_length if max_length is not None and max_length > 0 else int(past_length) + seq_len
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask.bool()[:, :kv_length]
+        # positions the 2-D mask does not reach are future slots of a static cache, hidden by causality anyway
+        padding = nn.functional.pad(padding, (0, kv_length - padding.shape[1]), value=True)
+    implementation = config._attn_implementation or "sdpa"
+
+    def mask(window: Optional[int]):
+        query_positions = torch.arange(seq_len, device=device) + past_length  # [q]
+        key_positions = torch.arange(kv_length, device=device)  # [kv]
+        allowed = key_positions[None, :] <= query_positions[:, None]  # [q, kv]
+        if window is not None:
+            allowed = allowed & (key_positions[None, :] > query_positions[:, None] - window)
+        allowed = allowed[None, None].expand(batch, 1, seq_len, kv_length)
+        if padding is not None:
+            allowed = allowed & padding[:, None, None, :]
+        if implementation.startswith("flash"):
+            return None if padding is None or bool(padding.all()) else attention_mask
+        if implementation == "eager":
+            dtype = inputs_embeds.dtype
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        no_padding = padding is None or bool(padding.all())
+        fits_window = window is None or kv_length < window
+        if no_padding and fits_window and (seq_len == 1 or seq_len == kv_length):
+            return None  # sdpa's own causal masking
+        return allowed
+
+    return mask(None), mask(config.sliding_window) if sliding_window else None
+
+
+# -- loading and saving -------------------------------------------------------------------------------------------
+
+
+def register_processor_for_pipelines(config_class, processor_class) -> None:
+    """Lets `pipeline(task, model=folder)` find the processor: 4.x pipelines load one only for config classes that
+    `AutoProcessor` maps (5.x reads processor_config.json)."""
+    AutoProcessor.register(config_class, processor_class, exist_ok=True)
 
 
 # `from_pretrained(torch_dtype=...)` became `dtype=` in 4.56; the config gained `dtype` with it.
@@ -74,3 +194,46 @@ def with_dtype_kwarg(kwargs: dict) -> dict:
         if name != DTYPE_KWARG and name in kwargs:
             kwargs.setdefault(DTYPE_KWARG, kwargs.pop(name))
     return kwargs
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _portable_tokenizer_config(config: dict) -> dict:
+    """The config of a tokenizer saved as tokenizer.json, in the form every release reads.
+
+    5.x names the class `TokenizersBackend` and lists `extra_special_tokens`, which 4.x cannot read; 4.x names it
+    `PreTrainedTokenizer`, which 4.x itself then loads as a slow tokenizer under `use_fast=False` (as the original model
+    card asks) and fails. `PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in 5.x) and
+    `additional_special_tokens` read the same on both."""
+    if config.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizer"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        additional = config.setdefault("additional_special_tokens", [])
+        additional.extend(token for token in extra if token not in additional)
+    return config
+
+
+def make_saved_processor_portable(save_directory) -> None:
+    """Rewrites the processor files a `save_pretrained` just wrote so that every supported release loads them.
+
+    - The tokenizer config gets the class name and special-token list that 4.x also reads.
+    - 5.x nests the image processor's settings in `processor_config.json`; 4.x reads them from
+      `preprocessor_config.json` and passes every key of `processor_config.json` to the processor's `__init__`. The
+      settings move to `preprocessor_config.json`, which 5.x reads too when `processor_config.json` has none.
+    """
+    directory = Path(save_directory)
+    tokenizer_file = directory / "tokenizer_config.json"
+    if tokenizer_file.is_file() and (directory / "tokenizer.json").is_file():
+        _write_json(tokenizer_file, _portable_tokenizer_config(json.loads(tokenizer_file.read_text(encoding="utf-8"))))
+    processor_file = directory / "processor_config.json"
+    if not processor_file.is_file():
+        return
+    processor_config = json.loads(processor_file.read_text(encoding="utf-8"))
+    image_processor_config = processor_config.pop("image_processor", None)
+    if image_processor_config is not None:
+        _write_json(directory / "preprocessor_config.json", image_processor_config)
+        _write_json(processor_file, processor_config)

@@ -14,6 +14,7 @@ import torch
 CODE_FILES = (
     "configuration_navil.py",
     "compat_navil.py",
+    "chat_navil.py",
     "modeling_navil.py",
     "image_processing_navil.py",
     "processing_navil.py",
@@ -50,6 +51,7 @@ def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True) -> Pat
     """
     from transformers import AutoTokenizer
 
+    from .compat_navil import make_saved_processor_portable
     from .modeling_navil import NaViLForConditionalGeneration
     from .processing_navil import NaViLProcessor
 
@@ -83,6 +85,7 @@ def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True) -> Pat
     )
     processor.save_pretrained(out)
     _copy_matching(tokenizer_src, out, TOKENIZER_PATTERNS)
+    make_saved_processor_portable(out)  # the copied tokenizer config, in the form every transformers release reads
     code_dir = Path(__file__).parent
     for name in CODE_FILES:
         shutil.copy2(code_dir / name, out / name)

@@ -4,24 +4,39 @@ import base64
 import io
 import math
 import os
+import re
 import struct
+import types
 import zlib
 from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
 # Exceptions PIL raises while decoding a damaged file (truncated data, bad chunks, broken compression streams).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+_CONVERT_HINT = (
+    "The file is truncated or corrupt, or PIL cannot convert its mode to RGB; re-export or re-download it (e.g. as an "
+    "8-bit PNG or JPEG), or pass load_truncated_images=True to the image processor to accept truncated data."
+)
+_CORRUPT_HINT = (
+    "The file is truncated or corrupt; re-export or re-download it, or pass load_truncated_images=True to the image "
+    "processor to accept the pixels that can be decoded."
+)
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _VALID_CHANNELS = (1, 3, 4)
 _MAX_ASPECT_RATIO = 200
+# Channels of the PNG raw modes PIL decodes IDAT data into ("RGB;16B" = 3 channels of 16 bits).
+_PNG_CHANNELS = {"1": 1, "L": 1, "P": 1, "I": 1, "LA": 2, "RGB": 3, "RGBA": 4}
+# (x0, y0, dx, dy) of the seven Adam7 passes of an interlaced PNG.
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
 def _download(url: str):
@@ -31,8 +46,13 @@ def _download(url: str):
 
         response = httpx.get(url, follow_redirects=True, timeout=30)
     except ImportError:
-        import requests
-
+        try:
+            import requests
+        except ImportError:
+            raise ValueError(
+                f"Cannot download {url}: image URLs need httpx or requests, and neither is installed. Install one "
+                "(pip install httpx), or download the image and pass its path, bytes or a PIL image."
+            ) from None
         response = requests.get(url, timeout=30)
     response.raise_for_status()
     return response
@@ -47,6 +67,96 @@ def _as_scalar(value):
             raise ValueError(f"min_pixels and max_pixels must be single numbers, got an array of shape {value.shape}.")
         value = value.reshape(())[()]
     return value
+
+
+def check_pixel_limit(value, name: str):
+    """`value` (a number, or a 0-d tensor or array, kept as a numpy scalar of its dtype) if it is a finite number of
+    pixels, positive for `max_pixels` and non-negative for `min_pixels`; else a `ValueError` naming `name`."""
+    value = _as_scalar(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number of pixels, got {type(value).__name__} {value!r:.40}.")
+    if not isinstance(value, (int, np.integer)) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of pixels, got {value}; pass e.g. {name}=256 * 16 * 16.")
+    if value < 0 or (value == 0 and name == "max_pixels"):
+        raise ValueError(f"{name} must be {'positive' if name == 'max_pixels' else 'non-negative'}, got {value}.")
+    return value
+
+
+def check_count_limit(value: Optional[int], name: str) -> Optional[int]:
+    """`value` as an int if it is a positive whole number (or None, no limit); else a `ValueError` naming `name`."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive whole number or None (no limit), got {value!r:.40}.")
+    return int(value)
+
+
+def _png_data_size(image: Image.Image) -> Optional[int]:
+    """Bytes of filtered scanlines the zlib stream of a PNG frame must decompress to; None for unknown raw modes."""
+    _, extents, _, rawmode = image.tile[0]
+    rawmode = rawmode if isinstance(rawmode, str) else rawmode[0]
+    base, _, suffix = rawmode.partition(";")
+    bits = re.match(r"\d*", suffix).group()
+    if base not in _PNG_CHANNELS:
+        return None
+    bits_per_pixel = _PNG_CHANNELS[base] * (int(bits) if bits else 1 if base == "1" else 8)
+    width, height = extents[2] - extents[0], extents[3] - extents[1]
+    size = 0
+    for x0, y0, dx, dy in _ADAM7 if image.info.get("interlace") else ((0, 0, 1, 1),):
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            size += rows * (1 + -(-columns * bits_per_pixel // 8))
+    return size
+
+
+def png_data_ends_early(image: Image.Image) -> bool:
+    """Whether a PNG whose pixels are not decoded yet has a zlib stream that ends before its last row.
+
+    PIL accepts such a file (a cut IDAT followed by a valid IEND) and leaves the missing rows black. This re-reads the
+    IDAT chunks, decompressing in bounded pieces until all rows are found or the stream ends, then restores the file
+    position. Data cut off inside the stream is not reported here: PIL itself refuses it as truncated.
+    """
+    expected = _png_data_size(image)
+    if expected is None or image.tile[0][2] < 8:
+        return False
+    file, position = image.fp, image.fp.tell()
+    decompressor, produced = zlib.decompressobj(), 0
+    try:
+        file.seek(image.tile[0][2] - 8)
+        while produced < expected and not decompressor.eof:
+            header = file.read(8)
+            if len(header) < 8 or header[4:] != b"IDAT":
+                return False
+            remaining = struct.unpack(">I", header[:4])[0]
+            while remaining and produced < expected and not decompressor.eof:
+                data = file.read(min(remaining, 1 << 16))
+                if not data:
+                    return False
+                remaining -= len(data)
+                while data and produced < expected and not decompressor.eof:
+                    produced += len(decompressor.decompress(data, 1 << 20))
+                    data = decompressor.unconsumed_tail
+            file.read(4)  # CRC
+    except zlib.error:
+        return False  # a broken stream: PIL's decoder reports it
+    finally:
+        file.seek(position)
+    return produced < expected
+
+
+def _load_accepting_truncation(image: Image.Image) -> None:
+    """`image.load()` with PIL's tolerance for truncated data switched on for this call only.
+
+    PIL reads the switch from its module global `ImageFile.LOAD_TRUNCATED_IMAGES`; setting it would change every
+    image loaded by the process, in every thread. The loader runs instead with a copy of its module namespace in
+    which the switch is on. Formats with their own loader (WebP, TIFF) load as usual.
+    """
+    load = type(image).load
+    if load is not ImageFile.ImageFile.load:
+        image.load()
+        return
+    namespace = {**vars(ImageFile), "LOAD_TRUNCATED_IMAGES": True}
+    types.FunctionType(load.__code__, namespace, load.__name__, load.__defaults__, load.__closure__)(image)
 
 
 def smart_resize(height: int, width: int, min_pixels: float, max_pixels: Union[float, np.float32]) -> tuple[int, int]:
@@ -81,6 +191,15 @@ def smart_resize(height: int, width: int, min_pixels: float, max_pixels: Union[f
             "shrink to 0 pixels; raise max_pixels or crop the image."
         )
     return resized_height, resized_width
+
+
+class NaViLImagesKwargs(ImagesKwargs, total=False):
+    """Per-call settings of [`NaViLImageProcessor`] besides transformers' common image kwargs; a processor routes
+    them to the image processor."""
+
+    min_pixels: float
+    max_pixels: float
+    multiscale: bool
 
 
 class NaViLImageProcessor(BaseImageProcessor):
@@ -120,6 +239,13 @@ class NaViLImageProcessor(BaseImageProcessor):
       Larger arrays and tensors are refused too, before any conversion copy, so that the processor's memory is
       bounded by the limit. Accepted images are resized as uint8 PIL images; only the resized image becomes floats.
     - Animated images (GIF, APNG, WebP) read from files use their first frame; PIL images use their current frame.
+    - Truncated or corrupt files raise `ValueError`, including a PNG whose compressed data ends before its last row
+      (PIL would accept it and leave the missing rows black). `load_truncated_images=True` accepts truncated data
+      instead, for this processor only: PIL's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` is never changed.
+    - The output is bounded too: a resize target of more than `max_patches_per_scale` patches, or a call whose images
+      add up to more than `max_patches_per_call` patches, is refused before the image is resized; a call with more
+      than `max_images_per_call` images is refused before any is loaded. `min_pixels` and `max_pixels` must be
+      finite numbers with `min_pixels <= max_pixels`.
 
     Args:
         patch_size (`int`, *optional*, defaults to 16):
@@ -147,9 +273,21 @@ class NaViLImageProcessor(BaseImageProcessor):
             Largest accepted image (width * height) for files and PIL images; `None` disables the check.
         apply_exif_orientation (`bool`, *optional*, defaults to `False`):
             Whether to rotate images upright according to their EXIF orientation tag (the original does not).
+        max_patches_per_scale (`int`, *optional*, defaults to 32768):
+            Most patches of one image-scale (after resizing and padding); `None` disables the check. The default
+            holds every image the default `max_pixels` allows (at most 26 616 patches, at aspect ratio 200).
+        max_patches_per_call (`int`, *optional*, defaults to 131072):
+            Most patches of all images and scales of one call (384 MiB of float32 pixel values with 16-pixel
+            patches); `None` disables the check.
+        max_images_per_call (`int`, *optional*, defaults to 256):
+            Most images of one call, checked before any is loaded; `None` disables the check.
+        load_truncated_images (`bool`, *optional*, defaults to `False`):
+            Whether to accept truncated image data (the missing pixels are left as PIL decodes them) instead of
+            refusing it.
     """
 
     model_input_names = ["pixel_values", "image_grid_thw", "num_scales"]
+    valid_kwargs = NaViLImagesKwargs
 
     patch_size = 16
     merge_size = 2
@@ -157,11 +295,18 @@ class NaViLImageProcessor(BaseImageProcessor):
     max_pixels = 24576 * 16 * 16
     scale_downsample_ratio = 0.7071
     multiscale = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
     image_mean = [0.5, 0.5, 0.5]
     image_std = [0.5, 0.5, 0.5]
     resample = Image.Resampling.BICUBIC
     max_image_pixels = 100_000_000
     apply_exif_orientation = False
+    max_patches_per_scale = 32768
+    max_patches_per_call = 131072
+    max_images_per_call = 256
+    load_truncated_images = False
 
     def __init__(
         self,
@@ -171,29 +316,56 @@ class NaViLImageProcessor(BaseImageProcessor):
         max_pixels: int = 24576 * 16 * 16,
         scale_downsample_ratio: float = 0.7071,
         multiscale: bool = True,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
         image_mean: Union[float, list[float]] = 0.5,
         image_std: Union[float, list[float]] = 0.5,
         resample: int = Image.Resampling.BICUBIC,
         max_image_pixels: Optional[int] = 100_000_000,
         apply_exif_orientation: bool = False,
+        max_patches_per_scale: Optional[int] = 32768,
+        max_patches_per_call: Optional[int] = 131072,
+        max_images_per_call: Optional[int] = 256,
+        load_truncated_images: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if patch_size <= 0 or merge_size <= 0:
             raise ValueError(f"patch_size and merge_size must be positive, got {patch_size} and {merge_size}.")
-        if scale_downsample_ratio <= 0:
-            raise ValueError(f"scale_downsample_ratio must be positive, got {scale_downsample_ratio}.")
+        if not 0 < scale_downsample_ratio < 1:
+            raise ValueError(f"scale_downsample_ratio must be in (0, 1), got {scale_downsample_ratio}.")
         self.patch_size = int(patch_size)
         self.merge_size = int(merge_size)
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
+        self.min_pixels, self.max_pixels = self._pixel_limits(min_pixels, max_pixels)
         self.scale_downsample_ratio = scale_downsample_ratio
         self.multiscale = multiscale
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
         self.image_mean = self._per_channel(image_mean, "image_mean")
         self.image_std = self._per_channel(image_std, "image_std")
         self.resample = int(resample)
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels = check_count_limit(max_image_pixels, "max_image_pixels")
         self.apply_exif_orientation = apply_exif_orientation
+        self.max_patches_per_scale = check_count_limit(max_patches_per_scale, "max_patches_per_scale")
+        self.max_patches_per_call = check_count_limit(max_patches_per_call, "max_patches_per_call")
+        self.max_images_per_call = check_count_limit(max_images_per_call, "max_images_per_call")
+        self.load_truncated_images = load_truncated_images
+
+    @staticmethod
+    def _pixel_limits(min_pixels, max_pixels) -> tuple:
+        """Checked (min_pixels, max_pixels): finite numbers, max_pixels positive, min_pixels <= max_pixels."""
+        min_pixels, max_pixels = (
+            check_pixel_limit(min_pixels, "min_pixels"),
+            check_pixel_limit(max_pixels, "max_pixels"),
+        )
+        if min_pixels > max_pixels:
+            raise ValueError(
+                f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels}): no image size satisfies both; "
+                "lower min_pixels or raise max_pixels."
+            )
+        return min_pixels, max_pixels
 
     @staticmethod
     def _per_channel(value: Union[float, list[float]], name: str) -> list[float]:
@@ -202,13 +374,18 @@ class NaViLImageProcessor(BaseImageProcessor):
             raise ValueError(f"{name} needs one value or three (one per RGB channel), got {len(values)}.")
         return values
 
-    def _value_table(self) -> np.ndarray:
-        """[3, 256] float32: the normalised value of every uint8 level per channel, computed as the original does
-        (rescale in float64, cast to float32, then subtract the mean and divide by the std in float32)."""
-        levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
-        std = np.asarray(self.image_std, dtype=np.float32)[:, None]
-        return (levels[None, :] - mean) / std
+    def _value_table(self, do_rescale: bool, rescale_factor: float, do_normalize: bool, mean, std) -> np.ndarray:
+        """[3, 256] float32: the value of every uint8 level per channel, computed as the original does (rescale in
+        float64, cast to float32, then subtract the mean and divide by the std in float32)."""
+        levels = np.arange(256, dtype=np.float64)
+        if do_rescale:
+            levels = levels * rescale_factor
+        levels = np.broadcast_to(levels.astype(np.float32), (3, 256))
+        if not do_normalize:
+            return levels.copy()
+        mean = np.asarray(self._per_channel(mean, "image_mean"), dtype=np.float32)[:, None]
+        std = np.asarray(self._per_channel(std, "image_std"), dtype=np.float32)[:, None]
+        return (levels - mean) / std
 
     # -- loading -------------------------------------------------------------------------------------------------
 
@@ -227,11 +404,21 @@ class NaViLImageProcessor(BaseImageProcessor):
 
     def _open(self, source, name: str) -> Image.Image:
         """Decodes a file path, file object or bytes into an RGB image, refusing oversized images first."""
-        try:
-            with Image.open(source) as image:
-                self._check_pixel_count(*image.size)
+        with self._open_file(source, name) as image:
+            self._check_pixel_count(*image.size)
+            try:
                 image.seek(0)
-                return self._pil_to_rgb(image, name)
+            except Image.DecompressionBombError as error:
+                raise ValueError(f"{name} was refused before decoding: {error}") from None
+            except _DECODE_ERRORS as error:
+                raise ValueError(f"Could not read the first frame of {name}: {error}. {_CORRUPT_HINT}") from None
+            return self._pil_to_rgb(image, name)
+
+    @staticmethod
+    def _open_file(source, name: str) -> Image.Image:
+        """`PIL.Image.open(source)` (header only), with a `ValueError` for every way it fails."""
+        try:
+            return Image.open(source)
         except FileNotFoundError:
             raise ValueError(f"Image file not found: {name}; check the path.") from None
         except IsADirectoryError:
@@ -248,6 +435,11 @@ class NaViLImageProcessor(BaseImageProcessor):
             ) from None
         except PermissionError as error:
             raise ValueError(f"Cannot open {name}: {error}; check the file permissions.") from None
+        except _DECODE_ERRORS as error:
+            raise ValueError(
+                f"Cannot read the header of {name}: {error}. The file is truncated or corrupt; re-export or "
+                "re-download it."
+            ) from None
 
     def _fetch(self, image) -> tuple[object, str]:
         """Turns a path / URL / data URI string into something `PIL.Image.open` reads, plus a name for errors."""
@@ -274,18 +466,33 @@ class NaViLImageProcessor(BaseImageProcessor):
         if width == 0 or height == 0:
             raise ValueError(f"{name} has zero size ({width}x{height} pixels); pass a non-empty image.")
         high_depth = image.mode in _HIGH_DEPTH_MODES
+        pending = bool(getattr(image, "tile", None)) and getattr(image, "fp", None) is not None  # not decoded yet
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        if pending and pil_limit and width * height > 2 * pil_limit:
+            raise ValueError(
+                f"{name} declares {width}x{height} pixels, more than twice PIL.Image.MAX_IMAGE_PIXELS ({pil_limit}); it "
+                "was refused before decoding (possible decompression bomb). Raise PIL.Image.MAX_IMAGE_PIXELS if you "
+                "trust it."
+            )
+        if pending and not self.load_truncated_images and image.format == "PNG" and image.tile[0][0] == "zip":
+            if png_data_ends_early(image):
+                raise ValueError(
+                    f"{name} is truncated: its PNG image data ends before the last row (PIL would leave the missing "
+                    f"rows black). {_CORRUPT_HINT}"
+                )
         try:
+            if pending and self.load_truncated_images:
+                _load_accepting_truncation(image)
             if self.apply_exif_orientation:
                 image = ImageOps.exif_transpose(image)
             image.load()
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # same colours as a direct RGB conversion, without PIL's warning
             converted = np.asarray(image) if high_depth else image.convert("RGB")
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"{name} was refused before decoding: {error}") from None
         except _DECODE_ERRORS as error:
-            raise ValueError(
-                f"Could not decode {name} (mode {image.mode}): {error}. The file is truncated or corrupt, or PIL cannot "
-                "convert its mode to RGB; re-export or re-download it (e.g. as an 8-bit PNG or JPEG)."
-            ) from None
+            raise ValueError(f"Could not decode {name} (mode {image.mode}): {error}. {_CONVERT_HINT}") from None
         return self._array_to_rgb(converted, name, pil_mode=image.mode) if high_depth else converted
 
     def _array_to_rgb(self, array: np.ndarray, name: str, pil_mode: Optional[str] = None) -> Image.Image:
@@ -366,6 +573,11 @@ class NaViLImageProcessor(BaseImageProcessor):
         if isinstance(image, Image.Image):
             return self._pil_to_rgb(image, name)
         if isinstance(image, torch.Tensor):
+            if image.device.type == "meta":
+                raise ValueError(
+                    f"{name} is a tensor on the meta device, which holds no values; pass a tensor with data (e.g. "
+                    "load the weights or image first)."
+                )
             tensor = image.detach().cpu()
             if tensor.is_floating_point():
                 tensor = tensor.float()
@@ -383,18 +595,46 @@ class NaViLImageProcessor(BaseImageProcessor):
 
     # -- processing ----------------------------------------------------------------------------------------------
 
+    def _check_patches(self, patches: int, used: int, size: tuple, resized: tuple, min_pixels, max_pixels) -> None:
+        """Refuses a resize target of more patches than `max_patches_per_scale`, or than the call has left."""
+        target = (
+            f"min_pixels={float(min_pixels):g} and max_pixels={float(max_pixels):g} resize the {size[0]}x{size[1]} "
+            f"image to {resized[1]}x{resized[0]} pixels, {patches} patches"
+        )
+        if self.max_patches_per_scale is not None and patches > self.max_patches_per_scale:
+            raise ValueError(
+                f"{target}: more than max_patches_per_scale={self.max_patches_per_scale}. Lower min_pixels or "
+                "max_pixels, or raise the image processor's max_patches_per_scale (None disables it)."
+            )
+        if self.max_patches_per_call is not None and used + patches > self.max_patches_per_call:
+            raise ValueError(
+                f"{target}, after {used} patches of earlier images and scales of this call: more than "
+                f"max_patches_per_call={self.max_patches_per_call}. Pass fewer or smaller images per call (max_pixels, "
+                "multiscale=False), or raise the image processor's max_patches_per_call (None disables it)."
+            )
+
     def _single_pass(
-        self, image: Image.Image, min_pixels: float, max_pixels: Union[float, np.float32], table: np.ndarray
+        self,
+        image: Image.Image,
+        min_pixels: float,
+        max_pixels: Union[float, np.float32],
+        table: np.ndarray,
+        used: int = 0,
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """One pass on an RGB image: [patches, 3 * P * P] float32 pixel values and the (t, h, w) patch grid."""
+        """One pass on an RGB image: [patches, 3 * P * P] float32 pixel values and the (t, h, w) patch grid.
+
+        `used` patches of the call are already taken; the pass is refused before resizing if it would exceed a limit.
+        """
         patch, merge = self.patch_size, self.merge_size
         width, height = image.size
         resized_height, resized_width = smart_resize(height, width, min_pixels, max_pixels)
-        if (resized_width, resized_height) != image.size:
-            image = image.resize((resized_width, resized_height), resample=self.resample)
         unit = patch * merge
         padded_height = math.ceil(resized_height / unit) * unit
         padded_width = math.ceil(resized_width / unit) * unit
+        patches = (padded_height // patch) * (padded_width // patch)
+        self._check_patches(patches, used, image.size, (resized_height, resized_width), min_pixels, max_pixels)
+        if (resized_width, resized_height) != image.size:
+            image = image.resize((resized_width, resized_height), resample=self.resample)
         pixels = np.zeros((padded_height, padded_width, 3), dtype=np.uint8)
         pixels[:resized_height, :resized_width] = np.asarray(image)
         values = torch.from_numpy(table[np.arange(3), pixels])  # [H, W, 3]
@@ -404,10 +644,18 @@ class NaViLImageProcessor(BaseImageProcessor):
         return values.reshape(grid_h * grid_w, 3 * patch * patch), (1, grid_h, grid_w)
 
     def _pyramid(
-        self, image: Image.Image, min_pixels: float, max_pixels: float, multiscale: bool, table: np.ndarray
+        self,
+        image: Image.Image,
+        min_pixels: float,
+        max_pixels: float,
+        multiscale: bool,
+        table: np.ndarray,
+        used: int = 0,
     ) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
-        """All scales of one image, smallest first (only the full-size pass when `multiscale` is False)."""
-        values, grid = self._single_pass(image, min_pixels, max_pixels, table)
+        """All scales of one image, smallest first (only the full-size pass when `multiscale` is False), after `used`
+        patches of earlier images of the call."""
+        values, grid = self._single_pass(image, min_pixels, max_pixels, table, used)
+        used += len(values)
         scales, grids = [values], [grid]
         ratio = np.float32(self.scale_downsample_ratio**2)
         while multiscale:
@@ -415,9 +663,10 @@ class NaViLImageProcessor(BaseImageProcessor):
             next_max = np.float32(smallest * self.patch_size**2) * ratio
             if next_max < min_pixels:
                 break
-            values, grid = self._single_pass(image, min_pixels, next_max, table)
+            values, grid = self._single_pass(image, min_pixels, next_max, table, used)
             if math.prod(grid) >= smallest:
                 break
+            used += len(values)
             scales.insert(0, values)
             grids.insert(0, grid)
         return scales, grids
@@ -429,6 +678,11 @@ class NaViLImageProcessor(BaseImageProcessor):
         min_pixels: Optional[float] = None,
         max_pixels: Optional[float] = None,
         multiscale: Optional[bool] = None,
+        do_rescale: Optional[bool] = None,
+        rescale_factor: Optional[float] = None,
+        do_normalize: Optional[bool] = None,
+        image_mean: Optional[Union[float, list[float]]] = None,
+        image_std: Optional[Union[float, list[float]]] = None,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -443,9 +697,13 @@ class NaViLImageProcessor(BaseImageProcessor):
             min_pixels (`float`, *optional*):
                 Overrides `self.min_pixels` for this call.
             max_pixels (`float`, *optional*):
-                Overrides `self.max_pixels` for this call.
+                Overrides `self.max_pixels` for this call. Both must be finite numbers with `min_pixels <= max_pixels`;
+                the result is bounded by `max_patches_per_scale` and `max_patches_per_call` whatever they are.
             multiscale (`bool`, *optional*):
                 Overrides `self.multiscale` for this call.
+            do_rescale, rescale_factor, do_normalize, image_mean, image_std (*optional*):
+                Override the instance's value mapping for this call: `x * rescale_factor` when `do_rescale`, then
+                `(x - mean) / std` when `do_normalize`.
 
         Returns:
             [`BatchFeature`] with `pixel_values` (float32 `[patches, 3 * patch_size**2]`, all scales of all images,
@@ -456,21 +714,35 @@ class NaViLImageProcessor(BaseImageProcessor):
             logger.warning(f"NaViLImageProcessor ignores the unrecognized arguments {sorted(kwargs)}.")
         # tensor limits (the model card computes smaller max_pixels as float32 torch scalars) become numpy scalars of
         # the same dtype, so that float32 limits keep the original's float32 arithmetic
-        min_pixels = self.min_pixels if min_pixels is None else _as_scalar(min_pixels)
-        max_pixels = self.max_pixels if max_pixels is None else _as_scalar(max_pixels)
+        min_pixels, max_pixels = self._pixel_limits(
+            self.min_pixels if min_pixels is None else min_pixels,
+            self.max_pixels if max_pixels is None else max_pixels,
+        )
         multiscale = self.multiscale if multiscale is None else multiscale
-        if max_pixels <= 0:
-            raise ValueError(f"max_pixels must be positive, got {float(max_pixels)}.")
+        if not isinstance(multiscale, (bool, np.bool_)):
+            raise ValueError(f"multiscale must be True or False, got {multiscale!r:.40}.")
         if images is None:
             raise ValueError("NaViLImageProcessor got images=None; pass an image or a list of images.")
         flat = self._flatten(images)
-        table = self._value_table()
+        if self.max_images_per_call is not None and len(flat) > self.max_images_per_call:
+            raise ValueError(
+                f"Got {len(flat)} images in one call, more than max_images_per_call={self.max_images_per_call}; pass "
+                "them in several calls, or raise the image processor's max_images_per_call (None disables it)."
+            )
+        table = self._value_table(
+            self.do_rescale if do_rescale is None else do_rescale,
+            self.rescale_factor if rescale_factor is None else rescale_factor,
+            self.do_normalize if do_normalize is None else do_normalize,
+            self.image_mean if image_mean is None else image_mean,
+            self.image_std if image_std is None else image_std,
+        )
         pixel_values, grids, num_scales = [], [], []
         for index, image in enumerate(flat):
             name = "the image" if len(flat) == 1 else f"image {index}"
             try:
                 rgb = self.load_image(image, name)
-                scales, image_grids = self._pyramid(rgb, min_pixels, max_pixels, multiscale, table)
+                used = sum(len(values) for values in pixel_values)
+                scales, image_grids = self._pyramid(rgb, min_pixels, max_pixels, multiscale, table, used)
             except ValueError as error:
                 if len(flat) == 1:
                     raise

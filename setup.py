@@ -14,8 +14,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["navil"],
-    package_dir={"navil": "."},
+    packages=["navil", "navil.training"],
+    package_dir={"navil": ".", "navil.training": "training"},
     package_data={"navil": ["tokenizer/*", "checkpoints/*/*", "examples/*"]},
     install_requires=[
         "transformers>=4.51",
@@ -30,6 +30,15 @@ setup(
         "test": ["pytest", "hypothesis"],
         # matplotlib draws the benchmark chart.
         "bench": ["matplotlib"],
+        # torchao quantizes weights to int8 / int4 on CPU (quantization_config=TorchAoConfig(...)); optional because
+        # importing transformers' model classes imports torchao when it is installed, which slows every start.
+        # 0.15 is the oldest release transformers 5 accepts; 0.18 was tested with torch 2.13. bitsandbytes (CUDA)
+        # is not listed: its wheels depend on the GPU setup, so users install it themselves.
+        "quant": ["torchao>=0.15"],
+        # Fine-tuning on one's own data (`navil finetune`, navil.training.finetune): peft for LoRA adapters, trl for
+        # SFTTrainer, datasets to read JSONL. Optional because inference and the embedded recipe need none of them.
+        # TRL 1.16 is the release tested with transformers 5.24 (it calls model.base_model for its fused loss).
+        "train": ["trl>=1.16", "peft>=0.17", "datasets>=3"],
     },
     entry_points={"console_scripts": ["navil=navil.cli:main"]},
 )

@@ -35,20 +35,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import (
-    CompileConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import CompileConfig, LlamaForCausalLM, Qwen3ForCausalLM, StoppingCriteria, StoppingCriteriaList
 
-from navil.configuration_navil import NaViLConfig
-from navil.modeling_navil import SPECIAL_TOKENS, NaViLForConditionalGeneration
+from navil.configuration_navil import SPECIAL_TOKEN_EMBEDDING_ROWS, NaViLConfig
+from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.training import dense_text_config, special_token_ids_at_end
+from navil.training.configs import ARCHITECTURES
 
-ARCHITECTURES = {"internlm2": "InternLM2VEForCausalLM", "qwen3": "Qwen3VEForCausalLM"}
 MiB = 2**20
 
 
@@ -143,11 +136,6 @@ PRESETS = {
 # -- models and inputs -----------------------------------------------------------------------------------------
 
 
-def special_token_ids(vocab_size):
-    """The NaViL special tokens on the last ids of the vocabulary."""
-    return {token: vocab_size - len(SPECIAL_TOKENS) + row for row, token in enumerate(SPECIAL_TOKENS)}
-
-
 def build_models(preset, backbone, device, dtype):
     """(NaViL, dense baseline) with random weights, in eval mode, on `device` in `dtype`."""
     text = dict(preset.text, architectures=[ARCHITECTURES[backbone]], rope_theta=1e6)
@@ -155,27 +143,12 @@ def build_models(preset, backbone, device, dtype):
         vision_config=preset.vision,
         text_config=text,
         min_dynamic_patch=preset.min_dynamic_patch,
-        special_token_ids=special_token_ids(text["vocab_size"]),
+        special_token_ids=special_token_ids_at_end(text["vocab_size"]),
     )
-    text_config = config.text_config
-    dense_kwargs = dict(
-        vocab_size=text_config.vocab_size,
-        hidden_size=text_config.hidden_size,
-        intermediate_size=text_config.intermediate_size,
-        num_hidden_layers=text_config.num_hidden_layers,
-        num_attention_heads=text_config.num_attention_heads,
-        num_key_value_heads=text_config.num_key_value_heads,
-        head_dim=text_config.head_dim,
-        max_position_embeddings=text_config.max_position_embeddings,
-        rms_norm_eps=text_config.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": text_config.rope_theta},
-        tie_word_embeddings=False,
-    )
-    dense_config = LlamaConfig(**dense_kwargs) if backbone == "internlm2" else Qwen3Config(**dense_kwargs)
     dense_class = LlamaForCausalLM if backbone == "internlm2" else Qwen3ForCausalLM
     torch.manual_seed(0)
     with torch.device(device):
-        models = NaViLForConditionalGeneration(config), dense_class(dense_config)
+        models = NaViLForConditionalGeneration(config), dense_class(dense_text_config(config.text_config))
     for model in models:
         model.to(dtype).eval()
         model.generation_config.eos_token_id = None  # decode exactly the requested number of tokens
@@ -236,7 +209,7 @@ def image_prompt(grids, config, question_tokens, device):
 
 def text_ids(length, config, seed, batch=1):
     generator = torch.Generator().manual_seed(seed)
-    high = config.text_config.vocab_size - len(SPECIAL_TOKENS)
+    high = config.text_config.vocab_size - len(SPECIAL_TOKEN_EMBEDDING_ROWS)
     return torch.randint(1, high, (batch, length), generator=generator)
 
 
@@ -342,7 +315,7 @@ class Workload:
 
     @torch.inference_mode()
     def vision(self, count, kind):
-        return self.model.get_image_features(*self.vision_inputs[count, kind])
+        return self.model.get_image_features(*self.vision_inputs[count, kind]).pooler_output
 
     @torch.inference_mode()
     def prefill(self, which):

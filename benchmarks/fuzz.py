@@ -1,17 +1,19 @@
-"""Long fuzz run of the processor and model, for use outside CI.
+"""Long fuzz run of the processor, the model, its configs and its weight files, for use outside CI.
 
-    python benchmarks/fuzz.py --examples 10000 [--seed 0]
+    python benchmarks/fuzz.py --examples 10000 [--seed 0] [--model checkpoints/navil-tiny]
 
-Runs the properties of tests/test_fuzz.py with their generators (tests/fuzz_cases.py) and a large hypothesis budget,
-split 45% random images, 45% random prompts with 0-3 `<image>` placeholders against 0-3 images, and 10% end-to-end
-cases (processor then forward of the golden qwen3_ve model). Every case must give consistent tensors or a documented
-ValueError; anything else is counted as unexpected and the run goes on. Prints a summary (examples run, expected
-errors by kind, unexpected exceptions with their first cases) and exits with status 1 if any was unexpected.
+Runs the generators and checks of navil.fuzzing_navil (the same as tests/test_fuzz.py) on the embedded tiny
+checkpoint with a large hypothesis budget, split over images, prompts, per-call processor options, end-to-end
+forwards, cached against uncached generation, config values and corrupted weight files. Every case must give
+consistent outputs or a documented ValueError; anything else is counted as unexpected and the run goes on. Prints a
+summary (examples run, outcomes by kind, the slowest case, unexpected exceptions with their first cases) and exits
+with status 1 if any was unexpected.
 """
 
 import argparse
 import collections
 import datetime
+import resource
 import sys
 import time
 import traceback
@@ -20,20 +22,14 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
-sys.path.insert(0, str(TESTS))
+from navil import fuzzing_navil as fuzz
+from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.processing_navil import load_navil_tokenizer
 
-from conftest import GOLDEN, load_golden_model  # noqa: E402
-from fuzz_cases import (  # noqa: E402
-    check_end_to_end,
-    check_image_case,
-    check_prompt_case,
-    image_cases,
-    prompt_cases,
-)
+CHECKPOINT = Path(fuzz.__file__).resolve().parent / "checkpoints" / "navil-tiny"
 
 
-def run_property(name, strategy, check, examples, random_seed, outcomes, unexpected):
+def run_property(name, strategy, check, examples, random_seed, outcomes, unexpected, slowest):
     """Runs `check` on `examples` cases drawn from `strategy`, recording outcomes instead of stopping at a failure."""
 
     @seed(random_seed)
@@ -46,11 +42,15 @@ def run_property(name, strategy, check, examples, random_seed, outcomes, unexpec
     )
     @given(case=strategy)
     def property_(case):
+        start = time.perf_counter()
         try:
             outcomes[name][check(case)] += 1
         except Exception as error:
             outcomes[name]["unexpected"] += 1
             unexpected.append((name, case, "".join(traceback.format_exception_only(error)).strip()))
+        elapsed = time.perf_counter() - start
+        if elapsed > slowest[0]:
+            slowest[:] = [elapsed, name, repr(case)[:200]]
 
     property_()
 
@@ -59,35 +59,41 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=10000, help="total number of cases")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", type=Path, default=CHECKPOINT, help="checkpoint folder (model and tokenizer)")
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(GOLDEN / "tokenizer")
-    model = load_golden_model("qwen3_ve", tokenizer)
+    tokenizer = load_navil_tokenizer(args.model)
+    model = NaViLForConditionalGeneration.from_pretrained(args.model).eval()
     processor = model.chat_processor(tokenizer)
-    end_to_end = st.tuples(st.lists(image_cases(), max_size=2), st.text(min_size=1, max_size=20))
+    end_to_end = st.tuples(st.lists(fuzz.image_cases(), max_size=2), st.text(min_size=1, max_size=20))
     plan = [
-        ("images", st.tuples(image_cases(), st.booleans()), lambda case: check_image_case(processor, *case), 0.45),
-        ("prompts", prompt_cases(), lambda case: check_prompt_case(processor, case), 0.45),
-        ("end-to-end", end_to_end, lambda case: check_end_to_end(model, processor, *case), 0.10),
+        ("images", st.tuples(fuzz.image_cases(), st.booleans()), lambda c: fuzz.check_image_case(processor, *c), 0.30),
+        ("prompts", fuzz.prompt_cases(), lambda case: fuzz.check_prompt_case(processor, case), 0.30),
+        ("options", fuzz.option_cases(), lambda case: fuzz.check_option_case(processor, case), 0.15),
+        ("end-to-end", end_to_end, lambda case: fuzz.check_end_to_end(model, processor, *case), 0.07),
+        ("generation", fuzz.generation_cases(), lambda c: fuzz.check_generation_case(model, processor, c), 0.05),
+        ("configs", fuzz.config_cases(), fuzz.check_config_case, 0.08),
+        ("weights", fuzz.weight_cases(), lambda case: fuzz.check_weight_case(args.model, case), 0.05),
     ]
     outcomes = collections.defaultdict(collections.Counter)
-    unexpected = []
+    unexpected, slowest = [], [0.0, "", ""]
     start = time.perf_counter()
     for name, strategy, check, share in plan:
-        run_property(name, strategy, check, round(args.examples * share), args.seed, outcomes, unexpected)
+        run_property(name, strategy, check, round(args.examples * share), args.seed, outcomes, unexpected, slowest)
     elapsed = time.perf_counter() - start
 
     total = sum(sum(counter.values()) for counter in outcomes.values())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print(f"navil fuzz run, {datetime.date.today()}: {total} examples in {elapsed:.0f} s (seed {args.seed})")
     for name, _, _, _ in plan:
         counter = outcomes[name]
         details = ", ".join(f"{kind}: {count}" for kind, count in counter.most_common())
         print(f"  {name:<11} {sum(counter.values()):>6} examples  ({details})")
+    print(f"slowest case: {slowest[0]:.2f} s ({slowest[1]}: {slowest[2]}); peak RSS of the run {peak:.2f} GiB")
     print(f"unexpected exceptions: {len(unexpected)}")
-    for name, case, error in unexpected[:10]:
-        print(f"  [{name}] {error}\n    case: {case!r}")
+    for kind, _, _, _ in plan:  # the first three of each kind
+        for name, case, error in [item for item in unexpected if item[0] == kind][:3]:
+            print(f"  [{name}] {error}\n    case: {case!r}")
     return 1 if unexpected else 0
 
 

@@ -6,7 +6,7 @@ Draws images of one shape and one word from the synthetic dataset (training size
 connector outputs (the LLM's visual inputs) averaged over the tokens inside the shape's and the word's bounding
 boxes, fits a logistic regression on two thirds of the images and prints its accuracy on the rest: the shape's colour
 (6 classes), its kind (4) and the word (10). A randomly initialised model of the embedded shape is probed next to it
-for reference. docs/training.md discusses the numbers.
+for reference. docs/experiments.md discusses the numbers.
 """
 
 import argparse
@@ -18,8 +18,8 @@ import torch
 from navil import NaViLForConditionalGeneration
 from navil.cli import load_model
 from navil.modeling_navil import get_window_index
-from navil.synthetic_data import COLORS, SHAPES, TRAIN_SIZE_RANGE, WORDS, random_scene
-from navil.training_navil import TrainingArguments, tiny_navil_config, tiny_text_config
+from navil.training import TrainingArguments, tiny_navil_config, tiny_text_config
+from navil.training.synthetic_data import COLORS, SHAPES, TRAIN_SIZE_RANGE, WORDS, random_scene
 
 PROBE_SEED = 4242
 
@@ -44,7 +44,7 @@ def probe_features(model, processor, num_images: int):
         inputs = processor.image_processor(scene.render(), return_tensors="pt", multiscale=False)
         _, h, w = inputs["image_grid_thw"][0].tolist()
         grid_h, grid_w = h // vision.merge_size, w // vision.merge_size
-        features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])  # window order
+        features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output  # window order
         window_index, _ = get_window_index(inputs["image_grid_thw"], vision.window_size, vision.merge_size)
         raster = torch.empty_like(features)
         raster[window_index] = features

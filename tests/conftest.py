@@ -1,4 +1,5 @@
-"""Shared fixtures: the golden outputs of the original NaViL implementation (copied into tests/fixtures/golden)."""
+"""Shared fixtures and helpers: the golden outputs of the original NaViL implementation (copied into
+tests/fixtures/golden), the golden Qwen3-VE model and its processor, and greedy decoding for comparisons."""
 
 import json
 from pathlib import Path
@@ -40,6 +41,18 @@ def golden_image_processor(manifest):
     )
 
 
+@pytest.fixture(scope="module")
+def model(golden_tokenizer):
+    """The golden Qwen3-VE model, ready to chat: the model of the test modules that do not define their own."""
+    return load_golden_model("qwen3_ve", golden_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def processor(model, golden_tokenizer):
+    """The processor `model.chat` uses."""
+    return model.chat_processor(golden_tokenizer)
+
+
 @pytest.fixture(scope="session")
 def image_processor_outputs():
     return load_file(GOLDEN / "image_processor.safetensors")
@@ -67,3 +80,12 @@ def load_golden_model(name, tokenizer=None, **kwargs):
     if tokenizer is not None:
         model.init_special_token_ids(tokenizer)
     return model
+
+
+def greedy(model, inputs, new_tokens=10, **kwargs):
+    """The tokens greedy decoding appends to `inputs`: exactly `new_tokens` of them (end of sequence cannot stop it),
+    so that runs computed in different ways can be compared token for token."""
+    generated = model.generate(
+        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs
+    )
+    return generated[:, inputs["input_ids"].shape[1] :]

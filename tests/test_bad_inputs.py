@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN, load_golden_model
+from conftest import GOLDEN
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_image_inputs import png_declaring
@@ -30,16 +30,6 @@ from navil.modeling_navil import NaViLForConditionalGeneration
 IMAGES = GOLDEN / "images"
 PACKAGE = Path(__file__).resolve().parent.parent
 GENERATION = dict(max_new_tokens=2, do_sample=False)
-
-
-@pytest.fixture(scope="module")
-def model(golden_tokenizer):
-    return load_golden_model("qwen3_ve", golden_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def processor(model, golden_tokenizer):
-    return model.chat_processor(golden_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +217,9 @@ BAD_FORWARD_INPUTS = {
         "attention_mask has shape .* but the prompt is",
     ),
     "no-ids-nor-embeds": (lambda x: {}, "exactly one of input_ids or inputs_embeds"),
-    "embeds-with-pixels": (
-        lambda x: {"inputs_embeds": torch.zeros(1, 4, 64), "pixel_values": x["pixel_values"]},
-        "pixel_values are only used with input_ids",
+    "embeds-without-image-tokens": (
+        lambda x: {"inputs_embeds": torch.zeros(1, 4, 64), "pixel_values": x["pixel_values"], "image_grid_thw": x["image_grid_thw"]},
+        "The prompt has 0 <IMG_CONTEXT> tokens but the images give",
     ),
     "embeds-width": (lambda x: {"inputs_embeds": torch.zeros(1, 4, 7)}, "inputs_embeds must be \\[batch, seq, 64\\]"),
     "int-pixels": (lambda x: {**x, "pixel_values": x["pixel_values"].long()}, "must be floating point"),

@@ -6,7 +6,7 @@ tests/test_chat.py (batch_chat vs chat, stream_chat vs chat).
 
 import pytest
 import torch
-from conftest import BACKBONES, GOLDEN, load_golden_model
+from conftest import BACKBONES, GOLDEN, greedy, load_golden_model
 
 IMAGES = GOLDEN / "images"
 CONVERSATIONS = [
@@ -33,11 +33,7 @@ def _inputs(model, tokenizer, conversations):
 
 
 def _greedy(model, inputs, **kwargs):
-    # EOS disabled so that every run generates the same number of tokens
-    generated = model.generate(
-        **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=1001, **kwargs
-    )
-    return generated[:, inputs["input_ids"].shape[1] :]
+    return greedy(model, inputs, NEW_TOKENS, pad_token_id=1001, **kwargs)
 
 
 def test_sdpa_and_eager_generate_the_same_greedy_tokens(models, golden_tokenizer):

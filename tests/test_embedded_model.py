@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 import navil
 from navil.cli import main
 from navil.convert_navil import CODE_FILES
-from navil.synthetic_data import example_sample
+from navil.training.synthetic_data import example_sample
 
 PACKAGE = Path(navil.__file__).parent
 CHECKPOINT = PACKAGE / "checkpoints" / "navil-tiny"

@@ -1,30 +1,29 @@
-"""Property-based tests: for any image and prompt the processor returns consistent tensors or a documented ValueError.
+"""Property-based tests: for any image, prompt, per-call option, config value or damaged weight file, navil returns
+consistent outputs or a documented ValueError; generation with the KV cache equals generation without it.
 
-The generators and checks live in tests/fuzz_cases.py; benchmarks/fuzz.py runs them with a large budget.
+The generators and checks live in navil/fuzzing_navil.py; benchmarks/fuzz.py runs them with a large budget.
 """
 
-import pytest
-from conftest import load_golden_model
-from fuzz_cases import (
-    CI_SETTINGS,
-    check_end_to_end,
-    check_image_case,
-    check_prompt_case,
-    image_cases,
-    prompt_cases,
-)
+from conftest import GOLDEN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-
-@pytest.fixture(scope="module")
-def model(golden_tokenizer):
-    return load_golden_model("qwen3_ve", golden_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def processor(model, golden_tokenizer):
-    return model.chat_processor(golden_tokenizer)
+from navil.fuzzing_navil import (
+    CI_SETTINGS,
+    check_config_case,
+    check_end_to_end,
+    check_generation_case,
+    check_image_case,
+    check_option_case,
+    check_prompt_case,
+    check_weight_case,
+    config_cases,
+    generation_cases,
+    image_cases,
+    option_cases,
+    prompt_cases,
+    weight_cases,
+)
 
 
 @settings(CI_SETTINGS, max_examples=150)
@@ -39,7 +38,31 @@ def test_any_prompt_and_image_count_gives_consistent_tensors_or_the_predicted_er
     check_prompt_case(processor, case)
 
 
+@settings(CI_SETTINGS, max_examples=80)
+@given(case=option_cases())
+def test_any_per_call_processor_option_gives_bounded_outputs_or_a_documented_error(processor, case):
+    check_option_case(processor, case)
+
+
 @settings(CI_SETTINGS, max_examples=40)
 @given(cases=st.lists(image_cases(), max_size=2), question=st.text(min_size=1, max_size=20))
 def test_forward_runs_on_any_processor_output(model, processor, cases, question):
     check_end_to_end(model, processor, cases, question)
+
+
+@settings(CI_SETTINGS, max_examples=15)
+@given(case=generation_cases())
+def test_generation_with_the_cache_equals_generation_without_it_on_any_prompt(model, processor, case):
+    check_generation_case(model, processor, case)
+
+
+@settings(CI_SETTINGS, max_examples=60)
+@given(case=config_cases())
+def test_any_config_value_is_refused_naming_its_field_or_builds_a_model_that_runs(case):
+    check_config_case(case)
+
+
+@settings(CI_SETTINGS, max_examples=25)
+@given(case=weight_cases())
+def test_any_damaged_weight_file_is_refused_naming_it_or_loads_as_documented(case):
+    check_weight_case(GOLDEN / "qwen3_ve", case)

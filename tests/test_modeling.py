@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import BACKBONES, GOLDEN, case_pixel_inputs, load_golden_model
+from conftest import BACKBONES, GOLDEN, case_pixel_inputs, greedy, load_golden_model
 
-from navil.training_navil import set_activation_checkpointing
+from navil.training import set_activation_checkpointing
 
 ATOL = 1e-4
 FEATURE_ATOL = 1e-5
@@ -26,7 +26,7 @@ def test_image_features_and_logits_match_original(
             features = model.get_image_features(
                 image_processor_outputs[f"ip.{image}.multi.pixel_values"],
                 image_processor_outputs[f"ip.{image}.multi.image_grid_thw"],
-            )
+            ).pooler_output
             torch.testing.assert_close(
                 features, outputs[f"features.{image}.after_connector"], atol=FEATURE_ATOL, rtol=FEATURE_ATOL
             )
@@ -56,8 +56,8 @@ def test_pixel_values_accepted_flat_or_as_patches(backbone, image_processor_outp
     pixel_values = image_processor_outputs["ip.shapes.multi.pixel_values"]
     grids = image_processor_outputs["ip.shapes.multi.image_grid_thw"]
     with torch.no_grad():
-        as_patches = model.get_image_features(pixel_values, grids)
-        flat = model.get_image_features(pixel_values.flatten(1), grids)
+        as_patches = model.get_image_features(pixel_values, grids).pooler_output
+        flat = model.get_image_features(pixel_values.flatten(1), grids).pooler_output
     assert torch.equal(as_patches, flat)
 
 
@@ -104,10 +104,6 @@ def test_generate_reproduces_original_token_ids(backbone, manifest, image_proces
         assert generated[0, input_ids.shape[1] :].tolist() == outputs[f"case.{case}.generated_ids"].tolist(), case
 
 
-def _greedy(model, **inputs):
-    return model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=1000, pad_token_id=1001)
-
-
 def test_generation_with_cache_equals_without_cache(
     backbone, golden_tokenizer, image_processor_outputs, golden_outputs
 ):
@@ -117,7 +113,10 @@ def test_generation_with_cache_equals_without_cache(
     inputs = dict(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values, image_grid_thw=grids
     )
-    assert torch.equal(_greedy(model, use_cache=True, **inputs), _greedy(model, use_cache=False, **inputs))
+    assert torch.equal(
+        greedy(model, inputs, use_cache=True, pad_token_id=1001),
+        greedy(model, inputs, use_cache=False, pad_token_id=1001),
+    )
 
 
 def test_left_padded_batch_generates_the_same_tokens_as_each_prompt_alone(
@@ -129,29 +128,27 @@ def test_left_padded_batch_generates_the_same_tokens_as_each_prompt_alone(
     for case, images in cases.items():
         input_ids = golden_outputs[backbone][f"case.{case}.input_ids"]
         pixel_values, grid, _ = case_pixel_inputs(image_processor_outputs, images)
-        out = _greedy(
-            model,
+        inputs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             pixel_values=pixel_values,
             image_grid_thw=grid,
         )
-        alone.append(out[0, input_ids.shape[1] :])
+        alone.append(greedy(model, inputs, pad_token_id=1001)[0])
         prompts.append(input_ids[0])
         pixels.append(pixel_values)
         grids.append(grid)
     length = max(len(p) for p in prompts)
     input_ids = torch.stack([torch.cat([p.new_full((length - len(p),), 1001), p]) for p in prompts])
     attention_mask = torch.stack([torch.arange(length) >= length - len(p) for p in prompts]).long()
-    batch = _greedy(
-        model,
+    inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         pixel_values=torch.cat(pixels),
         image_grid_thw=torch.cat(grids),
     )
-    for row, expected in zip(batch[:, length:], alone):
-        row = row[: len(expected)]
+    batch = greedy(model, inputs, pad_token_id=1001)
+    for row, expected in zip(batch, alone):
         assert row.tolist() == expected.tolist()
 
 

@@ -4,40 +4,19 @@ cache + torch.compile decoding, last-position logits in generation."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import greedy
 from transformers import CompileConfig
 
-from navil.configuration_navil import NaViLConfig, NaViLVisionConfig
-from navil.modeling_navil import (
-    SPECIAL_TOKENS,
-    ModalityRouter,
-    NaViLForConditionalGeneration,
-    NaViLVisionModel,
-    get_window_index,
-)
+from navil.modeling_navil import ModalityRouter, NaViLForConditionalGeneration, NaViLVisionModel, get_window_index
+from navil.training import tiny_config
 
-VOCAB = 320
-SPECIAL_IDS = {token: VOCAB - len(SPECIAL_TOKENS) + row for row, token in enumerate(SPECIAL_TOKENS)}
-BACKBONES = {"internlm2": "InternLM2VEForCausalLM", "qwen3": "Qwen3VEForCausalLM"}
+BACKBONES = ("internlm2", "qwen3")
+SPECIAL_IDS = tiny_config().special_token_ids
 
 
 def tiny_model(backbone):
     torch.manual_seed(0)
-    config = NaViLConfig(
-        vision_config=dict(
-            hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64, fullatt_block_indexes=[1]
-        ),
-        text_config=dict(
-            architectures=[BACKBONES[backbone]],
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
-        special_token_ids=SPECIAL_IDS,
-    )
-    model = NaViLForConditionalGeneration(config).eval()
+    model = NaViLForConditionalGeneration(tiny_config(backbone)).eval()
     model.generation_config.pad_token_id = 0
     return model
 
@@ -59,10 +38,6 @@ def text_inputs():
     return dict(input_ids=torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]]))
 
 
-def greedy(model, inputs, **kwargs):
-    return model.generate(**inputs, max_new_tokens=8, do_sample=False, **kwargs)
-
-
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_static_cache_compiled_greedy_decoding_equals_eager(backbone):
     model = tiny_model(backbone)
@@ -70,9 +45,9 @@ def test_static_cache_compiled_greedy_decoding_equals_eager(backbone):
     compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
     compile_config._compile_all_devices = True
     for inputs in (text_inputs(), image_inputs()):
-        eager = greedy(model, inputs)
-        static = greedy(model, inputs, cache_implementation="static")
-        compiled = greedy(model, inputs, cache_implementation="static", compile_config=compile_config)
+        eager = greedy(model, inputs, 8)
+        static = greedy(model, inputs, 8, cache_implementation="static")
+        compiled = greedy(model, inputs, 8, cache_implementation="static", compile_config=compile_config)
         assert torch.equal(static, eager)
         assert torch.equal(compiled, eager)
 
@@ -118,9 +93,7 @@ def reference_vision_forward(model: NaViLVisionModel, pixel_values, grid_thw):
 )
 def test_packed_vision_attention_equals_dense_block_diagonal_reference(grids, attn_implementation):
     torch.manual_seed(0)
-    config = NaViLVisionConfig(
-        hidden_size=32, num_attention_heads=2, num_hidden_layers=3, intermediate_size=64, fullatt_block_indexes=[1]
-    )
+    config = tiny_config(vision=dict(num_hidden_layers=3)).vision_config
     config._attn_implementation = attn_implementation
     model = NaViLVisionModel(config).eval()
     with torch.no_grad():
@@ -182,7 +155,7 @@ def test_generation_routes_the_prompt_once_and_decodes_densely_with_last_positio
     logits_lengths = []
     head = model.get_output_embeddings()
     head.register_forward_hook(lambda module, args, output: logits_lengths.append(output.shape[1]))
-    greedy(model, inputs)
+    greedy(model, inputs, 8)
     num_visual = int(
         ((inputs["input_ids"] == SPECIAL_IDS["<IMG_CONTEXT>"]) | (inputs["input_ids"] == SPECIAL_IDS["<img>"])).sum()
     )

@@ -9,19 +9,9 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-from navil.configuration_navil import NaViLConfig
-from navil.modeling_navil import SPECIAL_TOKENS, NaViLForConditionalGeneration
-from navil.synthetic_data import (
-    COLORS,
-    NUMBER_WORDS,
-    OUT_OF_RANGE_SIZES,
-    QUESTION_TYPES,
-    SHAPES,
-    TRAIN_SIZE_RANGE,
-    ShapesDataset,
-    example_sample,
-)
-from navil.training_navil import (
+from navil.configuration_navil import SPECIAL_TOKEN_EMBEDDING_ROWS
+from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.training import (
     TOKENIZER_DIR,
     Conversation,
     TrainingArguments,
@@ -32,11 +22,22 @@ from navil.training_navil import (
     navil_processor,
     question_batches,
     set_text_weights_trainable,
+    tiny_config,
     tiny_navil_config,
     tiny_text_config,
     train_loop,
     train_tiny_navil,
     upcycle_from_text_model,
+)
+from navil.training.synthetic_data import (
+    COLORS,
+    NUMBER_WORDS,
+    OUT_OF_RANGE_SIZES,
+    QUESTION_TYPES,
+    SHAPES,
+    TRAIN_SIZE_RANGE,
+    ShapesDataset,
+    example_sample,
 )
 
 MINIATURE = TrainingArguments(
@@ -166,7 +167,7 @@ def test_tokenizer_has_the_navil_special_tokens_appended_and_no_bos(tokenizer):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.bos_token is None
     assert tokenizer("red")["input_ids"] == [vocab["red"]]
-    special_ids = [vocab[token] for token in SPECIAL_TOKENS]
+    special_ids = [vocab[token] for token in SPECIAL_TOKEN_EMBEDDING_ROWS]
     assert min(special_ids) > max(vocab[token] for token in ("red", "circle", "cat"))
 
 
@@ -224,7 +225,7 @@ def test_upcycling_copies_text_weights_into_both_experts(tokenizer):
     text_model, model = miniature_models(tokenizer)
     report = upcycle_from_text_model(text_model, model)
     assert report.missing_keys == [] and report.unexpected_keys == []
-    assert report.special_token_rows == list(SPECIAL_TOKENS)
+    assert report.special_token_rows == list(SPECIAL_TOKEN_EMBEDDING_ROWS)
     text = text_model.state_dict()
     navil = model.state_dict()
     for key, value in text.items():
@@ -238,7 +239,7 @@ def test_upcycling_copies_text_weights_into_both_experts(tokenizer):
         navil["language_model.model.layers.0.mlp_ve.up_proj.weight"], text["model.layers.0.mlp.up_proj.weight"]
     )
     embeddings = text["model.embed_tokens.weight"]
-    for row, token in enumerate(SPECIAL_TOKENS):
+    for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS):
         assert torch.equal(
             model.special_token_embedding.weight[row], embeddings[tokenizer.convert_tokens_to_ids(token)]
         )
@@ -278,23 +279,11 @@ def test_upcycling_rejects_a_text_model_of_another_shape(tokenizer):
 
 
 def test_upcycling_handles_the_internlm2_layout_and_tied_heads(tokenizer):
-    config = NaViLConfig(
-        vision_config=dict(
-            hidden_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            intermediate_size=64,
-            fullatt_block_indexes=None,
-        ),
-        text_config=dict(
-            architectures=["InternLM2VEForCausalLM"],
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
+    config = tiny_config(
+        "internlm2",
+        len(tokenizer),
+        vision=dict(num_hidden_layers=1, fullatt_block_indexes=None),
+        text=dict(hidden_size=32, intermediate_size=64),
     )
     torch.manual_seed(0)
     source = NaViLForConditionalGeneration(config).language_model.state_dict()

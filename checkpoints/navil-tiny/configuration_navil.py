@@ -5,13 +5,66 @@
 as `text_config` (the name transformers' generation utilities look for); `llm_config` is accepted on input.
 """
 
+import math
+import numbers
+from collections.abc import Mapping
+
+import torch
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 INTERNLM2_VE = "InternLM2VEForCausalLM"
 QWEN3_VE = "Qwen3VEForCausalLM"
 BACKBONES = {INTERNLM2_VE: "internlm2", QWEN3_VE: "qwen3"}
 TEMPLATES = {"internlm2": "internlm2-chat", "qwen3": "qwen3-chat"}
 ROPE_TYPES = ("default", "linear", "dynamic")
+
+# Special-token strings: the one definition, used by the model, the processor and training.
+IMAGE_PLACEHOLDER = "<image>"
+IMG_START_TOKEN = "<img>"
+IMG_END_TOKEN = "</img>"
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+IMG_LINE_BREAK_TOKEN = "<IMG_LINE_BREAK>"
+IMG_FRAME_BREAK_TOKEN = "<IMG_FRAME_BREAK>"
+END_OF_TURN_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+
+# The special tokens of the NaViL tokenizers, in the order the original appends them.
+NAVIL_SPECIAL_TOKENS = [
+    "<|im_start|>",
+    END_OF_TURN_TOKEN,
+    PAD_TOKEN,
+    IMG_START_TOKEN,
+    IMG_END_TOKEN,
+    IMG_CONTEXT_TOKEN,
+    IMG_LINE_BREAK_TOKEN,
+    IMG_FRAME_BREAK_TOKEN,
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "<img_uncond>",
+    "<think>",
+    "</think>",
+]
+
+# Rows of the model's `special_token_embedding`, in the order of the original checkpoints.
+SPECIAL_TOKEN_EMBEDDING_ROWS = (
+    "</box>",
+    "<box>",
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    "</quad>",
+    "<quad>",
+    "</ref>",
+    "<ref>",
+    "<img_uncond>",
+    IMG_LINE_BREAK_TOKEN,
+    IMG_FRAME_BREAK_TOKEN,
+)
 # Written into every saved config so that the folder loads through the Auto classes with trust_remote_code=True.
 AUTO_MAP = {
     "AutoConfig": "configuration_navil.NaViLConfig",
@@ -19,6 +72,56 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_navil.NaViLForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_navil.NaViLForConditionalGeneration",
 }
+
+
+def check_image_grid(image_grid_thw, merge_size: int) -> torch.Tensor:
+    """`image_grid_thw` as a CPU int64 [image_scales, 3] tensor, or a `ValueError` naming what is wrong with it."""
+    grid = torch.as_tensor(image_grid_thw)
+    if grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool:
+        raise ValueError(f"image_grid_thw must hold integers (the image processor's output), got {grid.dtype}.")
+    if grid.ndim != 2 or grid.shape[1] != 3:
+        raise ValueError(
+            f"image_grid_thw must be [image_scales, 3] (t, h, w per image-scale), got shape {tuple(grid.shape)}; "
+            "pass the image processor's image_grid_thw."
+        )
+    grid = grid.to(device="cpu", dtype=torch.int64)
+    bad = (grid[:, 0] < 1) | (grid[:, 1:] < merge_size).any(-1) | (grid[:, 1:] % merge_size != 0).any(-1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(
+            f"image_grid_thw row {row} is {grid[row].tolist()}: t must be at least 1 and h, w positive multiples of "
+            f"merge_size={merge_size}; pass the image processor's image_grid_thw with the model's merge size."
+        )
+    return grid
+
+
+# What each kind of numeric or flag field must hold, for `check_fields`.
+_FIELD_KINDS = {
+    "size": ("a positive whole number", lambda v: isinstance(v, numbers.Integral) and v > 0),
+    "index": ("a whole number >= 0", lambda v: isinstance(v, numbers.Integral) and v >= 0),
+    "positive": ("a positive finite number", lambda v: isinstance(v, numbers.Real) and _finite(v) and v > 0),
+    "non-negative": ("a finite number >= 0", lambda v: isinstance(v, numbers.Real) and _finite(v) and v >= 0),
+    "flag": ("True or False", lambda v: isinstance(v, bool)),
+}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Integral) or math.isfinite(value)
+
+
+def check_fields(owner: str, kind: str, **fields) -> None:
+    """Raises a `ValueError` naming `owner.field` unless every value is of `kind` (a key of `_FIELD_KINDS`)."""
+    description, valid = _FIELD_KINDS[kind]
+    for name, value in fields.items():
+        if (isinstance(value, bool) and kind != "flag") or not valid(value):
+            raise ValueError(f"{owner}.{name} must be {description}, got {value!r:.60}.")
+
+
+def check_activation(owner: str, hidden_act) -> None:
+    if not isinstance(hidden_act, str) or hidden_act not in ACT2FN:
+        raise ValueError(
+            f"{owner}.hidden_act must name an activation of transformers (e.g. 'gelu', 'silu'), got {hidden_act!r:.60}."
+        )
 
 
 class NaViLVisionConfig(PretrainedConfig):
@@ -88,8 +191,21 @@ class NaViLVisionConfig(PretrainedConfig):
         self.downsample_ratio = downsample_ratio
         super().__init__(**kwargs)
         self.validate_vision()
+        # the layer scales are filled with it: an int (e.g. `1` in a JSON file) would make them integer tensors
+        self.initializer_factor = float(self.initializer_factor)
 
     def validate_vision(self):
+        sizes = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "patch_size")
+        check_fields("vision_config", "size", **{name: getattr(self, name) for name in (*sizes, "num_channels")})
+        check_fields("vision_config", "size", window_size=self.window_size)
+        check_fields("vision_config", "positive", layer_norm_eps=self.layer_norm_eps)
+        check_fields("vision_config", "positive", downsample_ratio=self.downsample_ratio)
+        check_fields("vision_config", "non-negative", initializer_range=self.initializer_range)
+        check_fields("vision_config", "non-negative", initializer_factor=self.initializer_factor)
+        check_fields("vision_config", "flag", qkv_bias=self.qkv_bias, qk_normalization=self.qk_normalization)
+        check_activation("vision_config", self.hidden_act)
+        for index in self.fullatt_block_indexes or ():
+            check_fields("vision_config", "index", fullatt_block_indexes=index)
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"vision hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -181,6 +297,8 @@ class NaViLTextConfig(PretrainedConfig):
         for key in ("attn_implementation", "rope_parameters", "skip_final_norm_weight", "max_window_layers"):
             kwargs.pop(key, None)
         bias = kwargs.pop("bias", None)
+        if architectures is not None and not isinstance(architectures, (list, tuple)):
+            raise ValueError(f"text_config.architectures must be a list of class names, got {architectures!r:.60}.")
         self.architectures = list(architectures or [INTERNLM2_VE])
         if self.architectures[0] not in BACKBONES:
             raise ValueError(
@@ -192,6 +310,8 @@ class NaViLTextConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        check_fields("text_config", "size", hidden_size=hidden_size, num_attention_heads=num_attention_heads)
+        check_fields("text_config", "positive", rope_theta=rope_theta)
         if self.backbone == "internlm2" or head_dim is None:
             head_dim = hidden_size // num_attention_heads
         self.head_dim = head_dim
@@ -216,6 +336,15 @@ class NaViLTextConfig(PretrainedConfig):
         self.validate_text()
 
     def validate_text(self):
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        sizes += ("num_key_value_heads", "head_dim", "max_position_embeddings")
+        check_fields("text_config", "size", **{name: getattr(self, name) for name in sizes})
+        check_fields("text_config", "positive", rms_norm_eps=self.rms_norm_eps)
+        check_fields("text_config", "non-negative", initializer_range=self.initializer_range)
+        check_fields("text_config", "flag", use_sliding_window=self.use_sliding_window)
+        if self.sliding_window is not None:
+            check_fields("text_config", "size", sliding_window=self.sliding_window)
+        check_activation("text_config", self.hidden_act)
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
@@ -291,6 +420,10 @@ class NaViLConfig(PretrainedConfig):
         llm_config = kwargs.pop("llm_config", None)
         if text_config is None:
             text_config = llm_config
+        check_fields("NaViLConfig", "positive", downsample_ratio=downsample_ratio)
+        for name, sub_config in (("vision_config", vision_config), ("text_config", text_config)):
+            if sub_config is not None and not isinstance(sub_config, (Mapping, PretrainedConfig)):
+                raise ValueError(f"{name} must be a dict or a config, got {type(sub_config).__name__}.")
         if isinstance(vision_config, PretrainedConfig):
             vision_config = vision_config.to_dict()
         if isinstance(text_config, PretrainedConfig):
@@ -305,6 +438,8 @@ class NaViLConfig(PretrainedConfig):
         self.max_dynamic_patch = max_dynamic_patch
         self.scale_downsample_ratio = scale_downsample_ratio
         self.anyres_image_size = anyres_image_size
+        if special_token_ids is not None and not isinstance(special_token_ids, Mapping):
+            raise ValueError(f"special_token_ids must be a dict of token ids, got {special_token_ids!r:.60}.")
         self.special_token_ids = dict(special_token_ids or {})
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
@@ -322,6 +457,23 @@ class NaViLConfig(PretrainedConfig):
                 f"vision window_size ({self.vision_config.window_size}) must be at least the merge size "
                 f"({self.vision_config.merge_size})."
             )
+        check_fields("NaViLConfig", "size", min_dynamic_patch=self.min_dynamic_patch)
+        check_fields("NaViLConfig", "size", max_dynamic_patch=self.max_dynamic_patch)
+        check_fields("NaViLConfig", "positive", scale_downsample_ratio=self.scale_downsample_ratio)
+        if self.system_message is not None and not isinstance(self.system_message, str):
+            raise ValueError(f"system_message must be a string or None, got {type(self.system_message).__name__}.")
+        vocab_size = self.text_config.vocab_size
+        for token, token_id in self.special_token_ids.items():
+            if not isinstance(token, str) or isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
+                raise ValueError(
+                    f"special_token_ids maps token strings to integer ids, got {token!r:.40}: {token_id!r:.40}; fill it "
+                    "with model.init_special_token_ids(tokenizer)."
+                )
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(
+                    f"special_token_ids[{token!r}] = {token_id} is outside the vocabulary [0, {vocab_size}); fill it "
+                    "with model.init_special_token_ids(tokenizer) using this model's tokenizer."
+                )
         if not 0 < self.min_dynamic_patch <= self.max_dynamic_patch:
             raise ValueError(
                 f"need 0 < min_dynamic_patch <= max_dynamic_patch, got {self.min_dynamic_patch} and "
@@ -335,7 +487,20 @@ class NaViLConfig(PretrainedConfig):
         """The language-model config under its name in original NaViL code."""
         return self.text_config
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PretrainedConfig.from_dict`, refusing a saved config without the settings of the vision encoder or the
+        language model: the defaults describe a full-size model, not the checkpoint's."""
+        for keys in (("vision_config",), ("text_config", "llm_config")):
+            if not any(isinstance(config_dict.get(key), (Mapping, PretrainedConfig)) for key in keys):
+                raise ValueError(
+                    f"The NaViL config has no {' or '.join(keys)} (missing or null); a saved config must describe its "
+                    "model. Use the config.json saved with the checkpoint."
+                )
+        return super().from_dict(config_dict, **kwargs)
+
 
 NaViLConfig.register_for_auto_class()
+
 
 __all__ = ["NaViLConfig", "NaViLTextConfig", "NaViLVisionConfig"]

@@ -7,65 +7,65 @@ Read top to bottom:
 3. the modality-expert decoder: `ModalityRouter` sends every token through exactly one expert (text or visual
    weights) by gathering each modality's rows once and scattering the results back; the InternLM2-VE and Qwen3-VE
    layouts share it and differ only in their projections and parameter names;
-4. `NaViLForConditionalGeneration`: embeddings with image features scattered in, the loss, generation and the
-   chat helpers (`chat`, `batch_chat`, `stream_chat`).
+4. `NaViLForConditionalGeneration`: embeddings with image features scattered in, the loss and generation. The
+   original chat helpers (`chat`, `batch_chat`, `stream_chat`) come from `NaViLChatMixin` in chat_navil.py.
 
 Parameter names equal those of the original NaViL checkpoints, so they load without conversion.
 """
 
-from collections.abc import Mapping
-from functools import partial
+import copy
 from pathlib import Path
-from threading import Thread
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, TextIteratorStreamer
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
+from transformers.utils.generic import can_return_tuple
 
+from .chat_navil import NaViLChatMixin
 from .compat_navil import (
     CACHE_NAMES,
+    DTYPE_KWARG,
+    GradientCheckpointingLayer,
+    attention_function,
     cache_of,
     causal_masks,
+    generation_step_is_decode,
     new_dynamic_cache,
     output_with_cache,
     pop_cache,
     with_dtype_kwarg,
 )
-from .configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
-from .image_processing_navil import NaViLImageProcessor
-from .processing_navil import IMAGE_PLACEHOLDER, NaViLProcessor, clean_reply
+from .configuration_navil import (
+    END_OF_TURN_TOKEN,
+    IMG_CONTEXT_TOKEN,
+    IMG_FRAME_BREAK_TOKEN,
+    IMG_START_TOKEN,
+    SPECIAL_TOKEN_EMBEDDING_ROWS,
+    NaViLConfig,
+    NaViLTextConfig,
+    NaViLVisionConfig,
+    check_image_grid,
+)
+
+# transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file here.
+from .image_processing_navil import NaViLImageProcessor  # noqa: F401
+from .processing_navil import NaViLProcessor  # noqa: F401
 
 try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
-
-# Rows of `special_token_embedding`, in the order of the original checkpoints.
-SPECIAL_TOKENS = (
-    "</box>",
-    "<box>",
-    "<IMG_CONTEXT>",
-    "</img>",
-    "<img>",
-    "</quad>",
-    "<quad>",
-    "</ref>",
-    "<ref>",
-    "<img_uncond>",
-    "<IMG_LINE_BREAK>",
-    "<IMG_FRAME_BREAK>",
-)
-IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-IMG_START_TOKEN = "<img>"
-IMG_FRAME_BREAK_TOKEN = "<IMG_FRAME_BREAK>"
-END_OF_TURN_TOKEN = "<|im_end|>"
 
 
 class NaViLRMSNorm(nn.Module):
@@ -134,9 +134,13 @@ class AttentionBlocks(NamedTuple):
 
 
 def block_diagonal_attention(query, key, value, blocks: AttentionBlocks, implementation: str, scaling: float):
-    """Bidirectional attention inside each block; [tokens, heads, head_dim] in and out."""
+    """Bidirectional attention inside each block; [tokens, heads, head_dim] in and out.
+
+    Returns `(output, weights)`: with eager attention `weights` has one [blocks, heads, length, length] tensor per
+    group of equal-length blocks (in `blocks.groups` order); other implementations return `None`.
+    """
     if implementation == "flash_attention_2" and flash_attn_varlen_func is not None and query.is_cuda:
-        return flash_attn_varlen_func(
+        output = flash_attn_varlen_func(
             query,
             key,
             value,
@@ -146,7 +150,8 @@ def block_diagonal_attention(query, key, value, blocks: AttentionBlocks, impleme
             blocks.max_len,
             softmax_scale=scaling,
         )
-    output = None
+        return output, None
+    output, all_weights = None, () if implementation == "eager" else None
     for group in blocks.groups:
         # [blocks, heads, length, head_dim]
         batch = [
@@ -157,15 +162,16 @@ def block_diagonal_attention(query, key, value, blocks: AttentionBlocks, impleme
             scores = torch.matmul(batch[0], batch[1].transpose(-1, -2)) * scaling
             weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
             group_output = torch.matmul(weights, batch[2])
+            all_weights += (weights,)
         else:
             group_output = F.scaled_dot_product_attention(*batch, scale=scaling)
         group_output = group_output.transpose(1, 2).reshape(-1, *query.shape[1:])
         if len(blocks.groups) == 1 and isinstance(group.tokens, slice):
-            return group_output
+            return group_output, all_weights
         if output is None:
             output = query.new_empty(query.shape)
         output[group.tokens] = group_output
-    return output
+    return output, all_weights
 
 
 class NaViLVisionEmbeddings(nn.Module):
@@ -264,10 +270,10 @@ class NaViLVisionAttention(nn.Module):
             query = self.q_norm(query.reshape(num_patches, width)).view(num_patches, self.num_heads, self.head_dim)
             key = self.k_norm(key.reshape(num_patches, width)).view(num_patches, self.num_heads, self.head_dim)
         query, key = apply_vision_rotary(query, key, *rotary_embeddings)
-        output = block_diagonal_attention(
+        output, weights = block_diagonal_attention(
             query, key, value, blocks, self.config._attn_implementation or "sdpa", self.scaling
         )
-        return self.proj(output.reshape(num_patches, width))
+        return self.proj(output.reshape(num_patches, width)), weights
 
 
 class NaViLVisionMLP(nn.Module):
@@ -301,8 +307,74 @@ class NaViLVisionLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, rotary_embeddings, image_blocks, window_blocks):
         blocks = image_blocks if self.full_attention else window_blocks
-        hidden_states = hidden_states + self.ls1 * self.attn(self.norm1(hidden_states), rotary_embeddings, blocks)
-        return hidden_states + self.ls2 * self.mlp(self.norm2(hidden_states))
+        attn_output, attn_weights = self.attn(self.norm1(hidden_states), rotary_embeddings, blocks)
+        hidden_states = hidden_states + self.ls1 * attn_output
+        return hidden_states + self.ls2 * self.mlp(self.norm2(hidden_states)), attn_weights
+
+
+def check_local_checkpoint(folder: Path, has_config: bool) -> None:
+    """Refuses a local checkpoint folder before any model is built: no `config.json` (unless a config is passed), or
+    a `*.safetensors` file whose header cannot be read (empty, truncated, not safetensors, oversized header)."""
+    if not has_config and not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{folder} has no config.json, so the model's size is unknown; pass the folder of a saved NaViL checkpoint "
+            "(config.json with its weights), or pass config= explicitly."
+        )
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as error:  # safetensors raises its own SafetensorError (not importable on every version)
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({error}); it is truncated, empty or not safetensors. "
+                "Download or save the checkpoint again."
+            ) from None
+
+
+def bitsandbytes_usable() -> bool:
+    """Whether bitsandbytes imports and supports a device of this machine (a CUDA GPU, or its CPU backend)."""
+    try:
+        import bitsandbytes
+    except Exception:  # a broken CUDA setup makes the import raise more than ImportError
+        return False
+    devices = {"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"}
+    # releases before the CPU backend have no `supported_torch_devices` and run on CUDA only
+    return bool(devices & set(getattr(bitsandbytes, "supported_torch_devices", {"cuda"})))
+
+
+def with_quantization_config(kwargs: dict, modules_to_not_quantize: list[str]) -> dict:
+    """`from_pretrained` kwargs with the original model card's `load_in_8bit` / `load_in_4bit` turned into a
+    `BitsAndBytesConfig` (nf4 for 4 bits), and `modules_to_not_quantize` filled into a quantization config that names
+    no modules to skip (torchao's `modules_to_not_convert`, bitsandbytes' `llm_int8_skip_modules`)."""
+    bits = [count for count in (8, 4) if kwargs.pop(f"load_in_{count}bit", False)]
+    if bits:
+        flags = " and ".join(f"load_in_{count}bit=True" for count in bits)
+        if len(bits) > 1 or kwargs.get("quantization_config") is not None:
+            given = flags if len(bits) > 1 else f"{flags} and quantization_config"
+            raise ValueError(f"{given} ask for different quantizations; pass only one of them.")
+        if not bitsandbytes_usable():
+            raise ValueError(
+                f"{flags} quantizes with bitsandbytes, which is not installed or supports no device of this machine. "
+                "On a CPU quantize with torchao instead (pip install torchao): from transformers import TorchAoConfig; "
+                "from torchao.quantization import Int8WeightOnlyConfig; from_pretrained(..., quantization_config="
+                "TorchAoConfig(Int8WeightOnlyConfig())). On a CUDA GPU: pip install bitsandbytes."
+            )
+        from transformers import BitsAndBytesConfig
+
+        dtype = kwargs.get(DTYPE_KWARG)
+        four_bit = dict(bnb_4bit_quant_type="nf4")
+        if isinstance(dtype, torch.dtype):
+            four_bit["bnb_4bit_compute_dtype"] = dtype
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if bits == [8] else BitsAndBytesConfig(load_in_4bit=True, **four_bit)
+        )
+    config = kwargs.get("quantization_config")
+    for field in ("modules_to_not_convert", "llm_int8_skip_modules"):
+        if hasattr(config, field) and getattr(config, field) is None:
+            config = copy.copy(config)
+            setattr(config, field, list(modules_to_not_quantize))
+            kwargs["quantization_config"] = config
+    return kwargs
 
 
 class NaViLPreTrainedModel(PreTrainedModel):
@@ -315,6 +387,10 @@ class NaViLPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_sdpa = True
+    # Linear layers that quantization (torchao, bitsandbytes) leaves in full precision unless its config names others:
+    # the connector and the LM head of either layout (chosen by measurement, docs/benchmarks.md). Both experts of every
+    # routed layer are quantized alike; the patch embedding (a Conv2d), norms and embeddings are never quantized.
+    _modules_to_not_quantize = ["mlp1", "language_model.lm_head", "language_model.output"]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle=False, strict=True, **kwargs):
@@ -322,9 +398,12 @@ class NaViLPreTrainedModel(PreTrainedModel):
 
         Pickled weights (`*.bin`, which can run code when unpickled) are refused unless `allow_pickle=True`. With
         `strict` (the default) a checkpoint with missing, unexpected or mismatched tensors raises a `ValueError`
-        naming them instead of silently initialising them at random.
+        naming them instead of silently initialising them at random. A local folder without `config.json` (and no
+        `config=`) and unreadable safetensors files are refused before the model is built.
         """
-        folder = Path(str(pretrained_model_name_or_path))
+        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if folder.is_dir():
+            check_local_checkpoint(folder, has_config="config" in kwargs)
         if not allow_pickle:
             if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
                 raise ValueError(
@@ -332,11 +411,13 @@ class NaViLPreTrainedModel(PreTrainedModel):
                     "safetensors, or pass allow_pickle=True if you trust the files."
                 )
             kwargs.setdefault("use_safetensors", True)
-        kwargs = with_dtype_kwarg(kwargs)
+        kwargs = with_quantization_config(with_dtype_kwarg(kwargs), cls._modules_to_not_quantize)
         wants_info = kwargs.pop("output_loading_info", False)
         if strict:
             # mismatched shapes are collected and reported below, naming the tensors, instead of transformers' error
             kwargs["ignore_mismatched_sizes"] = True
+        else:
+            kwargs.setdefault("ignore_mismatched_sizes", True)  # strict=False loads such checkpoints, as documented
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = {
             "missing_keys": sorted(info["missing_keys"]),
@@ -357,20 +438,21 @@ class NaViLPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        # `nn.init` functions, which transformers 5.0-5.3 guard so that they skip weights already loaded
         std = self.config.get_text_config().initializer_range
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.weight.normal_(mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                module.bias.zero_()
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.normal_(mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (NaViLRMSNorm, nn.LayerNorm)):
-            module.weight.fill_(1.0)
+            nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+                nn.init.zeros_(module.bias)
         elif isinstance(module, NaViLVisionLayer):
-            module.ls1.fill_(module.layer_scale_init)
-            module.ls2.fill_(module.layer_scale_init)
+            nn.init.constant_(module.ls1, module.layer_scale_init)
+            nn.init.constant_(module.ls2, module.layer_scale_init)
 
 
 class NaViLVisionModel(NaViLPreTrainedModel):
@@ -392,7 +474,21 @@ class NaViLVisionModel(NaViLPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, output_hidden_states: bool = False):
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+    ) -> BaseModelOutput:
+        """`last_hidden_state` [patches, W] in window order; `hidden_states` (embeddings, then each layer) and
+        `attentions` (eager attention only: per layer, a tuple with one [blocks, heads, length, length] tensor per
+        group of equal-length windows or image-scales) on request."""
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         merge_units = self.config.merge_size**2
         grid_thw = grid_thw.to("cpu")
         expected = int(grid_thw.prod(-1).sum())
@@ -417,17 +513,41 @@ class NaViLVisionModel(NaViLPreTrainedModel):
         rotary_embeddings = angles.cos()[:, None, :], angles.sin()[:, None, :]  # shared by all layers
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.encoder.layers:
-            hidden_states = layer(hidden_states, rotary_embeddings, image_blocks, window_blocks)
+            hidden_states, attn_weights = layer(hidden_states, rotary_embeddings, image_blocks, window_blocks)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-        if output_hidden_states:
-            return hidden_states, all_hidden_states
-        return hidden_states
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Modality-expert decoders (the connector, part 2, lives in NaViLForConditionalGeneration.mlp1)
+# 2. Connector
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pixel_shuffle(features: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """[patches, W] → [patches / merge², merge²·W]: the patches of each merged unit are adjacent in the ViT output."""
+    return features.reshape(-1, merge_size**2 * features.shape[-1])
+
+
+def build_connector(vision: NaViLVisionConfig, text: NaViLTextConfig) -> nn.Sequential:
+    """The MLP (`mlp1`) from pixel-shuffled ViT features [units, merge²·W] to the LLM width [units, hidden]."""
+    merged_width = vision.hidden_size * vision.merge_size**2
+    return nn.Sequential(
+        nn.LayerNorm(merged_width),
+        nn.Linear(merged_width, text.hidden_size),
+        nn.GELU(),
+        nn.Linear(text.hidden_size, text.hidden_size),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Modality-expert decoders
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -528,9 +648,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 def attention_interface(implementation: str) -> Callable:
-    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    return eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    return attention_function(implementation, eager_attention_forward)
 
 
 class ModalityExpertAttention(nn.Module):
@@ -557,7 +675,7 @@ class ModalityExpertAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        attn_output, _ = attention_interface(self.config._attn_implementation or "sdpa")(
+        attn_output, attn_weights = attention_interface(self.config._attn_implementation or "sdpa")(
             self,
             query,
             key,
@@ -568,7 +686,7 @@ class ModalityExpertAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        return self.project_out(attn_output.reshape(batch, seq_len, -1), router)
+        return self.project_out(attn_output.reshape(batch, seq_len, -1), router), attn_weights
 
     @property
     def sliding_window(self):
@@ -607,14 +725,19 @@ class Qwen3VEAttention(ModalityExpertAttention):
     def __init__(self, config: NaViLTextConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         hidden, heads, kv_heads, dim = config.hidden_size, self.num_heads, self.num_key_value_heads, self.head_dim
-        bias = config.attention_bias
-        for suffix in ("", "_ve"):
-            setattr(self, f"q_proj{suffix}", nn.Linear(hidden, heads * dim, bias=bias))
-            setattr(self, f"k_proj{suffix}", nn.Linear(hidden, kv_heads * dim, bias=bias))
-            setattr(self, f"v_proj{suffix}", nn.Linear(hidden, kv_heads * dim, bias=bias))
-            setattr(self, f"o_proj{suffix}", nn.Linear(heads * dim, hidden, bias=bias))
-            setattr(self, f"q_norm{suffix}", NaViLRMSNorm(dim, eps=config.rms_norm_eps))
-            setattr(self, f"k_norm{suffix}", NaViLRMSNorm(dim, eps=config.rms_norm_eps))
+        bias, eps = config.attention_bias, config.rms_norm_eps
+        self.q_proj = nn.Linear(hidden, heads * dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * dim, bias=bias)
+        self.o_proj = nn.Linear(heads * dim, hidden, bias=bias)
+        self.q_norm = NaViLRMSNorm(dim, eps=eps)
+        self.k_norm = NaViLRMSNorm(dim, eps=eps)
+        self.q_proj_ve = nn.Linear(hidden, heads * dim, bias=bias)
+        self.k_proj_ve = nn.Linear(hidden, kv_heads * dim, bias=bias)
+        self.v_proj_ve = nn.Linear(hidden, kv_heads * dim, bias=bias)
+        self.o_proj_ve = nn.Linear(heads * dim, hidden, bias=bias)
+        self.q_norm_ve = NaViLRMSNorm(dim, eps=eps)
+        self.k_norm_ve = NaViLRMSNorm(dim, eps=eps)
 
     @property
     def sliding_window(self):
@@ -622,28 +745,32 @@ class Qwen3VEAttention(ModalityExpertAttention):
         uses_window = config.use_sliding_window and self.layer_idx >= getattr(config, "max_window_layers", 0)
         return config.sliding_window if uses_window else None
 
-    def _qkv_expert(self, hidden_states, suffix):
+    def _heads(self, states):
+        # [..., heads·D] -> [..., heads, D]
+        return states.view(*states.shape[:-1], -1, self.head_dim)
+
+    def text_qkv(self, hidden_states):
         # [..., hidden] -> query, key, value [..., heads, D], query and key normalised per head
-        def heads(states):
-            return states.view(*states.shape[:-1], -1, self.head_dim)
+        query = self.q_norm(self._heads(self.q_proj(hidden_states)))
+        key = self.k_norm(self._heads(self.k_proj(hidden_states)))
+        return query, key, self._heads(self.v_proj(hidden_states))
 
-        query = getattr(self, "q_norm" + suffix)(heads(getattr(self, "q_proj" + suffix)(hidden_states)))
-        key = getattr(self, "k_norm" + suffix)(heads(getattr(self, "k_proj" + suffix)(hidden_states)))
-        return query, key, heads(getattr(self, "v_proj" + suffix)(hidden_states))
+    def visual_qkv(self, hidden_states):
+        query = self.q_norm_ve(self._heads(self.q_proj_ve(hidden_states)))
+        key = self.k_norm_ve(self._heads(self.k_proj_ve(hidden_states)))
+        return query, key, self._heads(self.v_proj_ve(hidden_states))
 
-    def _fused_qkv_expert(self, hidden_states, suffix):
+    @staticmethod
+    def _fused(qkv_expert):
         # [tokens, hidden] -> [tokens, (H + 2·KV)·D]: one tensor for the router
-        return torch.cat([states.flatten(-2) for states in self._qkv_expert(hidden_states, suffix)], dim=-1)
+        return lambda hidden_states: torch.cat([states.flatten(-2) for states in qkv_expert(hidden_states)], dim=-1)
 
     def project_qkv(self, hidden_states, router):
         if router is None:
-            return self._qkv_expert(hidden_states, "")
-        qkv = router(
-            hidden_states, partial(self._fused_qkv_expert, suffix=""), partial(self._fused_qkv_expert, suffix="_ve")
-        )
+            return self.text_qkv(hidden_states)
+        qkv = router(hidden_states, self._fused(self.text_qkv), self._fused(self.visual_qkv))
         kv_size = self.num_key_value_heads * self.head_dim
-        states = qkv.split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
-        return tuple(state.view(*state.shape[:-1], -1, self.head_dim) for state in states)
+        return tuple(map(self._heads, qkv.split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)))
 
     def project_out(self, attn_output, router):
         return route(router, attn_output, self.o_proj, self.o_proj_ve)
@@ -676,44 +803,51 @@ class Qwen3MLP(nn.Module):
 class ModalityExpertDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm layer: norms and attention are shared by all tokens, the feed-forward block is per modality.
 
-    Subclasses name the attention and MLP classes and the five sub-modules as the original checkpoints do:
+    Each layout declares its modules under the original checkpoint names and lists them in `sublayers()`:
     (attention norm, attention, feed-forward norm, text feed-forward, visual feed-forward).
     """
 
-    attention_class = None
-    mlp_class = None
-    module_names = ()
+    def sublayers(self) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
 
-    def __init__(self, config: NaViLTextConfig, layer_idx: int):
-        super().__init__()
-        attention_norm, attention, ffn_norm, ffn, ffn_ve = self.module_names
-        setattr(self, attention_norm, NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
-        setattr(self, attention, self.attention_class(config, layer_idx))
-        setattr(self, ffn_norm, NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
-        setattr(self, ffn, self.mlp_class(config))
-        setattr(self, ffn_ve, self.mlp_class(config))
-
-    def sublayers(self):
-        return tuple(getattr(self, name) for name in self.module_names)
+    @property
+    def sliding_window(self) -> Optional[int]:
+        return self.sublayers()[1].sliding_window
 
     def forward(self, hidden_states, router, position_embeddings, attention_mask, cache=None, **kwargs):
+        # -> hidden_states [batch, seq, hidden], attention weights [batch, heads, seq, kv_len] (eager only, else None)
         attention_norm, attention, ffn_norm, ffn, ffn_ve = self.sublayers()
-        hidden_states = hidden_states + attention(
+        attn_output, attn_weights = attention(
             attention_norm(hidden_states), router, position_embeddings, attention_mask, cache, **kwargs
         )
-        return hidden_states + route(router, ffn_norm(hidden_states), ffn, ffn_ve)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + route(router, ffn_norm(hidden_states), ffn, ffn_ve), attn_weights
 
 
 class InternLM2VEDecoderLayer(ModalityExpertDecoderLayer):
-    attention_class = InternLM2VEAttention
-    mlp_class = InternLM2MLP
-    module_names = ("attention_norm", "attention", "ffn_norm", "feed_forward", "feed_forward_ve")
+    def __init__(self, config: NaViLTextConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attention = InternLM2VEAttention(config, layer_idx)
+        self.ffn_norm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.feed_forward = InternLM2MLP(config)
+        self.feed_forward_ve = InternLM2MLP(config)
+
+    def sublayers(self):
+        return self.attention_norm, self.attention, self.ffn_norm, self.feed_forward, self.feed_forward_ve
 
 
 class Qwen3VEDecoderLayer(ModalityExpertDecoderLayer):
-    attention_class = Qwen3VEAttention
-    mlp_class = Qwen3MLP
-    module_names = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "mlp_ve")
+    def __init__(self, config: NaViLTextConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Qwen3VEAttention(config, layer_idx)
+        self.post_attention_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = Qwen3MLP(config)
+        self.mlp_ve = Qwen3MLP(config)
+
+    def sublayers(self):
+        return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp, self.mlp_ve
 
 
 class ModalityExpertModel(NaViLPreTrainedModel):
@@ -721,24 +855,16 @@ class ModalityExpertModel(NaViLPreTrainedModel):
 
     config_class = NaViLTextConfig
     base_model_prefix = "model"
-    decoder_layer_class = None
-    embeddings_name = None
 
-    def __init__(self, config: NaViLTextConfig):
-        super().__init__(config)
-        setattr(self, self.embeddings_name, nn.Embedding(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers))
+    def build_decoder(self, config: NaViLTextConfig, decoder_layer_class: type) -> None:
+        """What follows the layout's word embeddings: the decoder layers, the final norm and the rotary embedding."""
+        self.layers = nn.ModuleList(decoder_layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = NaViLTextRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return getattr(self, self.embeddings_name)
-
-    def set_input_embeddings(self, value):
-        setattr(self, self.embeddings_name, value)
-
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -748,12 +874,18 @@ class ModalityExpertModel(NaViLPreTrainedModel):
         inputs_embeds: Optional[torch.Tensor] = None,
         use_cache: Optional[bool] = None,
         visual_token_mask: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         cache = pop_cache(past_key_values, kwargs)
         if use_cache and cache is None:
             cache = new_dynamic_cache(self.config)
@@ -773,11 +905,24 @@ class ModalityExpertModel(NaViLPreTrainedModel):
         router = ModalityRouter.build(visual_token_mask)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            mask = window_mask if layer.sublayers()[1].sliding_window is not None else full_mask
-            hidden_states = layer(hidden_states, router, position_embeddings, mask, cache, **kwargs)
+            mask = window_mask if layer.sliding_window is not None else full_mask
+            hidden_states, attn_weights = layer(hidden_states, router, position_embeddings, mask, cache, **kwargs)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:  # the last entry is the normalised output, as in transformers' decoders
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
         return output_with_cache(
-            BaseModelOutputWithPast, cache if use_cache else None, last_hidden_state=self.norm(hidden_states)
+            BaseModelOutputWithPast,
+            cache if use_cache else None,
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
         )
 
 
@@ -792,13 +937,44 @@ def positions_from_attention_mask(attention_mask, seq_len, past_length, device):
 
 
 class InternLM2VEModel(ModalityExpertModel):
-    decoder_layer_class = InternLM2VEDecoderLayer
-    embeddings_name = "tok_embeddings"
+    def __init__(self, config: NaViLTextConfig):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.build_decoder(config, InternLM2VEDecoderLayer)
+
+    def get_input_embeddings(self):
+        return self.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.tok_embeddings = value
 
 
 class Qwen3VEModel(ModalityExpertModel):
-    decoder_layer_class = Qwen3VEDecoderLayer
-    embeddings_name = "embed_tokens"
+    def __init__(self, config: NaViLTextConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.build_decoder(config, Qwen3VEDecoderLayer)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+
+def lm_head_output(model, outputs, labels, logits_to_keep, vocab_size: int) -> CausalLMOutputWithPast:
+    """`model`'s LM head over the decoder `outputs` (the last `logits_to_keep` positions, all when 0), and the loss."""
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    logits = model.get_output_embeddings()(outputs.last_hidden_state[:, keep, :])
+    loss = None if labels is None else model.loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
+    return output_with_cache(
+        CausalLMOutputWithPast,
+        cache_of(outputs),
+        loss=loss,
+        logits=logits,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
 
 
 class ModalityExpertForCausalLM(NaViLPreTrainedModel, GenerationMixin):
@@ -806,14 +982,6 @@ class ModalityExpertForCausalLM(NaViLPreTrainedModel, GenerationMixin):
 
     config_class = NaViLTextConfig
     base_model_prefix = "model"
-    model_class = None
-    head_name = None
-
-    def __init__(self, config: NaViLTextConfig):
-        super().__init__(config)
-        self.model = self.model_class(config)
-        setattr(self, self.head_name, nn.Linear(config.hidden_size, config.vocab_size, bias=False))
-        self.post_init()
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -821,12 +989,7 @@ class ModalityExpertForCausalLM(NaViLPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
 
-    def get_output_embeddings(self):
-        return getattr(self, self.head_name)
-
-    def set_output_embeddings(self, value):
-        setattr(self, self.head_name, value)
-
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -841,6 +1004,7 @@ class ModalityExpertForCausalLM(NaViLPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
+            return_dict=True,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -850,25 +1014,39 @@ class ModalityExpertForCausalLM(NaViLPreTrainedModel, GenerationMixin):
             visual_token_mask=visual_token_mask,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.get_output_embeddings()(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return output_with_cache(CausalLMOutputWithPast, cache_of(outputs), loss=loss, logits=logits)
+        return lm_head_output(self, outputs, labels, logits_to_keep, self.config.vocab_size)
 
 
 class InternLM2VEForCausalLM(ModalityExpertForCausalLM):
-    model_class = InternLM2VEModel
-    head_name = "output"
     _tied_weights_keys = {"output.weight": "model.tok_embeddings.weight"}
+
+    def __init__(self, config: NaViLTextConfig):
+        super().__init__(config)
+        self.model = InternLM2VEModel(config)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.output
+
+    def set_output_embeddings(self, value):
+        self.output = value
 
 
 class Qwen3VEForCausalLM(ModalityExpertForCausalLM):
-    model_class = Qwen3VEModel
-    head_name = "lm_head"
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: NaViLTextConfig):
+        super().__init__(config)
+        self.model = Qwen3VEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
 
 
 LANGUAGE_MODELS = {"internlm2": InternLM2VEForCausalLM, "qwen3": Qwen3VEForCausalLM}
@@ -879,28 +1057,46 @@ LANGUAGE_MODELS = {"internlm2": InternLM2VEForCausalLM, "qwen3": Qwen3VEForCausa
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_image_grid(image_grid_thw, merge_size: int) -> torch.Tensor:
-    """`image_grid_thw` as a CPU int64 [image_scales, 3] tensor, or a `ValueError` naming what is wrong with it."""
-    grid = torch.as_tensor(image_grid_thw)
-    if grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool:
-        raise ValueError(f"image_grid_thw must hold integers (the image processor's output), got {grid.dtype}.")
-    if grid.ndim != 2 or grid.shape[1] != 3:
-        raise ValueError(
-            f"image_grid_thw must be [image_scales, 3] (t, h, w per image-scale), got shape {tuple(grid.shape)}; "
-            "pass the image processor's image_grid_thw."
-        )
-    grid = grid.to(device="cpu", dtype=torch.int64)
-    bad = (grid[:, 0] < 1) | (grid[:, 1:] < merge_size).any(-1) | (grid[:, 1:] % merge_size != 0).any(-1)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0])
-        raise ValueError(
-            f"image_grid_thw row {row} is {grid[row].tolist()}: t must be at least 1 and h, w positive multiples of "
-            f"merge_size={merge_size}; pass the image processor's image_grid_thw with the model's merge size."
-        )
-    return grid
+class NaViLModel(nn.Module):
+    """`NaViLForConditionalGeneration.base_model`: the multimodal backbone without the LM head.
+
+    It takes the model's inputs and returns a `BaseModelOutputWithPast` whose `last_hidden_state` [batch, seq,
+    hidden] feeds the head, as the base models of transformers' vision-language models do (TRL's fused loss calls
+    `model.base_model(**inputs)`). It is a view over its owner's modules, not a module of the checkpoint, so every
+    parameter keeps its original name.
+    """
+
+    _tp_plan = None
+    _pp_plan = None
+
+    def __init__(self, owner: "NaViLForConditionalGeneration"):
+        super().__init__()
+        self.__dict__["owner"] = owner  # not registered as a submodule: no second name for the owner's parameters
+
+    @property
+    def config(self) -> NaViLConfig:
+        return self.owner.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.owner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.owner.dtype
+
+    def get_input_embeddings(self):
+        return self.owner.get_input_embeddings()
+
+    def get_image_features(self, *args, **kwargs) -> BaseModelOutputWithPooling:
+        return self.owner.get_image_features(*args, **kwargs)
+
+    @can_return_tuple
+    def forward(self, *args, **kwargs) -> BaseModelOutputWithPast:
+        return self.owner.decoder_outputs(*args, **kwargs)
 
 
-class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
+class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, GenerationMixin):
     """NaViL: vision encoder → pixel shuffle + MLP connector (`mlp1`) → modality-expert language model.
 
     Image features replace the `<IMG_CONTEXT>` token embeddings; `<IMG_CONTEXT>` and `<img>` tokens are routed to the
@@ -910,42 +1106,34 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
     """
 
     def __init__(self, config: NaViLConfig, **kwargs):
-        # transformers 5 forwards unknown from_pretrained kwargs here; the original model card passes this one.
-        if kwargs.pop("load_in_8bit", False):
+        # from_pretrained turns the original model card's quantization flags into a quantization_config; a model
+        # built directly cannot quantize itself.
+        if kwargs.pop("load_in_8bit", False) or kwargs.pop("load_in_4bit", False):
             raise ValueError(
-                "load_in_8bit=True is not handled by the model; pass quantization_config=BitsAndBytesConfig("
-                "load_in_8bit=True) to from_pretrained instead."
+                "load_in_8bit / load_in_4bit quantize the weights while loading: pass them (or quantization_config) to "
+                "NaViLForConditionalGeneration.from_pretrained instead of the constructor."
             )
         if kwargs:
             raise TypeError(f"NaViLForConditionalGeneration got unexpected arguments: {sorted(kwargs)}")
         super().__init__(config)
         vision, text = config.vision_config, config.text_config
-        merged_width = vision.hidden_size * vision.merge_size**2
         self.vision_model = NaViLVisionModel(vision)
-        self.mlp1 = nn.Sequential(
-            nn.LayerNorm(merged_width),
-            nn.Linear(merged_width, text.hidden_size),
-            nn.GELU(),
-            nn.Linear(text.hidden_size, text.hidden_size),
-        )
+        self.mlp1 = build_connector(vision, text)
         self.language_model = LANGUAGE_MODELS[text.backbone](text)
-        self.special_token_embedding = nn.Embedding(len(SPECIAL_TOKENS), text.hidden_size)
+        self.special_token_embedding = nn.Embedding(len(SPECIAL_TOKEN_EMBEDDING_ROWS), text.hidden_size)
         self.post_init()
 
     # -- parts ---------------------------------------------------------------------------------------------------
 
     @property
-    def image_processor(self) -> NaViLImageProcessor:
-        """The image processor the original builds from the config: single-scale per call, min/max from the config."""
-        patch = self.config.vision_config.patch_size
-        return NaViLImageProcessor(
-            patch_size=patch,
-            merge_size=self.config.vision_config.merge_size,
-            min_pixels=self.config.min_dynamic_patch * patch * patch,
-            max_pixels=self.config.max_dynamic_patch * patch * patch,
-            scale_downsample_ratio=self.config.scale_downsample_ratio,
-            multiscale=False,
-        )
+    def base_model(self) -> NaViLModel:
+        return NaViLModel(self)
+
+    def get_decoder(self):
+        return self.language_model.model
+
+    def set_decoder(self, decoder):
+        self.language_model.model = decoder
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -964,7 +1152,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
     def init_special_token_ids(self, tokenizer):
         """Reads the ids of the NaViL special tokens from `tokenizer` and stores them in the config."""
         ids = {}
-        for token in (*SPECIAL_TOKENS, END_OF_TURN_TOKEN):
+        for token in (*SPECIAL_TOKEN_EMBEDDING_ROWS, END_OF_TURN_TOKEN):
             token_id = tokenizer.convert_tokens_to_ids(token)
             if token_id is not None and token_id != tokenizer.unk_token_id:
                 ids[token] = int(token_id)
@@ -991,8 +1179,16 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
 
     # -- images --------------------------------------------------------------------------------------------------
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """[patches, 3·P·P] pixels of all image-scales → [patches / 4, hidden] LLM inputs, in window order.
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+    ) -> BaseModelOutputWithPooling:
+        """[patches, 3·P·P] pixels of all image-scales → `pooler_output` [patches / 4, hidden], the LLM inputs, in
+        window order; `last_hidden_state` [patches, W] is the ViT output, `hidden_states` and `attentions` those of
+        the ViT on request (see `NaViLVisionModel.forward`).
 
         `pixel_values` are moved to the vision tower's device and cast to its dtype (float32 processor output feeds
         a bfloat16 model as it is); they must be finite. `image_grid_thw` (an integer tensor or nested list, read on
@@ -1005,6 +1201,8 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}."
             )
+        if pixel_values.device.type == "meta":
+            raise ValueError("pixel_values are on the meta device and hold no values; pass the processor's output.")
         if pixel_values.shape[1:] not in ((patch_shape[0] * patch_shape[1] * patch_shape[2],), patch_shape):
             raise ValueError(
                 f"pixel_values must be [patches, {patch_shape[0] * patch_shape[1] * patch_shape[2]}] or [patches, "
@@ -1016,10 +1214,16 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         image_grid_thw = check_image_grid(image_grid_thw, vision.merge_size)
         weight = self.vision_model.embeddings.patch_embedding.weight
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
-        features = self.vision_model(pixel_values, image_grid_thw)  # [patches, W]
-        merge_units = self.config.vision_config.merge_size**2
-        features = features.reshape(-1, merge_units * features.shape[-1])  # 2×2 pixel shuffle
-        return self.mlp1(features)
+        vision_outputs = self.vision_model(
+            pixel_values, image_grid_thw, output_hidden_states, output_attentions, return_dict=True
+        )
+        features = vision_outputs.last_hidden_state  # [patches, W]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=features,
+            pooler_output=self.mlp1(pixel_shuffle(features, vision.merge_size)),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+        )
 
     def embed_tokens(self, input_ids, pixel_values=None, image_grid_thw=None, num_prompt_tokens=None):
         """Word embeddings with special-token rows replaced and image features scattered over `<IMG_CONTEXT>`.
@@ -1036,28 +1240,47 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
             if visual_token_mask is not None:
                 visual_token_mask = F.pad(visual_token_mask, (0, generated_embeds.shape[1]), value=False)
             return torch.cat((prompt_embeds, generated_embeds), dim=1), visual_token_mask
-        embeddings = self.get_input_embeddings()(input_ids)
-        ids = self.config.special_token_ids
-        if ids:
-            table = torch.full((max(ids.values()) + 1,), -1, dtype=torch.long, device=input_ids.device)
-            for row, token in enumerate(SPECIAL_TOKENS):
-                if token in ids:
-                    table[ids[token]] = row
-            rows = table[input_ids.clamp(max=len(table) - 1)].masked_fill(input_ids >= len(table), -1)
-            special = self.special_token_embedding(rows.clamp(min=0)).to(embeddings.dtype)
-            embeddings = torch.where((rows >= 0)[..., None], special, embeddings)
-        if pixel_values is None:
-            return embeddings, None
+        return self.merge_inputs(self.get_input_embeddings()(input_ids), pixel_values, image_grid_thw, input_ids)
 
-        context_mask = input_ids == self.special_token_id(IMG_CONTEXT_TOKEN)
+    def merge_inputs(self, inputs_embeds, pixel_values=None, image_grid_thw=None, input_ids=None):
+        """The prompt's embeddings [batch, seq, hidden] as the decoder takes them: the NaViL special tokens' rows from
+        `special_token_embedding` and the image features over the `<IMG_CONTEXT>` rows.
+
+        The tokens are read from `input_ids` when given, else recognised in `inputs_embeds` by their word (or special)
+        embeddings, so `inputs_embeds=model.get_input_embeddings()(input_ids)` gives what `input_ids` give.
+        Returns `(inputs_embeds, visual_token_mask [batch, seq] or None)`.
+        """
+        rows = self.special_token_rows(input_ids, inputs_embeds)  # [batch, seq], -1 for other tokens
+        special = self.special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
+        inputs_embeds = torch.where((rows >= 0)[..., None], special, inputs_embeds)
+        if pixel_values is None:
+            return inputs_embeds, None
         if image_grid_thw is None:
             raise ValueError("pixel_values were given without image_grid_thw; pass both from the image processor.")
         image_grid_thw = check_image_grid(image_grid_thw, self.config.vision_config.merge_size)
+        context_mask = rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
+        self.special_token_id(IMG_CONTEXT_TOKEN)  # a clear error when the ids were never read from a tokenizer
         self._check_image_tokens(input_ids, context_mask, image_grid_thw)
-        features = self.get_image_features(pixel_values, image_grid_thw)
-        embeddings = embeddings.masked_scatter(context_mask[..., None], features.to(embeddings.dtype))
-        visual_token_mask = context_mask | (input_ids == self.special_token_id(IMG_START_TOKEN))
-        return embeddings, visual_token_mask
+        features = self.get_image_features(pixel_values, image_grid_thw).pooler_output
+        inputs_embeds = inputs_embeds.masked_scatter(context_mask[..., None], features.to(inputs_embeds.dtype))
+        return inputs_embeds, context_mask | (rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_START_TOKEN))
+
+    def special_token_rows(self, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+        """[batch, seq]: the `special_token_embedding` row of each NaViL special token, -1 for every other token."""
+        ids = self.config.special_token_ids
+        if input_ids is not None:
+            table = torch.full((max(ids.values(), default=0) + 1,), -1, dtype=torch.long, device=input_ids.device)
+            for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS):
+                if token in ids:
+                    table[ids[token]] = row
+            return table[input_ids.clamp(max=len(table) - 1)].masked_fill(input_ids >= len(table), -1)
+        rows = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        words, specials = self.get_input_embeddings().weight, self.special_token_embedding.weight
+        for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS):
+            if token in ids:
+                for embedding in (words[ids[token]], specials[row]):
+                    rows = rows.masked_fill((inputs_embeds == embedding.to(inputs_embeds)).all(-1), row)
+        return rows
 
     def _check_image_tokens(self, input_ids, context_mask, image_grid_thw) -> None:
         """Refuses prompts whose `<IMG_CONTEXT>` tokens do not match the images, before the vision tower runs: in
@@ -1072,7 +1295,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                 "the prompt with the processor (or expand each <image> with the same image_grid_thw)."
             )
         frame_break = self.config.special_token_ids.get(IMG_FRAME_BREAK_TOKEN)
-        if frame_break is None or not expected:
+        if frame_break is None or not expected or input_ids is None:
             return
         breaks = (input_ids == frame_break).flatten()
         frame_of_token = breaks.cumsum(0) - breaks.long()  # the frame each token belongs to, batch rows in order
@@ -1087,9 +1310,9 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                 "image's tokens. Take the prompt and the images from one processor call, in the same order."
             )
 
-    def check_prompt(self, input_ids=None, inputs_embeds=None, attention_mask=None, pixel_values=None) -> None:
+    def check_prompt(self, input_ids=None, inputs_embeds=None, attention_mask=None) -> None:
         """Clear errors for prompts this model cannot run: wrong shape, dtype or device, an attention mask of another
-        shape, unknown token ids, too many positions, images given with `inputs_embeds` (they would be ignored).
+        shape, unknown token ids, too many positions.
 
         Nothing is converted here: token ids must be int64 (or int32) on the device of the embeddings. Only
         `pixel_values` are moved and cast, to the vision tower (see `get_image_features`).
@@ -1114,11 +1337,6 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                 raise ValueError(
                     f"inputs_embeds must be [batch, seq, {text.hidden_size}], got shape {tuple(inputs_embeds.shape)}."
                 )
-            if pixel_values is not None:
-                raise ValueError(
-                    "pixel_values are only used with input_ids (their <IMG_CONTEXT> tokens mark where the features "
-                    "go); pass input_ids, or put get_image_features() into your inputs_embeds yourself."
-                )
         if tokens.shape[1] == 0:
             raise ValueError("The prompt is empty (0 tokens); pass at least one token, e.g. from build_prompt.")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
@@ -1142,6 +1360,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
 
     # -- forward -------------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -1177,8 +1396,46 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): next-token targets; -100 and
             `<IMG_CONTEXT>` positions are ignored.
         """
+        outputs = self.decoder_outputs(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            use_cache=use_cache,
+            visual_token_mask=visual_token_mask,
+            num_scales=num_scales,
+            is_decode_step=is_decode_step,
+            num_prompt_tokens=num_prompt_tokens,
+            **kwargs,
+        )
+        if labels is not None and input_ids is not None and IMG_CONTEXT_TOKEN in self.config.special_token_ids:
+            labels = labels.masked_fill(input_ids == self.special_token_id(IMG_CONTEXT_TOKEN), -100)
+        return lm_head_output(self, outputs, labels, logits_to_keep, self.config.text_config.vocab_size)
+
+    def decoder_outputs(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        use_cache=None,
+        visual_token_mask=None,
+        num_scales=None,
+        is_decode_step=None,
+        num_prompt_tokens=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Everything but the LM head (the arguments of `forward`): `last_hidden_state` [batch, seq, hidden]."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if num_scales is not None and bool((torch.as_tensor(num_scales) < 1).any()):
+            raise ValueError(f"num_scales must give every image at least one scale, got {num_scales.tolist()}.")
         if num_scales is not None and image_grid_thw is not None and int(num_scales.sum()) != len(image_grid_thw):
             raise ValueError(
                 f"num_scales adds up to {int(num_scales.sum())} image-scales but image_grid_thw has "
@@ -1189,7 +1446,7 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
         if decoding is None:
             decoding = cache is not None and bool(cache.get_seq_length() > 0)
         if not decoding:
-            self.check_prompt(input_ids, inputs_embeds, attention_mask, pixel_values)
+            self.check_prompt(input_ids, inputs_embeds, attention_mask)
         if inputs_embeds is None:
             if decoding:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -1197,72 +1454,45 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                 inputs_embeds, visual_token_mask = self.embed_tokens(
                     input_ids, pixel_values, image_grid_thw, num_prompt_tokens
                 )
-        outputs = self.language_model(
+        elif not decoding:
+            inputs_embeds, image_token_mask = self.merge_inputs(inputs_embeds, pixel_values, image_grid_thw)
+            visual_token_mask = visual_token_mask if image_token_mask is None else image_token_mask
+        return self.language_model.model(
+            return_dict=True,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
             visual_token_mask=visual_token_mask,
             **kwargs,
         )
-        loss = None
-        if labels is not None:
-            if input_ids is not None and IMG_CONTEXT_TOKEN in self.config.special_token_ids:
-                labels = labels.masked_fill(input_ids == self.special_token_id(IMG_CONTEXT_TOKEN), -100)
-            loss = self.loss_function(
-                logits=outputs.logits, labels=labels, vocab_size=self.config.text_config.vocab_size
-            )
-        return output_with_cache(CausalLMOutputWithPast, cache_of(outputs), loss=loss, logits=outputs.logits)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
-        """`GenerationMixin.generate`, telling `forward` where the prompt ends (see `num_prompt_tokens`)."""
+        """`GenerationMixin.generate`, telling `forward` where the prompt ends (see `num_prompt_tokens`), after
+        `check_generation_length`."""
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
-        if prompt is not None and prompt.ndim == 2:
+        if isinstance(prompt, torch.Tensor) and prompt.ndim == 2:
             kwargs.setdefault("num_prompt_tokens", prompt.shape[1])
+            self.check_generation_length(prompt.shape[1], kwargs, generation_config)
         return super().generate(inputs, generation_config, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and cache_of(model_inputs) is not None:
-            model_inputs["is_decode_step"] = True
-        return model_inputs
+    def check_generation_length(self, prompt_length: int, generation_kwargs: dict, generation_config=None) -> None:
+        """Refuses `max_new_tokens` / `max_length` that are not whole numbers, and a prompt plus new tokens beyond
+        `max_position_embeddings` (not checked for dynamic RoPE scaling), naming the largest `max_new_tokens` that
+        fits, rather than running past the positions the model was trained for. Values are read as `generate` reads
+        them: the call's arguments, else `generation_config`, else the model's generation config."""
+        config = generation_config if generation_config is not None else self.generation_config
 
-    # -- chat ----------------------------------------------------------------------------------------------------
+        def setting(name):
+            return generation_kwargs[name] if name in generation_kwargs else getattr(config, name, None)
 
-    def chat_processor(self, tokenizer) -> NaViLProcessor:
-        """A processor with this model's image settings, chat template and system message."""
-        if not self.config.special_token_ids:
-            self.init_special_token_ids(tokenizer)
-        processor = NaViLProcessor(
-            image_processor=self.image_processor,
-            tokenizer=tokenizer,
-            template=self.config.template,
-            system_message=self.config.system_message,
-        )
-        processor.image_processor.multiscale = True
-        return processor
-
-    def _generation_kwargs(self, generation_config, tokenizer, prompt_length: int) -> dict:
-        """`generate` arguments of the chat helpers: greedy, up to 512 new tokens and stopping at `<|im_end|>` unless
-        `generation_config` says otherwise. Refuses a prompt plus `max_new_tokens` (or `max_length`) that does not
-        fit in the model's positions, rather than clamping the reply."""
-        if generation_config is not None and not isinstance(generation_config, Mapping):
-            raise ValueError(
-                f"generation_config must be a dict of generate() arguments, e.g. dict(max_new_tokens=64, "
-                f"do_sample=False), got {type(generation_config).__name__}."
-            )
-        kwargs = dict(generation_config or {})
-        if "max_length" not in kwargs:
-            kwargs.setdefault("max_new_tokens", 512)
-        kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("eos_token_id", self.special_token_id(END_OF_TURN_TOKEN))
-        if tokenizer.pad_token_id is not None:
-            kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        new_tokens, max_length = setting("max_new_tokens"), setting("max_length")
+        for name, value in (("max_new_tokens", new_tokens), ("max_length", max_length)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r:.40}; e.g. {name}=64.")
+        total = prompt_length + new_tokens if new_tokens is not None else max(max_length or 0, prompt_length)
         text = self.config.text_config
-        new_tokens = kwargs.get("max_new_tokens")
-        total = prompt_length + new_tokens if new_tokens is not None else kwargs.get("max_length", prompt_length)
         if text.rope_type != "dynamic" and total > text.max_position_embeddings:
             room = text.max_position_embeddings - prompt_length
             raise ValueError(
@@ -1271,158 +1501,12 @@ class NaViLForConditionalGeneration(NaViLPreTrainedModel, GenerationMixin):
                 + (f"lower max_new_tokens to at most {room}, or " if room > 0 else "")
                 + "shorten the prompt or history, or use fewer/smaller images (max_pixels)."
             )
-        return kwargs
 
-    def _prepare_chat_inputs(self, processor, questions, images_per_question, histories, pixel_inputs=None):
-        """Tokenised prompts (left padded) and image tensors for a batch of conversations."""
-        for index, question in enumerate(questions):
-            name = "The question" if len(questions) == 1 else f"Question {index}"
-            if not isinstance(question, str):
-                raise ValueError(f"{name} must be a string, got {type(question).__name__}.")
-            if not question.strip():
-                raise ValueError(
-                    f"{name} is empty; ask something about the images, e.g. 'Describe the image.' (an image-only "
-                    "question is '<image>')."
-                )
-        prompts = []
-        for question, images, history in zip(questions, images_per_question, histories):
-            prompts.append(processor.build_prompt(question, history=history, num_images=len(images)))
-        flat_images = [image for images in images_per_question for image in images]
-        if pixel_inputs is not None:
-            prompts = [
-                processor.expand_image_placeholders(prompt, pixel_inputs["image_grid_thw"], pixel_inputs["num_scales"])
-                for prompt in prompts
-            ]
-            inputs = processor(text=prompts, return_tensors="pt")
-            inputs.update(pixel_inputs)
-        else:
-            inputs = processor(text=prompts, images=flat_images or None, return_tensors="pt")
-        return prompts, inputs.to(self.device)
-
-    def chat(
-        self,
-        tokenizer,
-        pixel_values,
-        question: str,
-        generation_config: Optional[dict] = None,
-        history=None,
-        return_history: bool = False,
-        num_patches_list=None,
-        num_scales=None,
-        IMG_START_TOKEN: str = IMG_START_TOKEN,  # noqa: N803 (names of the original signature)
-        IMG_END_TOKEN: str = "</img>",  # noqa: N803
-        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,  # noqa: N803
-        verbose: bool = False,
-        anyres_image_size: bool = True,
-        streamer=None,
-    ):
-        """Answers `question` about the images, as the original `chat()`.
-
-        `pixel_values` are either preprocessed tensors ([patches, 3·P·P] or [patches, 3, P, P], all scales of all
-        images) with `num_patches_list` (their image_grid_thw rows) and `num_scales` (scales per image), or, for
-        convenience, images (PIL, arrays, paths) that are preprocessed here with the multi-scale pyramid, or `None`.
-        Without `history`, one `<image>\\n` per image is prefixed to a question that has no `<image>`.
-
-        Bad inputs raise a `ValueError` naming the problem before anything is generated: an empty or non-string
-        question, a history that is not a list of (question, answer) string pairs, `<image>` placeholders that do not
-        match the images, tensors whose `num_patches_list` / `num_scales` do not describe `pixel_values`, a
-        `generation_config` that is not a dict, and a prompt plus `max_new_tokens` longer than the model's positions.
-        """
-        processor = self.chat_processor(tokenizer)
-        images, pixel_inputs = [], None
-        if isinstance(pixel_values, torch.Tensor):
-            if anyres_image_size and num_patches_list is None:
-                raise ValueError("Preprocessed pixel_values need num_patches_list (the image_grid_thw rows).")
-            grids = torch.as_tensor(num_patches_list if num_patches_list is not None else [], dtype=torch.long)
-            if grids.numel() % 3:
-                raise ValueError(
-                    f"num_patches_list must hold the (t, h, w) image_grid_thw rows of pixel_values, got "
-                    f"{grids.numel()} numbers; pass the image processor's image_grid_thw."
-                )
-            grids = check_image_grid(grids.view(-1, 3), self.config.vision_config.merge_size)
-            scales = torch.as_tensor([len(grids)] if num_scales is None else num_scales, dtype=torch.long).view(-1)
-            pixel_inputs = {
-                "pixel_values": pixel_values,
-                "image_grid_thw": grids,
-                "num_scales": scales.cpu(),
-            }
-            images = [None] * len(scales)
-        elif pixel_values is not None:
-            images = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else [pixel_values]
-        prompts, inputs = self._prepare_chat_inputs(processor, [question], [images], [history], pixel_inputs)
-        kwargs = self._generation_kwargs(generation_config, tokenizer, inputs["input_ids"].shape[1])
-        output_ids = self.generate(**inputs, **kwargs, streamer=streamer)
-        new_ids = output_ids[:, inputs["input_ids"].shape[1] :]
-        reply = processor.decode_reply(new_ids)[0]
-        question_as_asked = question
-        if history is None and images and IMAGE_PLACEHOLDER not in question:
-            question_as_asked = f"{IMAGE_PLACEHOLDER}\n" * len(images) + question
-        if verbose:
-            print(prompts[0].replace(IMG_CONTEXT_TOKEN, ""), reply)
-        history = [*(history or []), (question_as_asked, reply)]
-        return (reply, history) if return_history else reply
-
-    def batch_chat(self, tokenizer, questions, images=None, generation_config=None, histories=None):
-        """Answers several conversations in one batch (left padded); the same replies as `chat` one by one.
-
-        `images[i]` is the list of images (PIL, arrays or paths) of conversation i; `histories[i]` its history.
-        """
-        if not isinstance(questions, (list, tuple)):
-            raise ValueError(
-                f"batch_chat takes a list of questions, got {type(questions).__name__}; for one question use chat()."
-            )
-        processor = self.chat_processor(tokenizer)
-        images = images if images is not None else [[] for _ in questions]
-        histories = histories if histories is not None else [None] * len(questions)
-        for name, value in (("images", images), ("histories", histories)):
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(
-                    f"batch_chat takes {name} as a list with one entry per conversation, got {type(value).__name__}."
-                )
-        if not len(questions) == len(images) == len(histories):
-            raise ValueError(
-                f"batch_chat got {len(questions)} questions, {len(images)} image lists and {len(histories)} "
-                "histories; pass one of each per conversation."
-            )
-        images = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
-        _, inputs = self._prepare_chat_inputs(processor, questions, images, histories)
-        kwargs = self._generation_kwargs(generation_config, tokenizer, inputs["input_ids"].shape[1])
-        output_ids = self.generate(**inputs, **kwargs)
-        return processor.decode_reply(output_ids[:, inputs["input_ids"].shape[1] :])
-
-    def stream_chat(self, tokenizer, pixel_values, question, generation_config=None, history=None, **kwargs):
-        """Like `chat`, yielding the reply in pieces as it is generated; the pieces join to `chat`'s reply.
-
-        Bad inputs raise `chat`'s `ValueError`s when the iteration starts.
-        """
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors = []
-
-        def generate():
-            try:
-                self.chat(tokenizer, pixel_values, question, generation_config, history, streamer=streamer, **kwargs)
-            except Exception as error:  # re-raised in the caller's thread below
-                errors.append(error)
-                streamer.end()
-
-        worker = Thread(target=generate)
-        worker.start()
-        text, emitted = "", ""
-        for piece in streamer:
-            text += piece
-            # the reply is stripped and cleaned of partial end-of-turn markers: emit only what more text cannot change
-            if any(text.endswith(END_OF_TURN_TOKEN[:size]) for size in range(1, len(END_OF_TURN_TOKEN))):
-                continue
-            stable = clean_reply(text)
-            if stable.startswith(emitted) and len(stable) > len(emitted):
-                yield stable[len(emitted) :]
-                emitted = stable
-        worker.join()
-        if errors:
-            raise errors[0]
-        final = clean_reply(text)
-        if final.startswith(emitted) and len(final) > len(emitted):
-            yield final[len(emitted) :]
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if generation_step_is_decode(kwargs, model_inputs):
+            model_inputs["is_decode_step"] = True
+        return model_inputs
 
 
 NaViLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

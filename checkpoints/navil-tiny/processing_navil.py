@@ -1,44 +1,30 @@
 """Processor for NaViL: the original chat prompt format, image-token expansion, tokenisation and reply decoding."""
 
+import dataclasses
 import json
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .configuration_navil import NaViLConfig
-from .image_processing_navil import NaViLImageProcessor
-
-IMAGE_PLACEHOLDER = "<image>"
-IMG_START_TOKEN = "<img>"
-IMG_END_TOKEN = "</img>"
-IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-IMG_LINE_BREAK_TOKEN = "<IMG_LINE_BREAK>"
-IMG_FRAME_BREAK_TOKEN = "<IMG_FRAME_BREAK>"
-END_OF_TURN_TOKEN = "<|im_end|>"
-
-# The special tokens of the NaViL tokenizers, in the order the original appends them.
-NAVIL_SPECIAL_TOKENS = [
-    "<|im_start|>",
+from .compat_navil import make_saved_processor_portable, register_processor_for_pipelines
+from .configuration_navil import (
     END_OF_TURN_TOKEN,
-    "<|endoftext|>",
-    IMG_START_TOKEN,
-    IMG_END_TOKEN,
+    IMAGE_PLACEHOLDER,
     IMG_CONTEXT_TOKEN,
-    IMG_LINE_BREAK_TOKEN,
+    IMG_END_TOKEN,
     IMG_FRAME_BREAK_TOKEN,
-    "<quad>",
-    "</quad>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
-    "<img_uncond>",
-    "<think>",
-    "</think>",
-]
+    IMG_LINE_BREAK_TOKEN,
+    IMG_START_TOKEN,
+    NAVIL_SPECIAL_TOKENS,
+    NaViLConfig,
+)
+from .image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -60,6 +46,8 @@ CHAT_TEMPLATES = {
     },
 }
 
+# Keys under which an image content block of a chat message holds its image (as transformers reads them).
+_IMAGE_SOURCES = ("image", "url", "path", "base64")
 # Leftovers of a partially generated end-of-turn token that the original strips from replies, in this order.
 _REPLY_DEBRIS = ("<|im_end|", "<|im_end", "<|im")
 
@@ -110,6 +98,78 @@ def check_history(history) -> None:
                 )
 
 
+def check_texts(text) -> list[str]:
+    """`text` (a string or a non-empty list of strings, all valid Unicode) as a list; else a `ValueError` naming the
+    problem."""
+    if not isinstance(text, (str, list, tuple)):
+        raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}.")
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts:
+        raise ValueError("text is an empty list; pass at least one prompt.")
+    for index, item in enumerate(texts):
+        if not isinstance(item, str):
+            raise ValueError(f"text {index} must be a string, got {type(item).__name__}.")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"text {index} is not valid Unicode: it holds the lone surrogate {item[error.start]!r} at position "
+                f"{error.start}; remove it, or decode the source text with errors='replace'."
+            ) from None
+    return texts
+
+
+def _as_dicts(value):
+    """Message objects (dataclasses, pydantic models), nested in lists and dicts, as the dicts transformers renders
+    them as; other values unchanged."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    elif callable(getattr(value, "model_dump", None)):
+        value = value.model_dump()
+    if isinstance(value, Mapping):
+        return {key: _as_dicts(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_dicts(item) for item in value)
+    return value
+
+
+def check_conversations(conversation) -> None:
+    """Raises a `ValueError` naming the problem unless `conversation` is a non-empty list of role/content messages
+    (dicts, or message objects such as dataclasses) or a non-empty list of such lists, whose content blocks the NaViL
+    chat template renders faithfully: every block has a `"type"`, text blocks hold a string, image blocks name their
+    image (`image`, `url`, `path` or `base64`)."""
+    conversation = _as_dicts(conversation)
+    batched = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
+    batch = conversation if batched else [conversation]
+    if not isinstance(conversation, (list, tuple)) or not conversation or not all(batch):
+        raise ValueError(
+            "apply_chat_template needs a non-empty list of messages (or a list of such lists), e.g. "
+            "[{'role': 'user', 'content': 'Hello'}]."
+        )
+    for messages in batch:
+        for index, message in enumerate(messages):
+            if not isinstance(message, Mapping) or "role" not in message:
+                raise ValueError(f"message {index} must be a dict with 'role' and 'content', got {message!r:.80}.")
+            content = message.get("content")
+            for block in content if isinstance(content, (list, tuple)) else ():
+                kind = block.get("type") if isinstance(block, Mapping) else None
+                where = f"message {index} has the content block {block!r:.80}"
+                if kind == "text" and not isinstance(block.get("text"), str):
+                    raise ValueError(f"{where}: a text block needs a string under 'text'.")
+                if kind == "image" and all(block.get(key) is None for key in _IMAGE_SOURCES):
+                    raise ValueError(
+                        f"{where}: an image block needs the image under one of {', '.join(_IMAGE_SOURCES)}; without it "
+                        "the image would be dropped and <image> left as text."
+                    )
+                if kind == "image_url" and not block.get("image_url"):
+                    raise ValueError(f"{where}: an image_url block needs its URL under 'image_url'.")
+                if kind not in ("text", "image", "image_url"):
+                    raise ValueError(
+                        f"{where}: NaViL chats take blocks of type 'text' or 'image' (every block needs a 'type'), so "
+                        "this block would be dropped."
+                    )
+
+
 def _jinja_string(value: str) -> str:
     """`value` as a Jinja string literal."""
     return json.dumps(value, ensure_ascii=False)
@@ -155,6 +215,53 @@ def build_chat_template(template: str, system_message: Optional[str] = None) -> 
     )
 
 
+# README.md written next to a saved processor: the Hub model card ({name} is the folder's name).
+MODEL_CARD = """---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags:
+- navil
+- multimodal
+- image-text-to-text
+- custom_code
+---
+
+# {name}
+
+A NaViL native multimodal LLM: a native-resolution ViT, a pixel-shuffle MLP connector and an LLM whose attention and
+feed-forward blocks have a visual-expert copy for image tokens. The model code comes with the checkpoint
+(`trust_remote_code=True`) and runs on transformers 4.51.0 through 5.x, on CPU and GPU.
+
+## Usage
+
+```python
+from transformers import AutoModel, AutoProcessor
+
+path = "{name}"
+model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+messages = [
+    {{
+        "role": "user",
+        "content": [{{"type": "image", "url": "image.png"}}, {{"type": "text", "text": "Describe the image."}}],
+    }}
+]
+inputs = processor.apply_chat_template(
+    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+)
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(processor.decode_reply(output[0, inputs["input_ids"].shape[1] :]))
+```
+"""
+
+
+def write_model_card(save_directory) -> None:
+    """Writes the model card (README.md) into `save_directory`, unless it already has one."""
+    card = Path(save_directory) / "README.md"
+    if not card.exists():
+        card.write_text(MODEL_CARD.format(name=Path(save_directory).resolve().name), encoding="utf-8")
+
+
 def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
     """`AutoTokenizer.from_pretrained` on a NaViL folder or Hub id without asking for remote code: `AutoTokenizer`
     reads the folder's config first, and registering this module's `NaViLConfig` for its model type lets it resolve
@@ -163,6 +270,18 @@ def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
 
     AutoConfig.register(NaViLConfig.model_type, NaViLConfig, exist_ok=True)
     return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+class NaViLProcessorKwargs(ProcessingKwargs, total=False):
+    """Call settings of [`NaViLProcessor`], flat or nested per modality (`text_kwargs`, `images_kwargs`): the
+    tokenizer's text settings and [`NaViLImagesKwargs`]. Prompts are padded on the left to the longest one and come
+    back as torch tensors unless the call (or the tokenizer it was built with) says otherwise."""
+
+    images_kwargs: NaViLImagesKwargs
+    _defaults = {
+        "text_kwargs": {"padding": "longest", "padding_side": "left", "return_token_type_ids": False},
+        "common_kwargs": {"return_tensors": "pt"},
+    }
 
 
 class NaViLProcessor(ProcessorMixin):
@@ -178,7 +297,8 @@ class NaViLProcessor(ProcessorMixin):
         image_processor ([`NaViLImageProcessor`], *optional*):
             The image processor; a default one (multi-scale) when omitted.
         tokenizer ([`PreTrainedTokenizerBase`]):
-            The tokenizer; it must know the NaViL special tokens (see [`add_navil_special_tokens`]).
+            The tokenizer; it must know the NaViL special tokens (see [`add_navil_special_tokens`]). It is set to pad
+            on the left, as batched generation needs (the pipeline pads batches with it).
         chat_template (`str`, *optional*):
             Jinja template for `apply_chat_template`; by default the one matching `template` and `system_message`.
         template (`str`, *optional*, defaults to `"internlm2-chat"`):
@@ -190,6 +310,8 @@ class NaViLProcessor(ProcessorMixin):
     attributes = ["image_processor", "tokenizer"]
     image_processor_class = "AutoImageProcessor"
     tokenizer_class = "AutoTokenizer"
+    valid_processor_kwargs = NaViLProcessorKwargs
+    image_token = IMAGE_PLACEHOLDER  # the text marking one image, expanded into its tokens
 
     def __init__(
         self,
@@ -210,7 +332,20 @@ class NaViLProcessor(ProcessorMixin):
             image_processor = NaViLImageProcessor()
         if chat_template is None:
             chat_template = build_chat_template(template, system_message)
+        tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained`, in files that every supported transformers release reads (see
+        [`make_saved_processor_portable`]), plus a model card (README.md) unless the folder has one."""
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        vars(self).pop("auto_map", None)  # written to the folder; saving leaves the processor unchanged
+        make_saved_processor_portable(save_directory)
+        write_model_card(save_directory)
+        if push_to_hub:
+            self.push_to_hub(kwargs.pop("repo_id", Path(save_directory).name), **kwargs)
+        return saved
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -228,6 +363,13 @@ class NaViLProcessor(ProcessorMixin):
     def roles(self) -> dict[str, str]:
         """Role strings and separator of this processor's template."""
         return CHAT_TEMPLATES[self.template]
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """`ProcessorMixin.apply_chat_template`, refusing first what the template would render wrongly: an empty
+        conversation, a content block without a `"type"` (dropped) and an image block that does not say where its
+        image is (rendered as `<image>` text with no image); see `check_conversations`."""
+        check_conversations(conversation)
+        return super().apply_chat_template(conversation, *args, **kwargs)
 
     # -- prompts -------------------------------------------------------------------------------------------------
 
@@ -264,8 +406,18 @@ class NaViLProcessor(ProcessorMixin):
         turns += [(roles["user"], question), (roles["assistant"], None)]
         prompt = roles["system"] + system_message + roles["separator"]
         for role, message in turns:
-            prompt += role + message + roles["separator"] if message else role
+            prompt += self._render_message(role, message)
         return prompt
+
+    def next_turn_prompt(self, question: str) -> str:
+        """What a conversation adds for a new `question` after the previous answer and its separator: the user
+        message and the assistant header. `build_prompt(question, history)` is the prompt of the first question,
+        then for each later question the previous answer, the separator and this text."""
+        return self._render_message(self.roles["user"], question) + self.roles["assistant"]
+
+    def _render_message(self, role: str, message: Optional[str]) -> str:
+        """One message of a prompt: its role, the message and the separator; an empty message is its bare role."""
+        return role + message + self.roles["separator"] if message else role
 
     def expand_image_placeholders(
         self,
@@ -273,7 +425,8 @@ class NaViLProcessor(ProcessorMixin):
         image_grid_thw: Union[torch.Tensor, np.ndarray, Sequence[Sequence[int]]],
         num_scales: Union[torch.Tensor, np.ndarray, Sequence[int]],
         merge_size: Optional[int] = None,
-    ) -> str:
+        return_offsets: bool = False,
+    ) -> Union[str, tuple[str, list[dict]]]:
         """Replaces the `<image>` placeholders of `text`, in order, by the tokens of each image.
 
         Args:
@@ -282,10 +435,18 @@ class NaViLProcessor(ProcessorMixin):
                 first per image (as returned by the image processor).
             num_scales (`[images]`): Number of scales of each image.
             merge_size (`int`, *optional*): Patches merged per side into one token; the image processor's by default.
+            return_offsets (`bool`, *optional*): Also return where each placeholder was, as transformers' processors
+                report `text_replacement_offsets`: per image a dict with `type`, `span` (in `text`), `new_span` (in
+                the result), `text` and `replacement`.
         """
         merge = self.image_processor.merge_size if merge_size is None else merge_size
         grids = torch.as_tensor(np.asarray(image_grid_thw, dtype=np.int64)).view(-1, 3).tolist()
         scales = torch.as_tensor(np.asarray(num_scales, dtype=np.int64)).view(-1).tolist()
+        if any(count < 1 for count in scales):
+            raise ValueError(
+                f"num_scales must give every image at least one scale, got {scales}; pass the image processor's "
+                "num_scales."
+            )
         if sum(scales) != len(grids):
             raise ValueError(
                 f"num_scales adds up to {sum(scales)} image-scales but image_grid_thw has {len(grids)} rows; pass the "
@@ -300,12 +461,32 @@ class NaViLProcessor(ProcessorMixin):
                 f"{IMAGE_PLACEHOLDER} per image in the text, in image order (build_prompt(question, num_images=...) "
                 "adds them), or pass as many images as placeholders."
             )
-        expanded, row = [pieces[0]], 0
+        expanded, offsets, row = [pieces[0]], [], 0
+        start, new_start = len(pieces[0]), len(pieces[0])
         for image_index, count in enumerate(scales):
-            expanded.append(self._image_tokens(grids[row : row + count], merge, image_index))
-            expanded.append(pieces[image_index + 1])
+            replacement = self._image_tokens(grids[row : row + count], merge, image_index)
+            offsets.append(
+                {
+                    "type": "image",
+                    "span": (start, start + len(IMAGE_PLACEHOLDER)),
+                    "new_span": (new_start, new_start + len(replacement)),
+                    "text": IMAGE_PLACEHOLDER,
+                    "replacement": replacement,
+                }
+            )
+            expanded.extend((replacement, pieces[image_index + 1]))
+            start += len(IMAGE_PLACEHOLDER) + len(pieces[image_index + 1])
+            new_start += len(replacement) + len(pieces[image_index + 1])
             row += count
-        return "".join(expanded)
+        return ("".join(expanded), offsets) if return_offsets else "".join(expanded)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The tokens that replace the `image_idx`-th `<image>`, given the image processor's outputs for all images
+        (`image_grid_thw` and `num_scales`)."""
+        scales = torch.as_tensor(image_inputs["num_scales"]).view(-1).tolist()
+        first = sum(scales[:image_idx])
+        grids = torch.as_tensor(image_inputs["image_grid_thw"]).view(-1, 3)[first : first + scales[image_idx]].tolist()
+        return self._image_tokens(grids, self.image_processor.merge_size, image_idx)
 
     @staticmethod
     def _image_tokens(grids: list[list[int]], merge: int, image_index: int) -> str:
@@ -325,15 +506,7 @@ class NaViLProcessor(ProcessorMixin):
     # -- encoding ------------------------------------------------------------------------------------------------
 
     def __call__(
-        self,
-        images=None,
-        text: Optional[Union[str, list[str]]] = None,
-        padding_side: str = "left",
-        return_tensors="pt",
-        multiscale: Optional[bool] = None,
-        min_pixels: Optional[float] = None,
-        max_pixels: Optional[float] = None,
-        **kwargs,
+        self, images: Optional[ImageInput] = None, text: Optional[Union[str, list[str]]] = None, **kwargs
     ) -> BatchFeature:
         """
         Tokenises prompts, expanding their `<image>` placeholders, and preprocesses the images.
@@ -346,15 +519,13 @@ class NaViLProcessor(ProcessorMixin):
             text (`str` or `list[str]`):
                 Prompts (e.g. from [`~NaViLProcessor.build_prompt`]) with one `<image>` per image. With images, a
                 text that already contains `<IMG_CONTEXT>` is refused (its features would land on the wrong tokens).
-            padding_side (`str`, *optional*, defaults to `"left"`):
-                Side of the padding of shorter prompts (`"left"` for generation). The pad id is the tokenizer's pad
-                token, else its eos token.
-            return_tensors (`str`, *optional*, defaults to `"pt"`):
-                Tensor type of the outputs.
-            multiscale, min_pixels, max_pixels (*optional*):
-                Per-call overrides of the image processor's settings.
-            kwargs:
-                Passed to the tokenizer (e.g. `add_special_tokens`). Prompts are always padded to the longest one.
+            kwargs ([`NaViLProcessorKwargs`], *optional*):
+                Flat or nested per modality (`text_kwargs`, `images_kwargs`, `common_kwargs`), e.g.
+                `padding_side` (`"left"` by default, for generation), `padding` (`"longest"` by default,
+                `"max_length"` with `max_length`, or `False`), `truncation`, `add_special_tokens`, `return_tensors`
+                (`"pt"` by default), and the image processor's `multiscale`, `min_pixels`, `max_pixels`,
+                `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`. The pad id is the
+                tokenizer's pad token, else its eos token.
 
         Returns:
             [`BatchFeature`] with `input_ids`, `attention_mask` and, with images, `pixel_values`, `image_grid_thw` and
@@ -363,21 +534,35 @@ class NaViLProcessor(ProcessorMixin):
         for modality in ("videos", "audio"):
             if kwargs.pop(modality, None) is not None:
                 raise ValueError(f"NaViL takes text and images only; got {modality}.")
-        images_kwargs = kwargs.pop("images_kwargs", None) or {}
-        kwargs.update(kwargs.pop("text_kwargs", None) or {})
-        kwargs.pop("padding", None)
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         if text is None:
             raise ValueError(
                 "NaViLProcessor needs text with one <image> per image (see build_prompt); for images alone call "
                 "processor.image_processor(images)."
             )
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(item, str) for item in texts):
-            raise ValueError("text must be a string or a list of strings.")
+        settings = self._merge_kwargs(NaViLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = settings["text_kwargs"], settings["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)
+        # None, passed explicitly, leaves a setting at its default
+        padding = text_kwargs.pop("padding", None)
+        padding = "longest" if padding is None else padding
+        padding_side = text_kwargs.pop("padding_side", None) or "left"
+        pad_to_multiple_of = text_kwargs.pop("pad_to_multiple_of", None)
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        if text_kwargs.pop("return_mm_token_type_ids", None) or settings.get("return_mm_token_type_ids"):
+            raise ValueError("NaViLProcessor does not return mm_token_type_ids; leave return_mm_token_type_ids unset.")
+        return_offsets = bool(
+            text_kwargs.pop("return_text_replacement_offsets", None) or settings.get("return_text_replacement_offsets")
+        )
+        if not text_kwargs.get("truncation"):
+            text_kwargs.pop("truncation", None)
+            max_length = text_kwargs.pop("max_length", None)  # only a padding target without truncation
+        else:
+            max_length = text_kwargs.get("max_length")
+        texts = check_texts(text)
 
-        data = {}
+        data, replacement_offsets = {}, [[] for _ in texts]
         if images is not None:
             for index, item in enumerate(texts):
                 if IMG_CONTEXT_TOKEN in item:
@@ -387,31 +572,47 @@ class NaViLProcessor(ProcessorMixin):
                         "without images."
                     )
             per_text = self._images_per_text(images, [item.count(IMAGE_PLACEHOLDER) for item in texts])
-            image_kwargs = {"multiscale": multiscale, "min_pixels": min_pixels, "max_pixels": max_pixels}
-            image_kwargs.update(images_kwargs)
             image_inputs = self.image_processor(
-                [image for group in per_text for image in group], return_tensors="pt", **image_kwargs
+                [image for group in per_text for image in group], return_tensors="pt", **images_kwargs
             )
             grids, scales = image_inputs["image_grid_thw"], image_inputs["num_scales"]
             offsets = torch.cat([scales.new_zeros(1), scales.cumsum(0)]).tolist()
             expanded, first = [], 0
-            for item, group in zip(texts, per_text):
+            for index, (item, group) in enumerate(zip(texts, per_text)):
                 last = first + len(group)
                 item_grids = grids[offsets[first] : offsets[last]]
-                expanded.append(self.expand_image_placeholders(item, item_grids, scales[first:last]))
+                item, replacement_offsets[index] = self.expand_image_placeholders(
+                    item, item_grids, scales[first:last], return_offsets=True
+                )
+                expanded.append(item)
                 first = last
             texts = expanded
             data.update(image_inputs)
 
-        kwargs.setdefault("return_token_type_ids", False)
-        encoded = self.tokenizer(texts, **kwargs)
-        padded = self._pad(encoded["input_ids"], padding_side)
-        if return_tensors is not None:  # int64 even when every prompt is empty
+        encoded = self.tokenizer(texts, **text_kwargs)
+        padded = self._pad(encoded["input_ids"], padding_side, padding, max_length, pad_to_multiple_of)
+        for key, fill in (("offset_mapping", (0, 0)), ("special_tokens_mask", 1)):
+            if key in encoded:  # per-token outputs asked of the tokenizer, padded like the ids
+                rows = [
+                    (list(row), [fill] * (len(ids) - len(row))) for row, ids in zip(encoded[key], padded["input_ids"])
+                ]
+                padded[key] = [pad + row if padding_side == "left" else row + pad for row, pad in rows]
+        if return_tensors is not None:
+            lengths = {len(ids) for ids in padded["input_ids"]}
+            if len(lengths) > 1:
+                raise ValueError(
+                    f"The prompts have different lengths {sorted(lengths)} and padding={padding!r}; pad them "
+                    "(padding='longest', the default) or pass return_tensors=None."
+                )
+            # int64 even when every prompt is empty
             padded = {key: torch.tensor(value, dtype=torch.long) for key, value in padded.items()}
         data.update(padded)
         if return_tensors != "pt":
             data = {key: value.numpy() if isinstance(value, torch.Tensor) else value for key, value in data.items()}
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        batch = BatchFeature(data=data, tensor_type=return_tensors)
+        if return_offsets:
+            batch["text_replacement_offsets"] = replacement_offsets  # dicts per image: never converted to tensors
+        return batch
 
     @staticmethod
     def _images_per_text(images, counts: list[int]) -> list[list]:
@@ -419,8 +620,9 @@ class NaViLProcessor(ProcessorMixin):
         if isinstance(images, (list, tuple)) and images and all(isinstance(item, (list, tuple)) for item in images):
             if len(images) != len(counts):
                 raise ValueError(
-                    f"Got {len(images)} image lists for {len(counts)} texts; pass one list per text or a flat list "
-                    "of images in placeholder order."
+                    f"Got {len(images)} image lists for {len(counts)} texts, but the {IMAGE_PLACEHOLDER} tokens in the "
+                    "prompts should be the same as the number of images of each text; pass one list per text or a flat "
+                    "list of images in placeholder order."
                 )
             for index, (group, count) in enumerate(zip(images, counts)):
                 if len(group) != count:
@@ -446,17 +648,40 @@ class NaViLProcessor(ProcessorMixin):
             start += count
         return per_text
 
-    def _pad(self, input_ids: list[list[int]], padding_side: str) -> dict[str, list[list[int]]]:
-        """Pads token id lists to the longest one; returns `input_ids` and `attention_mask`."""
+    def _pad(
+        self,
+        input_ids: list[list[int]],
+        padding_side: str,
+        padding="longest",
+        max_length: Optional[int] = None,
+        pad_to_multiple_of: Optional[int] = None,
+    ) -> dict[str, list[list[int]]]:
+        """Pads token id lists as the tokenizer's `padding` says: to the longest one (`True`/`"longest"`), to
+        `max_length` (`"max_length"`; longer lists stay as they are) or not at all (`False`/`"do_not_pad"`), then up
+        to a multiple of `pad_to_multiple_of`. Returns `input_ids` and `attention_mask`."""
+        strategy = getattr(padding, "value", padding)  # a PaddingStrategy member or its value
+        strategy = {True: "longest", False: "do_not_pad"}.get(strategy, strategy)
+        if strategy not in ("longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}.")
+        if strategy == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs max_length; pass e.g. max_length=512.")
         longest = max((len(ids) for ids in input_ids), default=0)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id
-        if pad_id is None and any(len(ids) != longest for ids in input_ids):
+        targets = []
+        for ids in input_ids:
+            target = longest if strategy == "longest" else len(ids)
+            if strategy == "max_length":
+                target = max(max_length, len(ids))
+            if pad_to_multiple_of:
+                target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+            targets.append(target)
+        if pad_id is None and any(len(ids) != target for ids, target in zip(input_ids, targets)):
             raise ValueError("The tokenizer has neither a pad nor an eos token to pad prompts of different lengths.")
         padded, masks = [], []
-        for ids in input_ids:
-            fill = longest - len(ids)
+        for ids, target in zip(input_ids, targets):
+            fill = target - len(ids)
             ids, mask = list(ids), [1] * len(ids)
             if padding_side == "left":
                 padded.append([pad_id] * fill + ids)
@@ -485,6 +710,7 @@ class NaViLProcessor(ProcessorMixin):
         Returns a string for one sequence and a list of strings for a batch ([batch, new_tokens]).
         """
         rows, single = self._rows(token_ids)
+        check_token_ids(rows)
         replies = [clean_reply(text) for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
         return replies[0] if single else replies
 
@@ -513,6 +739,23 @@ class NaViLProcessor(ProcessorMixin):
         return texts[0] if single else texts
 
 
+def check_token_ids(rows: list[list]) -> None:
+    """Raises a `ValueError` unless every id is a whole number in [0, 2**32) (what tokenizers decode; ids beyond
+    the vocabulary decode to nothing)."""
+    for row_index, row in enumerate(rows):
+        for index, token_id in enumerate(row):
+            if isinstance(token_id, (bool, np.bool_)) or not isinstance(token_id, (int, np.integer)):
+                raise ValueError(
+                    f"token ids must be integers, got {token_id!r:.40} at position {index} of row {row_index}; pass "
+                    "the ids generate() returned."
+                )
+            if not 0 <= token_id < 2**32:
+                raise ValueError(
+                    f"token id {token_id} at position {index} of row {row_index} is not a token id (ids are in [0, "
+                    "vocabulary size)); pass the ids generate() returned."
+                )
+
+
 def _find_last(sequence: list[int], pattern: list[int]) -> Optional[int]:
     """Start of the last occurrence of `pattern` in `sequence`, or None."""
     size = len(pattern)
@@ -525,3 +768,4 @@ def _find_last(sequence: list[int], pattern: list[int]) -> Optional[int]:
 
 
 NaViLProcessor.register_for_auto_class()
+register_processor_for_pipelines(NaViLConfig, NaViLProcessor)

@@ -400,3 +400,38 @@ def save_example(folder: Union[str, Path]) -> Path:
     record = {"question": sample.question, "answer": sample.answer}
     (folder / "shapes.json").write_text(json.dumps(record, indent=2) + "\n")
     return folder / "shapes.png"
+
+
+def save_finetune_example(folder: Union[str, Path], num_images: int = 8, seed: int = 7) -> Path:
+    """Writes a small fine-tuning dataset in the chat format of `navil finetune` to `folder`: `num_images` PNG images
+    (64–96 px) and `train.jsonl` with, per image, a caption and a two-turn conversation (the colour of its first
+    shape, then the shape of that colour) and, per pair of consecutive images, a description of both. Returns the
+    path of `train.jsonl`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = ShapesDataset(seed=seed, size_range=(64, 96))
+
+    def message(role, text, images=0):
+        return {"role": role, "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
+    lines, captions = [], []
+    for index in range(num_images):
+        sample = data.caption(index)
+        name = f"shapes_{index}.png"
+        sample.image.save(folder / name)
+        captions.append(sample.answer)
+        lines.append({"messages": [message("user", "Describe the image.", 1), message("assistant", sample.answer)]})
+        lines[-1]["images"] = [name]
+        shape = sample.scene.shapes[0]
+        messages = [message("user", color_question(shape)[0], 1), message("assistant", color_question(shape)[1])]
+        messages += [message("user", shape_question(shape)[0]), message("assistant", shape_question(shape)[1])]
+        lines.append({"messages": messages, "images": [name]})
+    for index in range(num_images - 1):
+        messages = [
+            message("user", "Describe both images.", 2),
+            message("assistant", f"first {captions[index]}; then {captions[index + 1]}"),
+        ]
+        lines.append({"messages": messages, "images": [f"shapes_{index}.png", f"shapes_{index + 1}.png"]})
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

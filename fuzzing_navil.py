@@ -1,0 +1,590 @@
+"""Hypothesis generators and checks for fuzzing navil: used by tests/test_fuzz.py (a small budget in CI) and
+benchmarks/fuzz.py (a large one). Not a Hub file; needs the `test` extra (hypothesis).
+
+Each kind of case is drawn as plain parameters, so that hypothesis prints readable failing examples, and built by a
+`make_*` function. Each `check_*` function runs one case and returns its outcome: `"ok"` after checking that the
+outputs are consistent, or the kind of documented `ValueError` raised (a key of `EXPECTED_ERRORS`). Inconsistent
+outputs fail an assertion, and any other exception (or a `ValueError` with an undocumented message) propagates.
+
+- images: any image (PIL modes, PNG bytes, arrays and tensors of several dtypes and layouts, sizes 1-600 px with
+  extreme aspect ratios, values out of range, NaN, truncated PNG files) through the processor;
+- prompts: 0-3 `<image>` placeholders against 0-3 images, with text that may hold `<IMG_CONTEXT>` or lone
+  surrogates; the outcome is predicted exactly;
+- processor options: hostile per-call `min_pixels` / `max_pixels` / `multiscale` (huge, NaN, infinite, negative,
+  strings, arrays, tensors, min above max); the output stays within the patch limits;
+- end-to-end: processor then forward of a model;
+- generation: greedy generation with and without the KV cache gives the same tokens;
+- configs: one field of a tiny config set to a hostile value; refused naming the field, or the model builds, runs
+  a forward pass and encodes an image;
+- weights: a checkpoint's `model.safetensors` truncated, emptied, replaced by random bytes, given a huge or corrupted
+  header, changed in its data, or missing / reshaping / adding / retyping a tensor; loaded with and without `strict`.
+"""
+
+import io
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from .configuration_navil import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_START_TOKEN, NaViLConfig
+from .modeling_navil import NaViLForConditionalGeneration
+from .training.configs import tiny_config
+
+# The documented errors a random input may legitimately raise: kind -> pattern of the message.
+EXPECTED_ERRORS = {
+    "aspect ratio above 200": "absolute aspect ratio must be smaller than 200",
+    "float values out of range": r"is a float image with values in .* but must lie in \[0, ",
+    "NaN or infinite values": "contains NaN or infinite values",
+    "truncated or corrupt file": "truncated or corrupt",
+    "not an image file": "is not in a format PIL can decode",
+    "placeholder count mismatch": f"found \\d+ {IMAGE_PLACEHOLDER} placeholders? in (the )?text",
+    "text contains <IMG_CONTEXT>": f"already contains {IMG_CONTEXT_TOKEN}",
+    "text is not valid Unicode": "is not valid Unicode",
+    "max_pixels too small for the aspect ratio": "is too small for an image of",
+    "pixel limit is not a number": r"(min|max)_pixels (and max_pixels )?must be",
+    "min_pixels above max_pixels": "is larger than max_pixels",
+    "multiscale is not a bool": "multiscale must be True or False",
+    "too many patches": r"more than max_patches_per_(scale|call)=",
+    "unreadable safetensors file": "is not a readable safetensors file",
+    "checkpoint does not match the model": r"does not match NaViLForConditionalGeneration \(",
+}
+
+# Small budgets for CI: deterministic, no example database written next to the tests.
+CI_SETTINGS = settings(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def classify(error: ValueError) -> str:
+    """The kind of a documented `ValueError`; an `AssertionError` for an undocumented message."""
+    for kind, pattern in EXPECTED_ERRORS.items():
+        if re.search(pattern, str(error)):
+            return kind
+    raise AssertionError(f"undocumented ValueError: {error}") from error
+
+
+# -- images ---------------------------------------------------------------------------------------------------------
+
+PIL_MODES = ("1", "L", "LA", "RGB", "RGBA", "P", "CMYK", "I;16", "F")
+PNG_MODES = ("1", "L", "LA", "RGB", "RGBA", "P", "I;16")
+ARRAY_DTYPES = ("uint8", "uint16", "float32")
+ARRAY_LAYOUTS = ("HW", "HWC", "CHW")
+MAX_SIDE = 600
+
+
+@dataclass(frozen=True)
+class ImageCase:
+    source: str  # "pil", "png" (encoded bytes), "png-cut" (PNG bytes cut short), "numpy" or "torch"
+    mode: str  # PIL mode, or the array dtype
+    layout: str  # array layout ("HW", "HWC", "CHW"); "" for PIL images and files
+    channels: int  # array channels (1, 3 or 4)
+    width: int
+    height: int
+    values: str  # "in range", "out of range" (float images) or "nan" (float images)
+    seed: int
+
+
+# Sides from 1 to MAX_SIDE, with extreme aspect ratios (around the limit of 200) drawn often.
+_sizes = st.one_of(
+    st.tuples(st.integers(1, MAX_SIDE), st.integers(1, MAX_SIDE)),
+    st.tuples(st.integers(1, 4), st.integers(180, MAX_SIDE)),
+    st.tuples(st.integers(180, MAX_SIDE), st.integers(1, 4)),
+)
+_values = st.sampled_from(("in range",) * 6 + ("out of range", "nan"))
+
+
+@st.composite
+def image_cases(draw) -> ImageCase:
+    source = draw(st.sampled_from(("pil", "png", "png-cut", "numpy", "torch")))
+    if source in ("pil", "png", "png-cut"):
+        mode = draw(st.sampled_from(PIL_MODES if source == "pil" else PNG_MODES))
+        layout, channels = "", 0
+    else:
+        mode = draw(st.sampled_from(ARRAY_DTYPES))
+        layout = draw(st.sampled_from(ARRAY_LAYOUTS))
+        channels = 1 if layout == "HW" else draw(st.sampled_from((1, 3, 4)))
+    width, height = draw(_sizes)
+    values = draw(_values) if mode in ("F", "float32") else "in range"
+    return ImageCase(source, mode, layout, channels, width, height, values, draw(st.integers(0, 2**32 - 1)))
+
+
+def _float_levels(rng, shape, values: str, top: float) -> np.ndarray:
+    levels = rng.random(shape, dtype=np.float32) * top
+    if values == "out of range":
+        levels -= top  # negative values: refused for every float scale
+    elif values == "nan":
+        levels.flat[rng.integers(levels.size)] = np.nan
+    return levels
+
+
+def _pil_image(rng, case: ImageCase) -> Image.Image:
+    shape = (case.height, case.width)
+    rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    if case.mode == "1":
+        return Image.fromarray(rgb[..., 0] > 127)
+    if case.mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, shape, dtype=np.uint16))
+    if case.mode == "F":
+        return Image.fromarray(_float_levels(rng, shape, case.values, top=float(rng.choice((1.0, 255.0)))))
+    if case.mode == "LA":
+        return Image.fromarray(np.ascontiguousarray(rgb[..., :2]))
+    if case.mode == "RGBA":
+        return Image.fromarray(np.concatenate([rgb, rgb[..., :1]], axis=-1))
+    image = Image.fromarray(rgb).convert(case.mode)
+    if case.mode == "P" and case.seed % 2:
+        image.info["transparency"] = int(case.seed % 256)
+    return image
+
+
+def _array(rng, case: ImageCase) -> np.ndarray:
+    shape = {
+        "HW": (case.height, case.width),
+        "HWC": (case.height, case.width, case.channels),
+        "CHW": (case.channels, case.height, case.width),
+    }[case.layout]
+    if case.mode == "uint8":
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    if case.mode == "uint16":
+        return rng.integers(0, 65536, shape, dtype=np.uint16)
+    return _float_levels(rng, shape, case.values, top=1.0)
+
+
+def make_image(case: ImageCase):
+    """The image object an `ImageCase` describes; a "png-cut" file loses its end from a random byte on."""
+    rng = np.random.default_rng(case.seed)
+    if case.source in ("pil", "png", "png-cut"):
+        image = _pil_image(rng, case)
+        if case.source == "pil":
+            return image
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        return data if case.source == "png" else data[: int(rng.integers(0, len(data) - 12))]  # IEND is 12 bytes
+    array = _array(rng, case)
+    return torch.from_numpy(array) if case.source == "torch" else array
+
+
+def small_image(seed: int) -> np.ndarray:
+    """A random RGB image of 8 to 64 pixels per side."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (int(rng.integers(8, 65)), int(rng.integers(8, 65)), 3), dtype=np.uint8)
+
+
+# -- prompts --------------------------------------------------------------------------------------------------------
+
+_LONE_SURROGATE = "\udc80"
+_FRAGMENTS = (" ", "\n", "What is this?", "图像", "<", ">", "image", "<imag", "e>", "</image>", "<|im_end|>", "<ref>")
+_text_pieces = st.lists(st.one_of(st.sampled_from(_FRAGMENTS), st.text(max_size=8)), max_size=4).map("".join)
+
+
+@dataclass(frozen=True)
+class PromptCase:
+    texts: tuple  # the prompts
+    images: str  # "none" (images=None), "flat" (one list in placeholder order) or "nested" (one list per text)
+    image_seeds: tuple  # one tuple of image seeds per text (flattened for "flat")
+
+
+@st.composite
+def prompt_cases(draw) -> PromptCase:
+    texts, seeds = [], []
+    for _ in range(draw(st.integers(1, 2))):
+        pieces = [draw(_text_pieces) for _ in range(draw(st.integers(0, 3)) + 1)]
+        if draw(st.integers(0, 7)) == 0:  # a text that already contains the image-feature token
+            pieces[-1] += IMG_CONTEXT_TOKEN
+        if draw(st.integers(0, 15)) == 0:  # a text that is not valid Unicode
+            pieces[0] += _LONE_SURROGATE
+        texts.append(IMAGE_PLACEHOLDER.join(pieces))
+        seeds.append(tuple(draw(st.lists(st.integers(0, 2**32 - 1), max_size=3))))
+    return PromptCase(tuple(texts), draw(st.sampled_from(("none", "flat", "nested"))), tuple(seeds))
+
+
+def prompt_case_images(case: PromptCase):
+    """The `images` argument a `PromptCase` describes."""
+    if case.images == "none":
+        return None
+    groups = [[small_image(seed) for seed in seeds] for seeds in case.image_seeds]
+    if case.images == "nested":
+        return groups
+    return [image for group in groups for image in group]
+
+
+def expected_prompt_outcome(case: PromptCase) -> tuple[str, str]:
+    """The outcome the processor must give (the checks run in this order; the images are always valid) and, for a
+    count mismatch, the part of the message naming both counts."""
+    if any(_LONE_SURROGATE in text for text in case.texts):
+        return "text is not valid Unicode", ""
+    if case.images == "none":
+        return "ok", ""
+    if any(IMG_CONTEXT_TOKEN in text for text in case.texts):
+        return "text contains <IMG_CONTEXT>", ""
+    counts = [text.count(IMAGE_PLACEHOLDER) for text in case.texts]
+    images = [len(seeds) for seeds in case.image_seeds]
+    if case.images == "nested":
+        for index, (count, given) in enumerate(zip(counts, images)):
+            if count != given:
+                fragment = f"found {count} {IMAGE_PLACEHOLDER} placeholders in text {index} but {given} images"
+                return "placeholder count mismatch", fragment
+        return "ok", ""
+    if sum(counts) != sum(images):
+        placeholders = f"{sum(counts)} {IMAGE_PLACEHOLDER} placeholder{'s' if sum(counts) != 1 else ''}"
+        return "placeholder count mismatch", f"found {placeholders} in the text but {sum(images)} image"
+    return "ok", ""
+
+
+# -- per-call processor options -------------------------------------------------------------------------------------
+
+_pixel_limits = st.one_of(
+    st.none(),
+    st.integers(-10, 10**6),
+    st.integers(10**6, 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(1, 10**7).map(np.float32),
+    st.integers(1, 10**7).map(torch.tensor),
+    st.sampled_from(("1000", b"1000", [1000], True, np.array([1, 2]))),
+)
+
+
+@dataclass(frozen=True)
+class OptionCase:
+    min_pixels: object
+    max_pixels: object
+    multiscale: object
+    image_seed: int
+
+
+@st.composite
+def option_cases(draw) -> OptionCase:
+    multiscale = draw(st.sampled_from((None, True, False, np.bool_(True), "no", 0)))
+    return OptionCase(draw(_pixel_limits), draw(_pixel_limits), multiscale, draw(st.integers(0, 2**32 - 1)))
+
+
+# -- end-to-end and generation --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationCase:
+    question: str
+    image_seeds: tuple
+    new_tokens: int
+
+
+@st.composite
+def generation_cases(draw) -> GenerationCase:
+    question = draw(_text_pieces.filter(lambda text: IMG_CONTEXT_TOKEN not in text and IMAGE_PLACEHOLDER not in text))
+    seeds = tuple(draw(st.lists(st.integers(0, 2**32 - 1), max_size=1)))
+    return GenerationCase(question or "?", seeds, draw(st.integers(1, 4)))
+
+
+# -- configs --------------------------------------------------------------------------------------------------------
+
+# The fields a config file sets, by section ("" = the top level).
+CONFIG_FIELDS = {
+    "vision_config": tuple(
+        "hidden_size num_attention_heads num_hidden_layers intermediate_size patch_size num_channels layer_norm_eps "
+        "hidden_act window_size initializer_factor initializer_range norm_type fullatt_block_indexes qkv_bias "
+        "qk_normalization".split()
+    ),
+    "text_config": tuple(
+        "architectures vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
+        "num_key_value_heads head_dim hidden_act max_position_embeddings rms_norm_eps rope_theta rope_scaling "
+        "use_sliding_window sliding_window initializer_range".split()
+    ),
+    "": tuple(
+        "downsample_ratio min_dynamic_patch max_dynamic_patch scale_downsample_ratio template system_message "
+        "special_token_ids".split()
+    ),
+}
+_CONFIG_VALUES = (
+    2**40,
+    0.5,
+    1.5,
+    1e-30,
+    -1.0,
+    math.nan,
+    math.inf,
+    "8",
+    "gelu",
+    "silu",
+    "bogus",
+    "layer_norm",
+    None,
+    True,
+    False,
+    [],
+    [1],
+    [0, 5],
+    {},
+    {"type": "linear", "factor": 2.0},
+    {"type": "yarn"},
+    {IMG_START_TOKEN: 5},
+    {IMG_START_TOKEN: -1},
+    {IMG_START_TOKEN: "5"},
+    "qwen3-chat",
+    ["Qwen3VEForCausalLM"],
+    ["InternLM2VEForCausalLM"],
+    ["LlamaForCausalLM"],
+)
+_config_values = st.one_of(st.integers(-3, 80), st.sampled_from(_CONFIG_VALUES), st.floats(-10, 10))
+# Largest value of a mutated size for which the model is built and run (larger ones are only parsed).
+MAX_BUILT_SIZE = 80
+
+
+@dataclass(frozen=True)
+class ConfigCase:
+    backbone: str
+    section: str
+    field: str
+    value: object
+    with_image: bool
+    seed: int
+
+
+@st.composite
+def config_cases(draw) -> ConfigCase:
+    section = draw(st.sampled_from(tuple(CONFIG_FIELDS)))
+    field = draw(st.sampled_from(CONFIG_FIELDS[section]))
+    backbone = draw(st.sampled_from(("qwen3", "internlm2")))
+    return ConfigCase(backbone, section, field, draw(_config_values), draw(st.booleans()), draw(st.integers(0, 99)))
+
+
+# Words a config error may use instead of the field it refuses (a relation between fields names both).
+_RELATED_WORDS = {
+    "vocab_size": ("special_token_ids",),
+    "hidden_size": ("head dim", "head_dim"),
+    "num_attention_heads": ("head dim", "head_dim"),
+    "downsample_ratio": ("merge size",),
+    "architectures": ("architectures[0]",),
+    "rope_scaling": ("rope scaling",),
+    "max_dynamic_patch": ("min_dynamic_patch",),
+    "num_hidden_layers": ("fullatt_block_indexes",),
+    "patch_size": (),
+    "use_sliding_window": ("sliding_window",),
+}
+
+
+# -- weight files ---------------------------------------------------------------------------------------------------
+
+WEIGHT_CORRUPTIONS = (
+    "truncated",
+    "zero bytes",
+    "random bytes",
+    "huge header",
+    "header byte",
+    "data byte",
+    "missing tensor",
+    "reshaped tensor",
+    "extra tensor",
+    "float16 tensor",
+)
+
+
+@dataclass(frozen=True)
+class WeightCase:
+    corruption: str
+    strict: bool
+    position: float  # where in the file or the list of tensors the corruption hits, in [0, 1)
+    seed: int
+
+
+@st.composite
+def weight_cases(draw) -> WeightCase:
+    position = draw(st.floats(0, 1, exclude_max=True))
+    return WeightCase(
+        draw(st.sampled_from(WEIGHT_CORRUPTIONS)), draw(st.booleans()), position, draw(st.integers(0, 255))
+    )
+
+
+def write_corrupted_checkpoint(source: Path, folder: Path, case: WeightCase) -> None:
+    """`source`'s config.json and its model.safetensors corrupted as `case` says, in `folder`."""
+    (folder / "config.json").write_text((source / "config.json").read_text())
+    data = (source / "model.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    rng = np.random.default_rng(case.seed)
+    if case.corruption in ("missing tensor", "reshaped tensor", "extra tensor", "float16 tensor"):
+        state_dict = load_file(source / "model.safetensors")
+        name = sorted(state_dict)[int(case.position * len(state_dict))]
+        if case.corruption == "missing tensor":
+            del state_dict[name]
+        elif case.corruption == "reshaped tensor":
+            state_dict[name] = torch.zeros(state_dict[name].numel() + 1)
+        elif case.corruption == "extra tensor":
+            state_dict[f"{name}.extra"] = torch.zeros(2)
+        else:
+            state_dict[name] = state_dict[name].half()
+        save_file(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    if case.corruption == "truncated":
+        data = data[: int(case.position * len(data))]
+    elif case.corruption == "zero bytes":
+        data = b""
+    elif case.corruption == "random bytes":
+        data = rng.bytes(len(data))
+    elif case.corruption == "huge header":
+        data = (2**40).to_bytes(8, "little") + data[8:]
+    else:
+        start, end = (8, header_end) if case.corruption == "header byte" else (header_end, len(data))
+        index = start + int(case.position * (end - start))
+        data = data[:index] + bytes([data[index] ^ (1 + case.seed % 255)]) + data[index + 1 :]
+    (folder / "model.safetensors").write_bytes(data)
+
+
+# -- checks ---------------------------------------------------------------------------------------------------------
+
+
+def check_processor_outputs(processor, texts, num_images, outputs) -> None:
+    """Asserts that the processor's outputs describe `num_images` images (None: no images given) consistently."""
+    input_ids, mask = outputs["input_ids"], outputs["attention_mask"]
+    assert input_ids.shape == mask.shape and input_ids.shape[0] == len(texts)
+    assert input_ids.dtype == torch.int64
+    tokenizer = processor.tokenizer
+    contexts = int((input_ids == tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)).sum())
+    if num_images is None:
+        assert "pixel_values" not in outputs
+        assert contexts == sum(text.count(IMG_CONTEXT_TOKEN) for text in texts)
+        return
+    pixel_values, grids, scales = outputs["pixel_values"], outputs["image_grid_thw"], outputs["num_scales"]
+    image_processor = processor.image_processor
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    assert scales.shape == (num_images,) and int(scales.sum()) == grids.shape[0] and bool((scales >= 1).all())
+    assert grids.shape[1:] == (3,) and bool((grids[:, 0] == 1).all())
+    assert bool((grids[:, 1:] % merge == 0).all()) and bool((grids[:, 1:] > 0).all())
+    patches = int(grids.prod(-1).sum())
+    assert pixel_values.shape == (patches, 3 * patch * patch) and pixel_values.dtype == torch.float32
+    assert bool((pixel_values.abs() <= 1).all())  # finite, in the range of (x / 255 - 0.5) / 0.5
+    assert patches <= image_processor.max_patches_per_call
+    assert max(grids.prod(-1).tolist(), default=0) <= image_processor.max_patches_per_scale
+    # one <IMG_CONTEXT> per feature the model produces: patches / merge², i.e. the sum over scales of h·w / merge²
+    assert contexts == patches // merge**2 == int((grids[:, 1] * grids[:, 2] // merge**2).sum())
+    assert int((input_ids == tokenizer.convert_tokens_to_ids(IMG_START_TOKEN)).sum()) == num_images
+
+
+def check_image_case(processor, case: ImageCase, multiscale: bool) -> str:
+    """Runs the processor on one image with a one-placeholder prompt."""
+    try:
+        outputs = processor(
+            text=f"{IMAGE_PLACEHOLDER}\nDescribe.", images=make_image(case), multiscale=multiscale, return_tensors="pt"
+        )
+    except ValueError as error:
+        outcome = classify(error)
+        damaged = outcome in ("truncated or corrupt file", "not an image file")
+        assert not damaged or case.source == "png-cut", error
+        return outcome
+    check_processor_outputs(processor, ["x"], 1, outputs)
+    return "ok"
+
+
+def check_prompt_case(processor, case: PromptCase) -> str:
+    """Runs the processor on random prompts and images; the outcome must be the predicted one."""
+    expected, message = expected_prompt_outcome(case)
+    images = prompt_case_images(case)
+    try:
+        outputs = processor(text=list(case.texts), images=images, return_tensors="pt")
+    except ValueError as error:
+        outcome = classify(error)
+        assert outcome == expected and message in str(error), f"expected {expected} ({message}), got: {error}"
+        return outcome
+    assert expected == "ok", f"expected {expected}, the processor returned outputs"
+    num_images = None if images is None else sum(len(seeds) for seeds in case.image_seeds)
+    check_processor_outputs(processor, case.texts, num_images, outputs)
+    return "ok"
+
+
+def check_option_case(processor, case: OptionCase) -> str:
+    """Runs the processor with hostile per-call options: a documented error or outputs within the patch limits."""
+    options = {"min_pixels": case.min_pixels, "max_pixels": case.max_pixels, "multiscale": case.multiscale}
+    try:
+        outputs = processor(
+            text=IMAGE_PLACEHOLDER, images=small_image(case.image_seed), return_tensors="pt", **options
+        )
+    except ValueError as error:
+        return classify(error)
+    check_processor_outputs(processor, ["x"], 1, outputs)
+    return "ok"
+
+
+def check_end_to_end(model, processor, cases: list, question: str) -> str:
+    """Processor then forward: finite logits for every prompt token, or a documented error."""
+    try:
+        images = [make_image(case) for case in cases]
+        prompt = processor.build_prompt(question, num_images=len(images))
+        inputs = processor(text=prompt, images=images or None, return_tensors="pt")
+    except ValueError as error:
+        return classify(error)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (*inputs["input_ids"].shape, model.config.text_config.vocab_size)
+    assert bool(torch.isfinite(logits).all())
+    return "ok"
+
+
+def check_generation_case(model, processor, case: GenerationCase) -> str:
+    """Greedy generation of `new_tokens` tokens gives the same tokens with and without the KV cache."""
+    images = [small_image(seed) for seed in case.image_seeds]
+    try:
+        prompt = processor.build_prompt(case.question, num_images=len(images))
+        inputs = processor(text=prompt, images=images or None, return_tensors="pt")
+    except ValueError as error:
+        return classify(error)
+    settings = dict(max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens, do_sample=False)
+    with torch.no_grad():
+        cached = model.generate(**inputs, **settings, use_cache=True)
+        uncached = model.generate(**inputs, **settings, use_cache=False)
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + case.new_tokens
+    assert torch.equal(cached, uncached), f"cached {cached.tolist()} != uncached {uncached.tolist()}"
+    return "ok"
+
+
+def check_config_case(case: ConfigCase) -> str:
+    """Loads the tiny config of `case.backbone` with one field set to `case.value`: refused naming the field, or it
+    builds a model that runs a forward pass (and encodes an image)."""
+    config_dict = tiny_config(case.backbone).to_dict()
+    config_dict["vision_config"] = dict(config_dict["vision_config"])
+    config_dict["text_config"] = dict(config_dict["text_config"])
+    section = config_dict[case.section] if case.section else config_dict
+    section[case.field] = case.value
+    try:
+        config = NaViLConfig.from_dict(config_dict)
+    except ValueError as error:
+        words = (case.field, *_RELATED_WORDS.get(case.field, ()))
+        assert any(word in str(error) for word in words), f"the error does not name {case.field}: {error}"
+        return "invalid config value"
+    too_large = isinstance(case.value, int) and case.value > MAX_BUILT_SIZE
+    if too_large or case.field in ("max_position_embeddings", "rope_theta", "initializer_range"):
+        return "ok (parsed only)"
+    torch.manual_seed(case.seed)
+    model = NaViLForConditionalGeneration(config).eval()
+    vocab_size = config.text_config.vocab_size
+    input_ids = torch.randint(0, vocab_size, (1, 5), generator=torch.Generator().manual_seed(case.seed))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        assert logits.shape == (1, 5, vocab_size)
+        if case.with_image:
+            pixel_inputs = model.image_processor(small_image(case.seed), return_tensors="pt")
+            features = model.get_image_features(
+                pixel_inputs["pixel_values"], pixel_inputs["image_grid_thw"]
+            ).pooler_output
+            patches = int(pixel_inputs["image_grid_thw"].prod(-1).sum())
+            assert features.shape == (patches // config.vision_config.merge_size**2, config.text_config.hidden_size)
+    return "ok"
+
+
+def check_weight_case(source: Path, case: WeightCase) -> str:
+    """Loads a corrupted copy of the checkpoint at `source`: a documented error, or a model (strict loading refuses
+    every missing, extra or reshaped tensor; `strict=False` loads them)."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_corrupted_checkpoint(source, Path(folder), case)
+        try:
+            NaViLForConditionalGeneration.from_pretrained(folder, strict=case.strict)
+        except ValueError as error:
+            outcome = classify(error)
+            assert outcome in ("unreadable safetensors file", "checkpoint does not match the model"), error
+            assert case.strict or outcome != "checkpoint does not match the model", error
+            return outcome
+    assert not (case.strict and case.corruption in ("missing tensor", "reshaped tensor", "extra tensor"))
+    return "ok"

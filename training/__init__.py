@@ -1,0 +1,91 @@
+"""`navil.training`: end-to-end training of NaViL in miniature, the recipe of the paper that produced the embedded
+`navil-tiny` model.
+
+1. A small text LLM (transformers' own `Qwen3ForCausalLM`) is pre-trained on the text of the synthetic dataset:
+   conversations in the chat format where the scene is stated in words. The Qwen3 layout is used because it is a
+   native transformers class (no remote code for the text stage), its per-head q/k RMSNorms keep the attention
+   logits of a tiny model trained with a high learning rate in range, and it is the layout of NaViL-9B.
+2. `upcycle_from_text_model` copies every text weight into the NaViL language model and into its visual-expert twin
+   (`q_proj` → `q_proj_ve`, …, `mlp` → `mlp_ve`), and the text embeddings of the NaViL special tokens into
+   `special_token_embedding`, so that the upcycled model computes exactly the text model on text.
+3. Stage 1 (captioning): the text weights are frozen; the vision encoder, the connector (`mlp1`), the visual experts
+   and `special_token_embedding` learn to caption images.
+4. Stage 2 (questions about one shape): everything trains on images with a single shape, each with every question
+   its scene allows, with the loss on the answer tokens only. The questions are separate branches after the shared
+   image tokens (`collate_question_branches`), so each is computed exactly as `chat()` asks it alone while the image
+   is encoded once. Here the answer's attention has one object to find.
+5. Stage 3 (questions about 1–3 shapes): the same on the full data, where colours must be bound to shapes and shapes
+   ordered from left to right.
+
+Each stage uses AdamW with linear warm-up and cosine decay and gradient clipping. `train_tiny_navil` runs the whole
+recipe from `TrainingArguments` (the flags of `navil train`) and saves model, processor and tokenizer with
+`save_pretrained`; `evaluate` measures exact-match accuracy per question type on freshly generated questions.
+
+Modules, by concern: `synthetic_data` (the shapes-and-words dataset), `tokenizer` (its BPE), `configs` (the recipe's
+settings and model, the tiny test config, the dense-LLM mapping), `upcycling`, `collators` (batches in the
+processor's chat format), `loop` (optimiser, schedule, freezing), `evaluation` and `recipe` (the stages in order); `finetune` adapts a NaViL checkpoint to one's own chat data with
+`transformers.Trainer` / TRL's `SFTTrainer` (`NaViLDataCollator`, `freeze`, LoRA targets; `navil finetune`).
+"""
+
+from .collators import (
+    Conversation,
+    caption_batches,
+    collate_conversations,
+    collate_question_branches,
+    question_batches,
+    text_batches,
+)
+from .configs import (
+    TrainingArguments,
+    dense_text_config,
+    navil_processor,
+    navil_text_config,
+    special_token_ids_at_end,
+    tiny_config,
+    tiny_navil_config,
+    tiny_text_config,
+)
+from .evaluation import answer_questions, evaluate, format_accuracy
+from .finetune import NaViLDataCollator, causal_lm_loss, finetune, load_jsonl, lora_target_modules
+from .loop import FREEZING_STAGES, freeze, set_activation_checkpointing, set_text_weights_trainable, train_loop
+from .recipe import pretrain_text_model, train_tiny_navil
+from .tokenizer import TOKENIZER_DIR, build_tokenizer, load_tokenizer, tokenizer_corpus
+from .upcycling import UpcycleReport, upcycle_from_text_model
+
+__all__ = [
+    "FREEZING_STAGES",
+    "TOKENIZER_DIR",
+    "Conversation",
+    "NaViLDataCollator",
+    "TrainingArguments",
+    "UpcycleReport",
+    "answer_questions",
+    "build_tokenizer",
+    "caption_batches",
+    "causal_lm_loss",
+    "collate_conversations",
+    "collate_question_branches",
+    "dense_text_config",
+    "evaluate",
+    "finetune",
+    "format_accuracy",
+    "freeze",
+    "load_jsonl",
+    "load_tokenizer",
+    "lora_target_modules",
+    "navil_processor",
+    "navil_text_config",
+    "pretrain_text_model",
+    "question_batches",
+    "set_activation_checkpointing",
+    "set_text_weights_trainable",
+    "special_token_ids_at_end",
+    "text_batches",
+    "tiny_config",
+    "tiny_navil_config",
+    "tiny_text_config",
+    "tokenizer_corpus",
+    "train_loop",
+    "train_tiny_navil",
+    "upcycle_from_text_model",
+]

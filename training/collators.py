@@ -1,0 +1,258 @@
+"""Training batches in the processor's chat format: conversations, and question branches that share one image."""
+
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+
+from ..configuration_navil import END_OF_TURN_TOKEN, IMAGE_PLACEHOLDER
+from ..processing_navil import NaViLProcessor
+from .synthetic_data import ShapesDataset
+
+_GRID_KEYS = ("image_grid_thw", "num_scales")  # what image-token expansion reads of the image processor's output
+
+
+class Conversation(NamedTuple):
+    """One training conversation: an optional image and its (question, answer) turns, in order."""
+
+    image: object
+    turns: list[tuple[str, str]]
+
+
+def collate_conversations(
+    processor: NaViLProcessor,
+    conversations: list[Conversation],
+    multiscale: Union[bool, list[bool]] = True,
+    loss_on_prompt: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Tokenised, right-padded training batch in the processor's chat format.
+
+    A conversation is tokenised as `chat()` builds its prompts: the first turn is `build_prompt(question)` (with the
+    `<image>` prefix expanded into the image's tokens), each later turn adds the user role, the question,
+    `<|im_end|>` and the assistant role; every answer is followed by `<|im_end|>`. Answers are tokenised on their own,
+    exactly as the model generates them. Labels are -100 except on the answers and their `<|im_end|>` (or everywhere
+    but padding with `loss_on_prompt`). `multiscale` (one flag, or one per conversation) chooses the image pyramid or
+    the single full-size pass.
+
+    Returns `input_ids`, `attention_mask`, `labels` ([batch, longest]) and, with images, `pixel_values`,
+    `image_grid_thw` and `num_scales`.
+    """
+    flags = _per_example(multiscale, len(conversations))
+    images, sequences = [], []
+    for conversation, flag in zip(conversations, flags):
+        has_image = conversation.image is not None
+        (first_question, _), *later_turns = conversation.turns
+        prompts = [processor.build_prompt(first_question, num_images=int(has_image))]
+        prompts += [processor.next_turn_prompt(question) for question, _ in later_turns]
+        answers = [answer for _, answer in conversation.turns]
+        conversation_images = [conversation.image] if has_image else []
+        ids, labels, image_inputs = encode_turns(
+            processor, prompts, answers, conversation_images, flag, loss_on_prompt
+        )
+        sequences.append((ids, labels))
+        images += image_inputs
+    return pad_batch(processor, sequences, images)
+
+
+def encode_turns(
+    processor: NaViLProcessor,
+    prompts: list[str],
+    answers: list[str],
+    images: list,
+    multiscale: Optional[bool] = True,
+    loss_on_prompt: bool = False,
+) -> tuple[list[int], list[int], list[dict]]:
+    """Token ids and labels of one conversation given as the prompt before each answer and the answers.
+
+    `prompts[i]` is the text the conversation adds before answer i (`build_prompt` for the first, `next_turn_prompt`
+    for the later ones); their `<image>` placeholders are expanded, in order, into the tokens of `images`, each run
+    through the image processor on its own (`multiscale` None: the image processor's setting). Answers are tokenised
+    on their own, exactly as the model generates them, each followed by `<|im_end|>`. Labels are -100 on the prompts
+    (their ids with `loss_on_prompt`) and the answer ids elsewhere.
+
+    Returns `(input_ids, labels, image_inputs)` with the image processor's output of every image.
+    """
+    tokenizer, end_id = processor.tokenizer, end_of_turn_id(processor)
+    ids, labels, image_inputs, next_image = [], [], [], 0
+    for prompt, answer in zip(prompts, answers):
+        count = prompt.count(IMAGE_PLACEHOLDER)
+        if count:
+            if next_image + count > len(images):
+                raise ValueError(
+                    f"The conversation has more {IMAGE_PLACEHOLDER} placeholders than its {len(images)} images; give "
+                    "one image per image block."
+                )
+            prompt_images = [_process_image(processor, image, multiscale) for image in images[next_image:][:count]]
+            grids, scales = (torch.cat([inputs[key] for inputs in prompt_images]) for key in _GRID_KEYS)
+            prompt = processor.expand_image_placeholders(prompt, grids, scales)
+            image_inputs += prompt_images
+            next_image += count
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = _answer_ids(tokenizer, answer, end_id)
+        ids += prompt_ids + answer_ids
+        labels += (prompt_ids if loss_on_prompt else [-100] * len(prompt_ids)) + answer_ids
+    if next_image != len(images):
+        raise ValueError(
+            f"The conversation has {len(images)} images but {next_image} image blocks; give one image per image block."
+        )
+    return ids, labels, image_inputs
+
+
+def pad_batch(
+    processor: NaViLProcessor, sequences: list[tuple[list[int], list[int]]], images: list[dict]
+) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` ([batch, longest]) of `(ids, labels)` sequences and,
+    with images, their `pixel_values`, `image_grid_thw` and `num_scales`."""
+    longest = max(len(ids) for ids, _ in sequences)
+    pad_id = _pad_id(processor.tokenizer, end_of_turn_id(processor))
+    batch = {
+        "input_ids": torch.tensor([ids + [pad_id] * (longest - len(ids)) for ids, _ in sequences]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids, _ in sequences]),
+        "labels": torch.tensor([labels + [-100] * (longest - len(labels)) for _, labels in sequences]),
+    }
+    if images:
+        batch.update(_image_tensors(images))
+    return batch
+
+
+def end_of_turn_id(processor: NaViLProcessor) -> int:
+    """The id of `<|im_end|>`, which ends every answer (the model's end of sequence)."""
+    return processor.tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
+
+
+def _per_example(flag: Union[bool, list[bool]], count: int) -> list[bool]:
+    """One flag for every example: `flag` itself when it is already a list, else `flag` repeated."""
+    return flag if isinstance(flag, list) else [flag] * count
+
+
+def _answer_ids(tokenizer, answer: str, end_id: int) -> list[int]:
+    """An answer's tokens as the model generates them (tokenised on its own), then `<|im_end|>`."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_id]
+
+
+def _pad_id(tokenizer, end_id: int) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+
+
+def _process_image(processor: NaViLProcessor, image, multiscale: Optional[bool]) -> dict:
+    """The image processor's output for one image (`multiscale` None: the image processor's setting)."""
+    settings = {} if multiscale is None else {"multiscale": multiscale}
+    return processor.image_processor(image, return_tensors="pt", **settings)
+
+
+def _add_image(processor: NaViLProcessor, image, multiscale: bool, prompt: str, images: list[dict]) -> str:
+    """Runs the image processor on `image`, appends its outputs to `images` and returns `prompt` with the `<image>`
+    placeholder expanded into the image's tokens."""
+    image_inputs = _process_image(processor, image, multiscale)
+    images.append(image_inputs)
+    return processor.expand_image_placeholders(prompt, *(image_inputs[key] for key in _GRID_KEYS))
+
+
+def _image_tensors(images: list[dict]) -> dict[str, torch.Tensor]:
+    """The image processor's outputs of several images as one batch."""
+    return {
+        key: torch.cat([inputs[key] for inputs in images]) for key in ("pixel_values", "image_grid_thw", "num_scales")
+    }
+
+
+def collate_question_branches(
+    processor: NaViLProcessor, examples: list[Conversation], multiscale: Union[bool, list[bool]] = True
+) -> dict[str, torch.Tensor]:
+    """Training batch in which every question about an image is a separate branch after the image's tokens.
+
+    Each row holds one image's prompt up to `</img>`, then one branch per (question, answer) turn: the rest of the
+    question's chat prompt (`"\\n" + question`, `<|im_end|>`, the assistant role), the answer and `<|im_end|>`. A 4-D
+    attention mask lets a branch see the shared prefix and itself only, and its position ids continue from the
+    prefix, so each branch is computed exactly as `chat()` would compute that single question while the vision
+    encoder and the image tokens run once for all of them. Labels cover the answers and their `<|im_end|>`.
+
+    Returns `input_ids`, `labels`, `position_ids` ([batch, longest]), a boolean `attention_mask` ([batch, 1,
+    longest, longest], True where attention is allowed), `pixel_values`, `image_grid_thw` and `num_scales`.
+    """
+    tokenizer, end_id = processor.tokenizer, end_of_turn_id(processor)
+    flags = _per_example(multiscale, len(examples))
+    images, rows = [], []
+    # every question's prompt starts with the same text up to its image: the shared prefix
+    head = processor.build_prompt(None, num_images=1).split(IMAGE_PLACEHOLDER)[0] + IMAGE_PLACEHOLDER
+    for example, flag in zip(examples, flags):
+        prefix = _add_image(processor, example.image, flag, head, images)
+        branches = []
+        for question, answer in example.turns:
+            prompt = processor.build_prompt(question, num_images=1)[len(head) :]
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = _answer_ids(tokenizer, answer, end_id)
+            branches.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+        rows.append((tokenizer(prefix, add_special_tokens=False)["input_ids"], branches))
+
+    longest = max(len(prefix) + sum(len(ids) for ids, _ in branches) for prefix, branches in rows)
+    pad_id = _pad_id(tokenizer, end_id)
+    input_ids = torch.full((len(rows), longest), pad_id)
+    labels = torch.full((len(rows), longest), -100)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    attention_mask = torch.eye(longest, dtype=torch.bool).repeat(len(rows), 1, 1, 1)  # padding sees itself only
+    for row, (prefix, branches) in enumerate(rows):
+        length = len(prefix)
+        input_ids[row, :length] = torch.tensor(prefix)
+        position_ids[row, :length] = torch.arange(length)
+        attention_mask[row, 0, :length, :length] = torch.ones(length, length, dtype=torch.bool).tril()
+        start = length
+        for ids, branch_labels in branches:
+            branch = slice(start, start + len(ids))
+            input_ids[row, branch] = torch.tensor(ids)
+            labels[row, branch] = torch.tensor(branch_labels)
+            position_ids[row, branch] = torch.arange(length, length + len(ids))
+            attention_mask[row, 0, branch, :length] = True
+            attention_mask[row, 0, branch, branch] = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+            start += len(ids)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "labels": labels,
+        **_image_tensors(images),
+    }
+
+
+def _multiscale_flags(seed: int, step: int, size: int, single_scale_fraction: float) -> list[bool]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return (torch.rand(size, generator=generator) >= single_scale_fraction).tolist()
+
+
+def text_batches(processor, data: ShapesDataset, batch_size: int) -> Callable[[int], dict]:
+    """Step → batch of text-only conversations (scene stated in words), loss on every token (LM pre-training)."""
+
+    def batch(step: int) -> dict:
+        examples = [data.text_example(step * batch_size + i) for i in range(batch_size)]
+        conversations = [Conversation(None, [example]) for example in examples]
+        return collate_conversations(processor, conversations, loss_on_prompt=True)
+
+    return batch
+
+
+def caption_batches(processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0, num_shapes=None):
+    """Step → batch of captioning conversations: the image alone as the question, its caption as the answer
+    (`num_shapes` shapes per image, or 1–3)."""
+
+    def batch(step: int) -> dict:
+        samples = [data.caption(step * batch_size + i, num_shapes) for i in range(batch_size)]
+        conversations = [Conversation(sample.image, [(sample.question, sample.answer)]) for sample in samples]
+        flags = _multiscale_flags(data.seed, step, batch_size, single_scale_fraction)
+        return collate_conversations(processor, conversations, multiscale=flags)
+
+    return batch
+
+
+def question_batches(
+    processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0, num_shapes=None, first_index=0
+):
+    """Step → batch of images with every question their scenes allow (`ShapesDataset.questions`), each question a
+    separate branch after its image (`collate_question_branches`); `num_shapes` shapes per image, or 1–3. Step `s`
+    uses examples `first_index + s * batch_size` onwards."""
+
+    def batch(step: int) -> dict:
+        indices = range(first_index + step * batch_size, first_index + (step + 1) * batch_size)
+        examples = [data.questions(index, num_shapes) for index in indices]
+        examples = [Conversation(image, [question[:2] for question in questions]) for image, questions in examples]
+        flags = _multiscale_flags(data.seed + 1, first_index + step, batch_size, single_scale_fraction)
+        return collate_question_branches(processor, examples, multiscale=flags)
+
+    return batch

@@ -1,0 +1,325 @@
+"""Fine-tuning NaViL on one's own chat data with the ecosystem's tools: `transformers.Trainer`, TRL's `SFTTrainer`,
+PEFT LoRA and `accelerate launch` (DDP, FSDP).
+
+An example is a conversation in the format TRL and `datasets` use for vision-language SFT:
+
+    {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]}],
+     "images": ["circle.png"]}
+
+`NaViLDataCollator` turns a list of them into a training batch whose prompts are exactly `chat()`'s, with the loss
+on the assistant turns only; `freeze` (in `loop`) sets the trainable parameters of a training stage of the paper;
+`lora_target_modules` names the layers LoRA adapts; `causal_lm_loss` is the token-mean loss over the whole global
+batch (`Trainer(compute_loss_func=causal_lm_loss)`), so that several processes train exactly as one;
+`finetune` is what `navil finetune` runs.
+"""
+
+import json
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..configuration_navil import IMAGE_PLACEHOLDER, IMG_END_TOKEN
+from ..processing_navil import NaViLProcessor
+from .collators import encode_turns, pad_batch
+from .loop import freeze
+
+# Layers of the language model that LoRA adapts, per backbone: the text experts, and their visual-expert twins
+# (attention projections `<name>_ve`, feed-forward layers under `mlp_ve` / `feed_forward_ve`).
+LORA_LAYERS = {
+    "internlm2": {"attention": ("wqkv", "wo"), "attention_module": "attention", "ffn": ("w1", "w2", "w3")},
+    "qwen3": {
+        "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "attention_module": "self_attn",
+        "ffn": ("gate_proj", "up_proj", "down_proj"),
+    },
+}
+FFN_MODULES = {"internlm2": "feed_forward", "qwen3": "mlp"}
+
+
+def lora_target_modules(config, experts: str = "both") -> str:
+    """PEFT `target_modules` (a regular expression over module names) for the language model of a NaViL `config`:
+    the attention projections and feed-forward layers of the text experts (`experts="text"`), of the visual experts
+    (`"visual"`) or of both (`"both"`).
+
+    InternLM2-VE: `attention.{wqkv,wo}`, `feed_forward.{w1,w2,w3}` and `attention.{wqkv_ve,wo_ve}`,
+    `feed_forward_ve.{w1,w2,w3}`. Qwen3-VE: `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj` and
+    `self_attn.{q,k,v,o}_proj_ve`, `mlp_ve.{gate,up,down}_proj`. The vision encoder's layers are never matched.
+    """
+    if experts not in ("text", "visual", "both"):
+        raise ValueError(f"experts must be 'text', 'visual' or 'both', got {experts!r}.")
+    backbone = config.text_config.backbone
+    layers, ffn = LORA_LAYERS[backbone], FFN_MODULES[backbone]
+    suffix = {"text": "", "visual": "_ve", "both": "(_ve)?"}[experts]
+    attention = f"{layers['attention_module']}\\.({'|'.join(layers['attention'])}){suffix}"
+    feed_forward = f"{ffn}{suffix}\\.({'|'.join(layers['ffn'])})"
+    return f"language_model\\.model\\.layers\\.\\d+\\.({attention}|{feed_forward})"
+
+
+def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy of `outputs.logits` [batch, seq, vocab] against `labels` [batch, seq] (-100 ignored),
+    summed and divided by `num_items_in_batch`: the labelled tokens of the whole global batch, all processes and
+    accumulation steps together, which `Trainer` counts. Every labelled token then weighs the same, however the batch
+    is split over processes, so `accelerate launch` with N processes trains as one process with the same global batch.
+    Pass it as `Trainer(compute_loss_func=causal_lm_loss)`; without `num_items_in_batch` it is the mean over `labels`.
+    """
+    logits = outputs["logits"].float()
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+    total = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+
+
+def _text_of(content, role: str, index: int) -> tuple[str, list]:
+    """The text of a message's content (a string or a list of blocks) as the chat template renders it, with one
+    `<image>\\n` per image block before the text, and the image blocks."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, (list, tuple)):
+        raise ValueError(
+            f"message {index} has content of type {type(content).__name__}; use a string or a list of "
+            "{'type': 'text'|'image', ...} blocks."
+        )
+    images, texts = [], []
+    for block in content:
+        kind = block.get("type") if isinstance(block, Mapping) else None
+        if kind == "image":
+            images.append(block)
+        elif kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        else:
+            raise ValueError(
+                f"message {index} has the content block {block!r:.80}; NaViL chats take {{'type': 'text', 'text': "
+                "...}} and {'type': 'image'} blocks."
+            )
+    if images and role != "user":
+        raise ValueError(f"message {index} is a {role} message with an image; only user messages hold images.")
+    return f"{IMAGE_PLACEHOLDER}\n" * len(images) + "".join(texts), images
+
+
+def conversation_turns(example: Mapping) -> tuple[Optional[str], list[tuple[str, str]], list]:
+    """`(system_message, [(user text, assistant text), ...], images)` of an example `{"messages": [...], "images":
+    [...]}`: an optional first system message, then user and assistant messages in turn, ending with an assistant
+    message. Image blocks take their image from the block (`image`, `path` or `url`) or else, in order, from
+    `images`. Raises `ValueError` naming the problem for any other shape."""
+    if not isinstance(example, Mapping) or not isinstance(example.get("messages"), (list, tuple)):
+        raise ValueError(
+            "A training example must be a dict with a list under 'messages' (and its images under 'images'), got "
+            f"{example!r:.80}."
+        )
+    messages = list(example["messages"])
+    supplied = list(example.get("images") or [])
+    system = None
+    if messages and isinstance(messages[0], Mapping) and messages[0].get("role") == "system":
+        system, _ = _text_of(messages[0].get("content"), "system", 0)
+        messages = messages[1:]
+    offset = 1 if system is not None else 0
+    if not messages or len(messages) % 2:
+        raise ValueError(
+            f"The conversation has {len(messages)} user/assistant messages; it needs user and assistant messages in "
+            "turn, ending with an assistant message (the text the model learns)."
+        )
+    turns, images, next_supplied = [], [], 0
+    for index, message in enumerate(messages, start=offset):
+        role = "user" if (index - offset) % 2 == 0 else "assistant"
+        if not isinstance(message, Mapping) or message.get("role") != role:
+            found = message.get("role") if isinstance(message, Mapping) else message
+            raise ValueError(
+                f"message {index} should be a {role} message (user and assistant take turns after an optional "
+                f"system message), got {found!r:.40}."
+            )
+        text, blocks = _text_of(message.get("content"), role, index)
+        for block in blocks:
+            source = next((block[key] for key in ("image", "path", "url") if block.get(key) is not None), None)
+            if source is None:
+                if next_supplied == len(supplied):
+                    raise ValueError(
+                        f"The conversation has more image blocks than the {len(supplied)} images under 'images'; "
+                        "give one image per {'type': 'image'} block."
+                    )
+                source = supplied[next_supplied]
+                next_supplied += 1
+            images.append(source)
+        if role == "user":
+            turns.append([text, None])
+        else:
+            turns[-1][1] = text
+    if next_supplied != len(supplied):
+        raise ValueError(
+            f"The example has {len(supplied)} images under 'images' but {next_supplied} image blocks take them; "
+            "give one {'type': 'image'} block per image."
+        )
+    return system, [tuple(turn) for turn in turns], images
+
+
+class NaViLDataCollator:
+    """Batches of chat examples (`{"messages": [...], "images": [...]}`) for `Trainer` and `SFTTrainer`.
+
+    Each conversation is tokenised exactly as `chat()` builds its prompts (`processor.build_prompt` for the first
+    user message, `next_turn_prompt` for each later one, which is what the processor's chat template renders), each
+    `<image>` expanded into the image's tokens with the processor's image processor; every assistant message is
+    tokenised on its own, as the model generates it, followed by `<|im_end|>`. Labels are the assistant tokens and
+    their `<|im_end|>`; system, user, image and padding positions are -100. Batches are right-padded.
+
+    Args:
+        processor ([`NaViLProcessor`]): The model's processor (e.g. `AutoProcessor.from_pretrained(model_dir)`).
+        max_length (`int`, *optional*): Longest sequence kept. A longer conversation is cut to `max_length` tokens
+            when every image block lies before the cut; one whose images would be cut is dropped from its batch with
+            a warning, and counted in `num_dropped`.
+        multiscale (`bool`, *optional*): The image pyramid (True) or one full-size pass per image (False); the image
+            processor's setting when None, which is what `chat()` uses for images given as files or PIL images.
+
+    Returns `input_ids`, `attention_mask`, `labels` ([batch, longest]) and, with images, `pixel_values`,
+    `image_grid_thw` and `num_scales`: the keyword arguments of the model's `forward`.
+    """
+
+    def __init__(self, processor: NaViLProcessor, max_length: Optional[int] = None, multiscale: Optional[bool] = None):
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
+            raise ValueError(f"max_length must be a positive whole number or None, got {max_length!r}.")
+        self.processor = processor
+        self.max_length = max_length
+        self.multiscale = multiscale
+        self.num_dropped = 0
+        self.image_end_id = processor.tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
+
+    def encode(self, example: Mapping) -> tuple[list[int], list[int], list[dict]]:
+        """`(input_ids, labels, image_inputs)` of one example, before truncation."""
+        system, turns, images = conversation_turns(example)
+        (first_question, _), *later_turns = turns
+        prompts = [self.processor.build_prompt(first_question, system_message=system)]
+        prompts += [self.processor.next_turn_prompt(question) for question, _ in later_turns]
+        answers = [answer for _, answer in turns]
+        return encode_turns(self.processor, prompts, answers, images, self.multiscale)
+
+    def __call__(self, examples: list[Mapping]) -> dict[str, torch.Tensor]:
+        sequences, images = [], []
+        for example in examples:
+            ids, labels, image_inputs = self.encode(example)
+            if self.max_length is not None and len(ids) > self.max_length:
+                last_image_end = max((i for i, token in enumerate(ids) if token == self.image_end_id), default=-1)
+                if last_image_end >= self.max_length:
+                    self.num_dropped += 1
+                    warnings.warn(
+                        f"Dropped a training example of {len(ids)} tokens: max_length={self.max_length} would cut "
+                        f"through an image ({self.num_dropped} dropped so far). Raise max_length, or use smaller "
+                        "images (the image processor's max_pixels).",
+                        stacklevel=2,
+                    )
+                    continue
+                ids, labels = ids[: self.max_length], labels[: self.max_length]
+            sequences.append((ids, labels))
+            images += image_inputs
+        if not sequences:
+            raise ValueError(
+                f"Every example of the batch was dropped: max_length={self.max_length} cuts through their images. "
+                "Raise max_length, or use smaller images (the image processor's max_pixels)."
+            )
+        return pad_batch(self.processor, sequences, images)
+
+
+def load_jsonl(path: Union[str, Path]) -> list[dict]:
+    """The examples of a JSONL file, one `{"messages": [...], "images": [...]}` per line (blank lines skipped), with
+    relative image paths resolved against the file's folder."""
+    path = Path(path)
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}); write one example per line.") from None
+        conversation_turns(example)  # a clear error now rather than in the middle of training
+        example["images"] = [
+            str(path.parent / image) if isinstance(image, str) and not re.match(r"^[a-z]+://", image) else image
+            for image in example.get("images") or []
+        ]
+        examples.append(example)
+    if not examples:
+        raise ValueError(f"{path} holds no examples; write one JSON example per line.")
+    return examples
+
+
+def split_examples(examples: list, eval_fraction: float, seed: int = 0) -> tuple[list, list]:
+    """`(train, eval)`: a held-out `eval_fraction` of `examples` (at least one when the fraction is positive and
+    there are two or more), chosen at random with `seed`."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must lie in [0, 1), got {eval_fraction}.")
+    size = math.ceil(eval_fraction * len(examples)) if len(examples) > 1 else 0
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[:size])
+    train = [example for index, example in enumerate(examples) if index not in held_out]
+    return train, [examples[index] for index in sorted(held_out)]
+
+
+def finetune(
+    model_dir: str,
+    data: Union[str, Path],
+    output_dir: str,
+    stage: Union[int, str] = 2,
+    lora: Optional[str] = None,
+    lora_rank: int = 8,
+    eval_fraction: float = 0.1,
+    max_length: Optional[int] = None,
+    multiscale: Optional[bool] = None,
+    **training_arguments,
+):
+    """Fine-tunes the model in `model_dir` on the JSONL file `data` with `transformers.Trainer` and
+    `NaViLDataCollator`, and saves model and processor to `output_dir` (loadable with `AutoModel` /
+    `AutoProcessor` and `trust_remote_code=True`) with the logged losses in `log_history.json`. Returns the `Trainer`.
+
+    `stage` chooses the trainable parameters (`freeze`); `lora` ("text", "visual" or "both") trains LoRA adapters of
+    rank `lora_rank` on those experts instead, merged into the weights before saving. A random `eval_fraction` of the
+    examples is held out and evaluated after training. `max_length` and `multiscale` go to the collator, further
+    keyword arguments to `TrainingArguments`. Runs as it is under `accelerate launch` (DDP or FSDP).
+    """
+    from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
+
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    if not model.config.special_token_ids:
+        model.init_special_token_ids(processor.tokenizer)
+    train, held_out = split_examples(load_jsonl(data), eval_fraction)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        target = lora_target_modules(model.config, lora)
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=target))
+    else:
+        freeze(model, stage)
+    settings = dict(
+        output_dir=output_dir,
+        remove_unused_columns=False,  # the collator reads "messages" and "images"
+        report_to="none",
+        save_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+    )
+    settings.update(training_arguments)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**settings),
+        train_dataset=train,
+        eval_dataset=held_out or None,
+        data_collator=NaViLDataCollator(processor, max_length=max_length, multiscale=multiscale),
+        compute_loss_func=causal_lm_loss,
+    )
+    trainer.train()
+    if held_out:
+        trainer.evaluate()
+    if lora is not None:
+        trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    trainer.save_model(output_dir)  # the full state dict, gathered from every process under FSDP
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+        history = Path(output_dir) / "log_history.json"
+        history.write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+    return trainer
