@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from .checks_navil import check_generation_length
 from .configuration_navil import (
     END_OF_TURN_TOKEN,
     IMAGE_PLACEHOLDER,
@@ -81,7 +82,7 @@ class NaViLChatMixin:
         kwargs.setdefault("eos_token_id", self.special_token_id(END_OF_TURN_TOKEN))
         if tokenizer.pad_token_id is not None:
             kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        self.check_generation_length(prompt_length, kwargs)
+        check_generation_length(self.config.text_config, self.generation_config, prompt_length, kwargs)
         return kwargs
 
     def _prepare_chat_inputs(self, processor, questions, images_per_question, histories, pixel_inputs=None):

@@ -14,6 +14,8 @@ import torch
 CODE_FILES = (
     "configuration_navil.py",
     "compat_navil.py",
+    "attention_navil.py",
+    "checks_navil.py",
     "chat_navil.py",
     "modeling_navil.py",
     "image_processing_navil.py",

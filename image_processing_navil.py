@@ -8,7 +8,7 @@ import re
 import struct
 import types
 import zlib
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -193,13 +193,15 @@ def smart_resize(height: int, width: int, min_pixels: float, max_pixels: Union[f
     return resized_height, resized_width
 
 
-class NaViLImagesKwargs(ImagesKwargs, total=False):
+class NaViLImageProcessorKwargs(ImagesKwargs, total=False):
     """Per-call settings of [`NaViLImageProcessor`] besides transformers' common image kwargs; a processor routes
-    them to the image processor."""
+    them to the image processor. Typed `Any` so that transformers' kwargs validation lets them through: the image
+    processor checks them itself, accepting numpy and 0-d tensor limits (the model card's float32 limits) and naming
+    the problem of a bad value in a `ValueError`."""
 
-    min_pixels: float
-    max_pixels: float
-    multiscale: bool
+    min_pixels: Any
+    max_pixels: Any
+    multiscale: Any
 
 
 class NaViLImageProcessor(BaseImageProcessor):
@@ -287,7 +289,7 @@ class NaViLImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values", "image_grid_thw", "num_scales"]
-    valid_kwargs = NaViLImagesKwargs
+    valid_kwargs = NaViLImageProcessorKwargs
 
     patch_size = 16
     merge_size = 2

@@ -24,7 +24,7 @@ from .configuration_navil import (
     NAVIL_SPECIAL_TOKENS,
     NaViLConfig,
 )
-from .image_processing_navil import NaViLImageProcessor, NaViLImagesKwargs
+from .image_processing_navil import NaViLImageProcessor, NaViLImageProcessorKwargs
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -274,10 +274,10 @@ def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
 
 class NaViLProcessorKwargs(ProcessingKwargs, total=False):
     """Call settings of [`NaViLProcessor`], flat or nested per modality (`text_kwargs`, `images_kwargs`): the
-    tokenizer's text settings and [`NaViLImagesKwargs`]. Prompts are padded on the left to the longest one and come
-    back as torch tensors unless the call (or the tokenizer it was built with) says otherwise."""
+    tokenizer's text settings and [`NaViLImageProcessorKwargs`]. Prompts are padded on the left to the longest one
+    and come back as torch tensors unless the call (or the tokenizer it was built with) says otherwise."""
 
-    images_kwargs: NaViLImagesKwargs
+    images_kwargs: NaViLImageProcessorKwargs
     _defaults = {
         "text_kwargs": {"padding": "longest", "padding_side": "left", "return_token_type_ids": False},
         "common_kwargs": {"return_tensors": "pt"},

@@ -18,7 +18,8 @@ setup(
     package_dir={"navil": ".", "navil.training": "training"},
     package_data={"navil": ["tokenizer/*", "checkpoints/*/*", "examples/*"]},
     install_requires=[
-        "transformers>=4.51",
+        # Tested from 4.51.0 (the release the original NaViL model card pins) to the newest 5.x: .ci/compat.
+        "transformers>=4.51.0",
         "torch>=2.1",
         "safetensors",
         "accelerate",

@@ -308,14 +308,14 @@ class Workload:
         self.pixel_values, self.image_grid_thw = random_pixels(grids, config, device, dtype)
         self.prompt_ids = image_prompt(grids, config, preset.question_tokens, device)
         with torch.inference_mode():
-            self.embeds, self.visual_mask = self.model.embed_tokens(
+            self.embeds, self.visual_mask, _ = self.model.embed_tokens(
                 self.prompt_ids, self.pixel_values, self.image_grid_thw
             )
         self.dense_embeds = torch.randn_like(self.embeds)
 
     @torch.inference_mode()
     def vision(self, count, kind):
-        return self.model.get_image_features(*self.vision_inputs[count, kind]).pooler_output
+        return torch.cat(self.model.get_image_features(*self.vision_inputs[count, kind]).pooler_output)
 
     @torch.inference_mode()
     def prefill(self, which):

@@ -67,12 +67,12 @@ def main():
     processor = model.chat_processor(tokenizer)
     end_to_end = st.tuples(st.lists(fuzz.image_cases(), max_size=2), st.text(min_size=1, max_size=20))
     plan = [
-        ("images", st.tuples(fuzz.image_cases(), st.booleans()), lambda c: fuzz.check_image_case(processor, *c), 0.30),
+        ("images", st.tuples(fuzz.image_cases(), st.booleans()), lambda c: fuzz.check_image_case(processor, *c), 0.33),
         ("prompts", fuzz.prompt_cases(), lambda case: fuzz.check_prompt_case(processor, case), 0.30),
         ("options", fuzz.option_cases(), lambda case: fuzz.check_option_case(processor, case), 0.15),
-        ("end-to-end", end_to_end, lambda case: fuzz.check_end_to_end(model, processor, *case), 0.07),
-        ("generation", fuzz.generation_cases(), lambda c: fuzz.check_generation_case(model, processor, c), 0.05),
-        ("configs", fuzz.config_cases(), fuzz.check_config_case, 0.08),
+        ("end-to-end", end_to_end, lambda case: fuzz.check_end_to_end(model, processor, *case), 0.06),
+        ("generation", fuzz.generation_cases(), lambda c: fuzz.check_generation_case(model, processor, c), 0.02),
+        ("configs", fuzz.config_cases(), fuzz.check_config_case, 0.09),
         ("weights", fuzz.weight_cases(), lambda case: fuzz.check_weight_case(args.model, case), 0.05),
     ]
     outcomes = collections.defaultdict(collections.Counter)

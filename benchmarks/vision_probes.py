@@ -44,7 +44,7 @@ def probe_features(model, processor, num_images: int):
         inputs = processor.image_processor(scene.render(), return_tensors="pt", multiscale=False)
         _, h, w = inputs["image_grid_thw"][0].tolist()
         grid_h, grid_w = h // vision.merge_size, w // vision.merge_size
-        features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output  # window order
+        features = torch.cat(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
         window_index, _ = get_window_index(inputs["image_grid_thw"], vision.window_size, vision.merge_size)
         raster = torch.empty_like(features)
         raster[window_index] = features

@@ -1,10 +1,11 @@
 """Across transformers releases (4.51.0 … newest 5.x): saved folders load on every release, and nothing of ours warns.
 
-Part of the compatibility suite (`.ci/compat` runs it, with the other files of `COMPAT_TESTS` in .ci/compat, on each
-release of the matrix). The cross-release tests run the other release's interpreter, named by `NAVIL_PYTHON_OLDEST`
+Part of the compatibility suite: `.ci/compat` runs it, with the other test files it lists, on each release of the
+matrix. The cross-release tests run the other release's interpreter, named by `NAVIL_PYTHON_OLDEST`
 (the venv of transformers 4.51.0 that `.ci/compat` creates); without it they are skipped.
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ needs_oldest_release = pytest.mark.skipif(
     reason="NAVIL_PYTHON_OLDEST (the python of a transformers==4.51.0 venv) is not set; .ci/compat creates that venv",
 )
 
-# Saves the embedded checkpoint again (model and processor) with the running release: `save.py FOLDER`.
+# Saves a checkpoint again (model and processor) with the running release; arguments: CHECKPOINT FOLDER.
 SAVE = """
     import sys
     from navil import NaViLForConditionalGeneration, NaViLProcessor
@@ -37,7 +38,7 @@ SAVE = """
     NaViLProcessor.from_pretrained(checkpoint).save_pretrained(folder)
 """
 
-# Loads a folder through the Auto classes (remote code, no navil import) and chats: prints the release and the reply.
+# Loads a folder through the Auto classes (remote code, no navil import) and chats; arguments: FOLDER IMAGE QUESTION.
 LOAD_AND_CHAT = """
     import json, sys
     import transformers
@@ -87,13 +88,41 @@ def test_folder_saved_on_transformers_4_51_loads_and_chats_here(tmp_path):
     assert result["reply"] == EXAMPLE["answer"]
 
 
-def test_saved_processor_files_are_readable_by_every_release(tmp_path):
+def relative_imports(module: str) -> set[str]:
+    """The sibling modules `module` imports (`from .x import ...`)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+
+@pytest.mark.parametrize(
+    "entry", ["configuration_navil", "modeling_navil", "image_processing_navil", "processing_navil"]
+)
+def test_remote_code_entry_modules_import_every_hub_file_they_need_themselves(entry):
+    # the modules auto_map names: for a local folder, transformers 4.x copies only the files such a module imports
+    # itself into its module cache, and the load fails on any file that only an imported file imports
+    direct = relative_imports(entry)
+    needed, pending = set(), list(direct)
+    while pending:
+        module = pending.pop()
+        if module not in needed:
+            needed.add(module)
+            pending.extend(relative_imports(module))
+    assert needed - {entry} <= direct
+
+
+def saved_processor_folder(tmp_path):
     from navil import NaViLProcessor
 
     NaViLProcessor.from_pretrained(CHECKPOINT).save_pretrained(tmp_path)
-    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    processor_config = json.loads((tmp_path / "processor_config.json").read_text())
-    image_processor_config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    return tmp_path
+
+
+@pytest.mark.parametrize("folder", [saved_processor_folder, lambda tmp_path: CHECKPOINT], ids=["saved", "embedded"])
+def test_processor_files_are_in_the_form_every_release_reads(folder, tmp_path):
+    folder = folder(tmp_path)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    image_processor_config = json.loads((folder / "preprocessor_config.json").read_text())
     # 4.x knows no "TokenizersBackend" and reads extra special tokens only as a dict
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)
@@ -102,15 +131,6 @@ def test_saved_processor_files_are_readable_by_every_release(tmp_path):
     assert "image_processor" not in processor_config
     assert image_processor_config["image_processor_type"] == "NaViLImageProcessor"
     assert image_processor_config["auto_map"]["AutoImageProcessor"] == "image_processing_navil.NaViLImageProcessor"
-
-
-def test_embedded_checkpoint_files_are_those_the_processor_saves(tmp_path):
-    from navil import NaViLProcessor
-
-    NaViLProcessor.from_pretrained(CHECKPOINT).save_pretrained(tmp_path)
-    for name in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
-        saved, shipped = (json.loads(folder.joinpath(name).read_text()) for folder in (tmp_path, CHECKPOINT))
-        assert saved == shipped, name
 
 
 def test_processor_tokenizer_pads_on_the_left():

@@ -27,6 +27,7 @@ def test_image_features_and_logits_match_original(
                 image_processor_outputs[f"ip.{image}.multi.pixel_values"],
                 image_processor_outputs[f"ip.{image}.multi.image_grid_thw"],
             ).pooler_output
+            features = torch.cat(features)
             torch.testing.assert_close(
                 features, outputs[f"features.{image}.after_connector"], atol=FEATURE_ATOL, rtol=FEATURE_ATOL
             )
@@ -56,8 +57,8 @@ def test_pixel_values_accepted_flat_or_as_patches(backbone, image_processor_outp
     pixel_values = image_processor_outputs["ip.shapes.multi.pixel_values"]
     grids = image_processor_outputs["ip.shapes.multi.image_grid_thw"]
     with torch.no_grad():
-        as_patches = model.get_image_features(pixel_values, grids).pooler_output
-        flat = model.get_image_features(pixel_values.flatten(1), grids).pooler_output
+        as_patches = torch.cat(model.get_image_features(pixel_values, grids).pooler_output)
+        flat = torch.cat(model.get_image_features(pixel_values.flatten(1), grids).pooler_output)
     assert torch.equal(as_patches, flat)
 
 

@@ -103,7 +103,7 @@ def test_packed_vision_attention_equals_dense_block_diagonal_reference(grids, at
     grid_thw = torch.tensor(grids)
     pixel_values = torch.randn(int(grid_thw.prod(-1).sum()), 3 * 16 * 16)
     with torch.no_grad():
-        packed = model(pixel_values, grid_thw)
+        packed = model(pixel_values, grid_thw).last_hidden_state
         reference = reference_vision_forward(model, pixel_values, grid_thw)
     torch.testing.assert_close(packed, reference, atol=1e-6, rtol=0)
 

@@ -12,8 +12,9 @@ from conftest import BACKBONES, case_pixel_inputs, load_golden_model
 from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 import navil
-from navil import modeling_navil
-from navil.modeling_navil import NaViLForConditionalGeneration, bitsandbytes_usable
+from navil import checks_navil
+from navil.checks_navil import bitsandbytes_usable
+from navil.modeling_navil import NaViLForConditionalGeneration
 
 CHECKPOINT = Path(navil.__file__).parent / "checkpoints" / "navil-tiny"
 EXAMPLE_IMAGE = CHECKPOINT.parent.parent / "examples" / "shapes.png"
@@ -154,7 +155,7 @@ def captured_from_pretrained_kwargs(monkeypatch):
 
 @pytest.mark.parametrize("flag", ["load_in_8bit", "load_in_4bit"])
 def test_load_in_bits_without_usable_bitsandbytes_names_torchao(flag, monkeypatch):
-    monkeypatch.setattr(modeling_navil, "bitsandbytes_usable", lambda: False)
+    monkeypatch.setattr(checks_navil, "bitsandbytes_usable", lambda: False)
     with pytest.raises(ValueError, match="torchao") as error:
         NaViLForConditionalGeneration.from_pretrained(CHECKPOINT, **{flag: True})
     assert "TorchAoConfig" in str(error.value) and flag in str(error.value)
@@ -163,7 +164,7 @@ def test_load_in_bits_without_usable_bitsandbytes_names_torchao(flag, monkeypatc
 def test_load_in_8bit_becomes_a_bitsandbytes_config_where_bitsandbytes_is_usable(
     monkeypatch, captured_from_pretrained_kwargs
 ):
-    monkeypatch.setattr(modeling_navil, "bitsandbytes_usable", lambda: True)
+    monkeypatch.setattr(checks_navil, "bitsandbytes_usable", lambda: True)
     with pytest.raises(LoadingStopped):
         NaViLForConditionalGeneration.from_pretrained(CHECKPOINT, load_in_8bit=True)
     config = captured_from_pretrained_kwargs["quantization_config"]
@@ -176,7 +177,7 @@ def test_load_in_8bit_becomes_a_bitsandbytes_config_where_bitsandbytes_is_usable
 def test_load_in_4bit_becomes_an_nf4_config_computing_in_the_requested_dtype(
     monkeypatch, captured_from_pretrained_kwargs
 ):
-    monkeypatch.setattr(modeling_navil, "bitsandbytes_usable", lambda: True)
+    monkeypatch.setattr(checks_navil, "bitsandbytes_usable", lambda: True)
     with pytest.raises(LoadingStopped):
         NaViLForConditionalGeneration.from_pretrained(CHECKPOINT, load_in_4bit=True, torch_dtype=torch.bfloat16)
     config = captured_from_pretrained_kwargs["quantization_config"]
@@ -189,7 +190,7 @@ def test_load_in_4bit_becomes_an_nf4_config_computing_in_the_requested_dtype(
     [dict(load_in_8bit=True, load_in_4bit=True), dict(load_in_8bit=True, quantization_config=BitsAndBytesConfig())],
 )
 def test_two_quantization_requests_at_once_are_refused(kwargs, monkeypatch):
-    monkeypatch.setattr(modeling_navil, "bitsandbytes_usable", lambda: True)
+    monkeypatch.setattr(checks_navil, "bitsandbytes_usable", lambda: True)
     with pytest.raises(ValueError, match="pass only one"):
         NaViLForConditionalGeneration.from_pretrained(CHECKPOINT, **kwargs)
 

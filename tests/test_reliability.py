@@ -109,14 +109,14 @@ WORST_CASES = """
     model = NaViLForConditionalGeneration.from_pretrained(golden + "/qwen3_ve").eval()
     model.init_special_token_ids(tokenizer)
     image = np.zeros((64, 80, 3), dtype=np.uint8)
+    large = np.zeros((2480, 3100, 3), dtype=np.uint8)  # 156 x 194 = 30264 patches, near max_patches_per_scale
     processor = NaViLImageProcessor()
-    largest = processor.max_patches_per_scale * 256  # the largest single-scale output the default limits allow
     cases = {
         "min_pixels=4e8": lambda: processor(image, min_pixels=4 * 10**8),
         "min_pixels=4e8, max_pixels=1e9": lambda: processor(image, min_pixels=4 * 10**8, max_pixels=10**9),
         "min_pixels=inf": lambda: processor(image, min_pixels=float("inf")),
         "max_pixels=nan": lambda: processor(image, max_pixels=float("nan")),
-        "largest accepted pyramid": lambda: processor(image, min_pixels=largest, max_pixels=largest),
+        "near-limit image-scale": lambda: processor(large, max_pixels=30264 * 256, multiscale=False),
         "chat with a 2000x2000 grid": lambda: model.chat(
             tokenizer, torch.zeros(168, 768), "Hi", dict(max_new_tokens=2), num_patches_list=[[1, 2000, 2000]]
         ),
@@ -264,6 +264,7 @@ def _golden_config(edit):
         (lambda c: c.update(special_token_ids={"<img>": 1024}), "= 1024 is outside the vocabulary \\[0, 1024\\)"),
         (lambda c: c.update(llm_config=None), "has no text_config or llm_config \\(missing or null\\)"),
         (lambda c: c.update(min_dynamic_patch=2.5), "NaViLConfig.min_dynamic_patch must be a positive whole"),
+        (lambda c: c["vision_config"].update(num_channels=4), "vision_config.num_channels must be 3"),
     ],
     ids=[
         "negative-vision-size",
@@ -281,6 +282,7 @@ def _golden_config(edit):
         "token-id-past-vocab",
         "null-text-config",
         "fractional-patches",
+        "four-channels",
     ],
 )
 def test_config_fields_are_validated_at_construction_naming_the_field(edit, message):

@@ -243,6 +243,15 @@ class NaViLImageProcessingTest(image_processing_common.ImageProcessingTestMixin,
 
     image_processor_tester_class = NaViLImageProcessingTester
 
+    def _assert_has_attributes(self, processor, expected_attributes):
+        """The mixin's check, reading `min_pixels` and `max_pixels` as NaViL keeps them: as attributes (the mixin
+        expects them inside a Qwen2-VL style `size`)."""
+        expected_attributes = dict(expected_attributes)
+        for key in ("min_pixels", "max_pixels"):
+            if key in expected_attributes:
+                self.assertEqual(getattr(processor, key), expected_attributes.pop(key), key)
+        super()._assert_has_attributes(processor, expected_attributes)
+
     def check_patch_outputs(self, image_processor, images, **kwargs):
         """Calls `image_processor` on one image and on all `images` and checks the patch layout of the outputs."""
         for batch in (images[:1], images):

@@ -29,17 +29,15 @@ from ..processing_navil import NaViLProcessor
 from .collators import encode_turns, pad_batch
 from .loop import freeze
 
-# Layers of the language model that LoRA adapts, per backbone: the text experts, and their visual-expert twins
-# (attention projections `<name>_ve`, feed-forward layers under `mlp_ve` / `feed_forward_ve`).
+# Layers of the language model that LoRA adapts, per backbone: the attention projections (with their visual-expert twins
+# `<name>_ve`) and the feed-forward layers (twins under `<ffn module>_ve`).
 LORA_LAYERS = {
-    "internlm2": {"attention": ("wqkv", "wo"), "attention_module": "attention", "ffn": ("w1", "w2", "w3")},
+    "internlm2": {"attention": ("attention", ("wqkv", "wo")), "ffn": ("feed_forward", ("w1", "w2", "w3"))},
     "qwen3": {
-        "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-        "attention_module": "self_attn",
-        "ffn": ("gate_proj", "up_proj", "down_proj"),
+        "attention": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        "ffn": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     },
 }
-FFN_MODULES = {"internlm2": "feed_forward", "qwen3": "mlp"}
 
 
 def lora_target_modules(config, experts: str = "both") -> str:
@@ -53,11 +51,10 @@ def lora_target_modules(config, experts: str = "both") -> str:
     """
     if experts not in ("text", "visual", "both"):
         raise ValueError(f"experts must be 'text', 'visual' or 'both', got {experts!r}.")
-    backbone = config.text_config.backbone
-    layers, ffn = LORA_LAYERS[backbone], FFN_MODULES[backbone]
+    (attention_module, projections), (ffn_module, ffn_layers) = LORA_LAYERS[config.text_config.backbone].values()
     suffix = {"text": "", "visual": "_ve", "both": "(_ve)?"}[experts]
-    attention = f"{layers['attention_module']}\\.({'|'.join(layers['attention'])}){suffix}"
-    feed_forward = f"{ffn}{suffix}\\.({'|'.join(layers['ffn'])})"
+    attention = f"{attention_module}\\.({'|'.join(projections)}){suffix}"
+    feed_forward = f"{ffn_module}{suffix}\\.({'|'.join(ffn_layers)})"
     return f"language_model\\.model\\.layers\\.\\d+\\.({attention}|{feed_forward})"
 
 
@@ -75,6 +72,23 @@ def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> to
     )
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+
+
+def fsdp_shard(model: torch.nn.Module, **fsdp_kwargs) -> torch.nn.Module:
+    """Shards `model` with FSDP2 (`torch.distributed.fsdp.fully_shard`, in an initialised process group) with the
+    wrap policy of accelerate's `TRANSFORMER_BASED_WRAP`: each vision block and each decoder layer (the model's
+    `_no_split_modules`) is one unit, the rest (embeddings, connector, LM head) the root unit. For a custom loop, or
+    where accelerate offers no FSDP (on CPU); on GPUs `accelerate launch --use_fsdp --fsdp_version 2
+    --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP` does the same from `_no_split_modules`. `fully_shard` changes the
+    model's class, so save the gathered full state dict (`get_model_state_dict(..., full_state_dict=True)`) through
+    an unsharded model's `save_pretrained`, which then copies the NaViL code next to it."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = tuple(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in units:
+            fully_shard(module, **fsdp_kwargs)
+    return fully_shard(model, **fsdp_kwargs)
 
 
 def _text_of(content, role: str, index: int) -> tuple[str, list]:

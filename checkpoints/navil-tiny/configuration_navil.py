@@ -187,6 +187,11 @@ class NaViLVisionConfig(PretrainedConfig):
         self.initializer_factor = initializer_factor
         self.initializer_range = initializer_range
         self.window_size = window_size
+        if fullatt_block_indexes is not None and not isinstance(fullatt_block_indexes, (list, tuple)):
+            raise ValueError(
+                f"vision_config.fullatt_block_indexes must be a list of layer indexes or None, got "
+                f"{fullatt_block_indexes!r:.60}."
+            )
         self.fullatt_block_indexes = None if fullatt_block_indexes is None else list(fullatt_block_indexes)
         self.downsample_ratio = downsample_ratio
         super().__init__(**kwargs)
@@ -196,7 +201,12 @@ class NaViLVisionConfig(PretrainedConfig):
 
     def validate_vision(self):
         sizes = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "patch_size")
-        check_fields("vision_config", "size", **{name: getattr(self, name) for name in (*sizes, "num_channels")})
+        check_fields("vision_config", "size", **{name: getattr(self, name) for name in sizes})
+        if self.num_channels != 3:
+            raise ValueError(
+                f"vision_config.num_channels must be 3 (the image processor gives RGB patches), got "
+                f"{self.num_channels!r:.40}."
+            )
         check_fields("vision_config", "size", window_size=self.window_size)
         check_fields("vision_config", "positive", layer_norm_eps=self.layer_norm_eps)
         check_fields("vision_config", "positive", downsample_ratio=self.downsample_ratio)

@@ -13,13 +13,12 @@ Read top to bottom:
 Parameter names equal those of the original NaViL checkpoints, so they load without conversion.
 """
 
-import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -32,12 +31,21 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils.generic import can_return_tuple
 
+from .attention_navil import AttentionBlocks, attention_interface, block_diagonal_attention
 from .chat_navil import NaViLChatMixin
+from .checks_navil import (
+    check_generation_length,
+    check_image_tokens,
+    check_loading_info,
+    check_local_checkpoint,
+    check_num_scales,
+    check_pixel_values,
+    check_prompt,
+    with_quantization_config,
+)
 from .compat_navil import (
     CACHE_NAMES,
-    DTYPE_KWARG,
     GradientCheckpointingLayer,
-    attention_function,
     cache_of,
     causal_masks,
     generation_step_is_decode,
@@ -49,7 +57,6 @@ from .compat_navil import (
 from .configuration_navil import (
     END_OF_TURN_TOKEN,
     IMG_CONTEXT_TOKEN,
-    IMG_FRAME_BREAK_TOKEN,
     IMG_START_TOKEN,
     SPECIAL_TOKEN_EMBEDDING_ROWS,
     NaViLConfig,
@@ -61,11 +68,6 @@ from .configuration_navil import (
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file here.
 from .image_processing_navil import NaViLImageProcessor  # noqa: F401
 from .processing_navil import NaViLProcessor  # noqa: F401
-
-try:
-    from flash_attn import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
 
 
 class NaViLRMSNorm(nn.Module):
@@ -92,86 +94,6 @@ def rotate_half(x):
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Vision encoder
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class BlockGroup(NamedTuple):
-    """Blocks of one length, batched: `tokens` selects their tokens block by block (a slice when they are adjacent)."""
-
-    tokens: Union[slice, torch.Tensor]
-    num_blocks: int
-    length: int
-
-
-class AttentionBlocks(NamedTuple):
-    """Contiguous blocks of tokens attending only within themselves.
-
-    Blocks of equal length are batched together (`groups`), so attention runs without padding or masks and its cost
-    and memory grow with the number of blocks, not with the longest block; `cu_seqlens` are the block boundaries for
-    varlen kernels.
-    """
-
-    groups: list[BlockGroup]
-    cu_seqlens: torch.Tensor  # [blocks + 1], int32
-    max_len: int
-
-    @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, device: torch.device) -> "AttentionBlocks":
-        starts_by_length = {}
-        start = 0
-        for length in lengths.tolist():
-            starts_by_length.setdefault(length, []).append(start)
-            start += length
-        groups = []
-        for length, starts in starts_by_length.items():
-            first, end = starts[0], starts[0] + len(starts) * length
-            if starts == list(range(first, end, length)):
-                tokens = slice(first, end)
-            else:
-                tokens = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(device)
-            groups.append(BlockGroup(tokens, len(starts), length))
-        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-        return cls(groups, cu_seqlens, max(starts_by_length))
-
-
-def block_diagonal_attention(query, key, value, blocks: AttentionBlocks, implementation: str, scaling: float):
-    """Bidirectional attention inside each block; [tokens, heads, head_dim] in and out.
-
-    Returns `(output, weights)`: with eager attention `weights` has one [blocks, heads, length, length] tensor per
-    group of equal-length blocks (in `blocks.groups` order); other implementations return `None`.
-    """
-    if implementation == "flash_attention_2" and flash_attn_varlen_func is not None and query.is_cuda:
-        output = flash_attn_varlen_func(
-            query,
-            key,
-            value,
-            blocks.cu_seqlens,
-            blocks.cu_seqlens,
-            blocks.max_len,
-            blocks.max_len,
-            softmax_scale=scaling,
-        )
-        return output, None
-    output, all_weights = None, () if implementation == "eager" else None
-    for group in blocks.groups:
-        # [blocks, heads, length, head_dim]
-        batch = [
-            states[group.tokens].view(group.num_blocks, group.length, *states.shape[1:]).transpose(1, 2)
-            for states in (query, key, value)
-        ]
-        if implementation == "eager":
-            scores = torch.matmul(batch[0], batch[1].transpose(-1, -2)) * scaling
-            weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-            group_output = torch.matmul(weights, batch[2])
-            all_weights += (weights,)
-        else:
-            group_output = F.scaled_dot_product_attention(*batch, scale=scaling)
-        group_output = group_output.transpose(1, 2).reshape(-1, *query.shape[1:])
-        if len(blocks.groups) == 1 and isinstance(group.tokens, slice):
-            return group_output, all_weights
-        if output is None:
-            output = query.new_empty(query.shape)
-        output[group.tokens] = group_output
-    return output, all_weights
 
 
 class NaViLVisionEmbeddings(nn.Module):
@@ -312,71 +234,6 @@ class NaViLVisionLayer(GradientCheckpointingLayer):
         return hidden_states + self.ls2 * self.mlp(self.norm2(hidden_states)), attn_weights
 
 
-def check_local_checkpoint(folder: Path, has_config: bool) -> None:
-    """Refuses a local checkpoint folder before any model is built: no `config.json` (unless a config is passed), or
-    a `*.safetensors` file whose header cannot be read (empty, truncated, not safetensors, oversized header)."""
-    if not has_config and not (folder / "config.json").is_file():
-        raise ValueError(
-            f"{folder} has no config.json, so the model's size is unknown; pass the folder of a saved NaViL checkpoint "
-            "(config.json with its weights), or pass config= explicitly."
-        )
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except Exception as error:  # safetensors raises its own SafetensorError (not importable on every version)
-            raise ValueError(
-                f"{path} is not a readable safetensors file ({error}); it is truncated, empty or not safetensors. "
-                "Download or save the checkpoint again."
-            ) from None
-
-
-def bitsandbytes_usable() -> bool:
-    """Whether bitsandbytes imports and supports a device of this machine (a CUDA GPU, or its CPU backend)."""
-    try:
-        import bitsandbytes
-    except Exception:  # a broken CUDA setup makes the import raise more than ImportError
-        return False
-    devices = {"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"}
-    # releases before the CPU backend have no `supported_torch_devices` and run on CUDA only
-    return bool(devices & set(getattr(bitsandbytes, "supported_torch_devices", {"cuda"})))
-
-
-def with_quantization_config(kwargs: dict, modules_to_not_quantize: list[str]) -> dict:
-    """`from_pretrained` kwargs with the original model card's `load_in_8bit` / `load_in_4bit` turned into a
-    `BitsAndBytesConfig` (nf4 for 4 bits), and `modules_to_not_quantize` filled into a quantization config that names
-    no modules to skip (torchao's `modules_to_not_convert`, bitsandbytes' `llm_int8_skip_modules`)."""
-    bits = [count for count in (8, 4) if kwargs.pop(f"load_in_{count}bit", False)]
-    if bits:
-        flags = " and ".join(f"load_in_{count}bit=True" for count in bits)
-        if len(bits) > 1 or kwargs.get("quantization_config") is not None:
-            given = flags if len(bits) > 1 else f"{flags} and quantization_config"
-            raise ValueError(f"{given} ask for different quantizations; pass only one of them.")
-        if not bitsandbytes_usable():
-            raise ValueError(
-                f"{flags} quantizes with bitsandbytes, which is not installed or supports no device of this machine. "
-                "On a CPU quantize with torchao instead (pip install torchao): from transformers import TorchAoConfig; "
-                "from torchao.quantization import Int8WeightOnlyConfig; from_pretrained(..., quantization_config="
-                "TorchAoConfig(Int8WeightOnlyConfig())). On a CUDA GPU: pip install bitsandbytes."
-            )
-        from transformers import BitsAndBytesConfig
-
-        dtype = kwargs.get(DTYPE_KWARG)
-        four_bit = dict(bnb_4bit_quant_type="nf4")
-        if isinstance(dtype, torch.dtype):
-            four_bit["bnb_4bit_compute_dtype"] = dtype
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True) if bits == [8] else BitsAndBytesConfig(load_in_4bit=True, **four_bit)
-        )
-    config = kwargs.get("quantization_config")
-    for field in ("modules_to_not_convert", "llm_int8_skip_modules"):
-        if hasattr(config, field) and getattr(config, field) is None:
-            config = copy.copy(config)
-            setattr(config, field, list(modules_to_not_quantize))
-            kwargs["quantization_config"] = config
-    return kwargs
-
-
 class NaViLPreTrainedModel(PreTrainedModel):
     config_class = NaViLConfig
     base_model_prefix = "navil"
@@ -403,13 +260,8 @@ class NaViLPreTrainedModel(PreTrainedModel):
         """
         folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         if folder.is_dir():
-            check_local_checkpoint(folder, has_config="config" in kwargs)
+            check_local_checkpoint(folder, has_config="config" in kwargs, allow_pickle=allow_pickle)
         if not allow_pickle:
-            if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
-                raise ValueError(
-                    f"{folder} holds only pickled weights (*.bin), which can run code when loaded. Convert them to "
-                    "safetensors, or pass allow_pickle=True if you trust the files."
-                )
             kwargs.setdefault("use_safetensors", True)
         kwargs = with_quantization_config(with_dtype_kwarg(kwargs), cls._modules_to_not_quantize)
         wants_info = kwargs.pop("output_loading_info", False)
@@ -419,21 +271,8 @@ class NaViLPreTrainedModel(PreTrainedModel):
         else:
             kwargs.setdefault("ignore_mismatched_sizes", True)  # strict=False loads such checkpoints, as documented
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        problems = {
-            "missing_keys": sorted(info["missing_keys"]),
-            "unexpected_keys": sorted(info["unexpected_keys"]),
-            "mismatched_keys": [
-                f"{key} (checkpoint {list(saved)}, model {list(expected)})"
-                for key, saved, expected in sorted(info["mismatched_keys"])
-            ],
-        }
-        if strict and any(problems.values()):
-            details = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
-            raise ValueError(
-                f"The checkpoint at {pretrained_model_name_or_path} does not match {cls.__name__} ({details}). "
-                "Check that it is a NaViL checkpoint of this configuration, or pass strict=False to load it anyway "
-                "(missing and mismatched tensors are then initialised at random, unexpected ones ignored)."
-            )
+        if strict:
+            check_loading_info(info, pretrained_model_name_or_path, cls.__name__)
         return (model, info) if wants_info else model
 
     @torch.no_grad()
@@ -635,22 +474,8 @@ def apply_rotary_pos_emb(query, key, cos, sin):
     return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
 
-def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    # query [batch, heads, q_len, d]; key/value [batch, kv_heads, kv_len, d] -> [batch, q_len, heads, d]
-    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
-    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
-def attention_interface(implementation: str) -> Callable:
-    return attention_function(implementation, eager_attention_forward)
-
-
+# Attention runs through `attention_interface`, which looks functions up with `ALL_ATTENTION_FUNCTIONS.get_interface(`
+# (transformers 5 reads that in this file to allow `model.set_attn_implementation(...)`).
 class ModalityExpertAttention(nn.Module):
     """Causal self-attention over all tokens; the projections into q/k/v (and out) are per modality.
 
@@ -962,18 +787,31 @@ class Qwen3VEModel(ModalityExpertModel):
         self.embed_tokens = value
 
 
-def lm_head_output(model, outputs, labels, logits_to_keep, vocab_size: int) -> CausalLMOutputWithPast:
-    """`model`'s LM head over the decoder `outputs` (the last `logits_to_keep` positions, all when 0), and the loss."""
+LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+
+
+def lm_head_output(
+    model, outputs, labels, logits_to_keep, vocab_size: int, output_class=CausalLMOutputWithPast, **fields
+) -> CausalLMOutputWithPast:
+    """`model`'s LM head over the decoder `outputs` (the last `logits_to_keep` positions, all when 0), and the loss.
+
+    `fields` may hold the loss arguments of transformers' `loss_function` (`LOSS_KWARGS`, e.g. `num_items_in_batch`
+    from `Trainer`, `shift_labels`); the others are stored in the `output_class`.
+    """
+    loss_kwargs = {name: fields.pop(name) for name in LOSS_KWARGS if name in fields}
     keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
     logits = model.get_output_embeddings()(outputs.last_hidden_state[:, keep, :])
-    loss = None if labels is None else model.loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
+    loss = None
+    if labels is not None or loss_kwargs.get("shift_labels") is not None:
+        loss = model.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **loss_kwargs)
     return output_with_cache(
-        CausalLMOutputWithPast,
+        output_class,
         cache_of(outputs),
         loss=loss,
         logits=logits,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
+        **fields,
     )
 
 
@@ -1003,6 +841,7 @@ class ModalityExpertForCausalLM(NaViLPreTrainedModel, GenerationMixin):
         visual_token_mask=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
         outputs = self.model(
             return_dict=True,
             input_ids=input_ids,
@@ -1014,7 +853,7 @@ class ModalityExpertForCausalLM(NaViLPreTrainedModel, GenerationMixin):
             visual_token_mask=visual_token_mask,
             **kwargs,
         )
-        return lm_head_output(self, outputs, labels, logits_to_keep, self.config.vocab_size)
+        return lm_head_output(self, outputs, labels, logits_to_keep, self.config.vocab_size, **loss_kwargs)
 
 
 class InternLM2VEForCausalLM(ModalityExpertForCausalLM):
@@ -1057,6 +896,32 @@ LANGUAGE_MODELS = {"internlm2": InternLM2VEForCausalLM, "qwen3": Qwen3VEForCausa
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class NaViLModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_outputs (`BaseModelOutputWithPooling`, *optional*): `get_image_features` of the prompt's images (prefill).
+    """
+
+    image_outputs: Optional[BaseModelOutputWithPooling] = None
+
+
+@dataclass
+class NaViLCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    image_outputs (`BaseModelOutputWithPooling`, *optional*): `get_image_features` of the prompt's images (prefill).
+    """
+
+    image_outputs: Optional[BaseModelOutputWithPooling] = None
+
+
+class MergedInputs(NamedTuple):
+    """What the decoder takes for a prompt: embeddings with the images in, routing, and the image features."""
+
+    inputs_embeds: torch.Tensor  # [batch, seq, hidden]
+    visual_token_mask: Optional[torch.Tensor]  # [batch, seq], None without images
+    image_outputs: Optional[BaseModelOutputWithPooling]
+
+
 class NaViLModel(nn.Module):
     """`NaViLForConditionalGeneration.base_model`: the multimodal backbone without the LM head.
 
@@ -1068,28 +933,21 @@ class NaViLModel(nn.Module):
 
     _tp_plan = None
     _pp_plan = None
+    # what tools read from a base model, answered by the owner
+    _from_owner = ("config", "device", "dtype", "vision_model", "get_input_embeddings", "get_image_features")
 
     def __init__(self, owner: "NaViLForConditionalGeneration"):
         super().__init__()
         self.__dict__["owner"] = owner  # not registered as a submodule: no second name for the owner's parameters
 
-    @property
-    def config(self) -> NaViLConfig:
-        return self.owner.config
+    def __getattr__(self, name):
+        if name in NaViLModel._from_owner:
+            return getattr(self.owner, name)
+        return super().__getattr__(name)
 
     @property
-    def device(self) -> torch.device:
-        return self.owner.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.owner.dtype
-
-    def get_input_embeddings(self):
-        return self.owner.get_input_embeddings()
-
-    def get_image_features(self, *args, **kwargs) -> BaseModelOutputWithPooling:
-        return self.owner.get_image_features(*args, **kwargs)
+    def language_model(self) -> nn.Module:
+        return self.owner.language_model.model
 
     @can_return_tuple
     def forward(self, *args, **kwargs) -> BaseModelOutputWithPast:
@@ -1179,6 +1037,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
 
     # -- images --------------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
@@ -1186,9 +1045,9 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
     ) -> BaseModelOutputWithPooling:
-        """[patches, 3·P·P] pixels of all image-scales → `pooler_output` [patches / 4, hidden], the LLM inputs, in
-        window order; `last_hidden_state` [patches, W] is the ViT output, `hidden_states` and `attentions` those of
-        the ViT on request (see `NaViLVisionModel.forward`).
+        """[patches, 3·P·P] pixels of all image-scales → `pooler_output`, the LLM inputs: one [units, hidden] tensor
+        per image-scale (units = patches / 4, in window order); `last_hidden_state` [patches, W] is the ViT output,
+        `hidden_states` and `attentions` those of the ViT on request (see `NaViLVisionModel.forward`).
 
         `pixel_values` are moved to the vision tower's device and cast to its dtype (float32 processor output feeds
         a bfloat16 model as it is); they must be finite. `image_grid_thw` (an integer tensor or nested list, read on
@@ -1196,21 +1055,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         exactly the rows of `pixel_values`.
         """
         vision = self.config.vision_config
-        patch_shape = (vision.num_channels, vision.patch_size, vision.patch_size)
-        if not torch.is_floating_point(pixel_values):
-            raise ValueError(
-                f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}."
-            )
-        if pixel_values.device.type == "meta":
-            raise ValueError("pixel_values are on the meta device and hold no values; pass the processor's output.")
-        if pixel_values.shape[1:] not in ((patch_shape[0] * patch_shape[1] * patch_shape[2],), patch_shape):
-            raise ValueError(
-                f"pixel_values must be [patches, {patch_shape[0] * patch_shape[1] * patch_shape[2]}] or [patches, "
-                f"{', '.join(map(str, patch_shape))}] for this model, got shape {tuple(pixel_values.shape)}; pass the "
-                "image processor's pixel_values with the model's patch_size."
-            )
-        if not bool(torch.isfinite(pixel_values).all()):
-            raise ValueError("pixel_values contain NaN or infinite values; check the image or preprocessing.")
+        check_pixel_values(pixel_values, vision)
         image_grid_thw = check_image_grid(image_grid_thw, vision.merge_size)
         weight = self.vision_model.embeddings.patch_embedding.weight
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
@@ -1218,52 +1063,59 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
             pixel_values, image_grid_thw, output_hidden_states, output_attentions, return_dict=True
         )
         features = vision_outputs.last_hidden_state  # [patches, W]
+        units_per_scale = (image_grid_thw.prod(-1) // vision.merge_size**2).tolist()
         return BaseModelOutputWithPooling(
             last_hidden_state=features,
-            pooler_output=self.mlp1(pixel_shuffle(features, vision.merge_size)),
+            pooler_output=self.mlp1(pixel_shuffle(features, vision.merge_size)).split(units_per_scale),
             hidden_states=vision_outputs.hidden_states,
             attentions=vision_outputs.attentions,
         )
 
-    def embed_tokens(self, input_ids, pixel_values=None, image_grid_thw=None, num_prompt_tokens=None):
+    def embed_tokens(
+        self, input_ids, pixel_values=None, image_grid_thw=None, num_prompt_tokens=None, **vision_kwargs
+    ) -> MergedInputs:
         """Word embeddings with special-token rows replaced and image features scattered over `<IMG_CONTEXT>`.
 
         Tokens from position `num_prompt_tokens` on were generated: like cached decode steps they get the plain word
         embeddings and are routed as text, so generation without a cache equals generation with one.
-        Returns `(inputs_embeds [batch, seq, hidden], visual_token_mask [batch, seq] or None)`.
         """
         if num_prompt_tokens is not None and num_prompt_tokens < input_ids.shape[1]:
-            prompt_embeds, visual_token_mask = self.embed_tokens(
-                input_ids[:, :num_prompt_tokens], pixel_values, image_grid_thw
-            )
+            prompt = self.embed_tokens(input_ids[:, :num_prompt_tokens], pixel_values, image_grid_thw, **vision_kwargs)
             generated_embeds = self.get_input_embeddings()(input_ids[:, num_prompt_tokens:])
+            visual_token_mask = prompt.visual_token_mask
             if visual_token_mask is not None:
                 visual_token_mask = F.pad(visual_token_mask, (0, generated_embeds.shape[1]), value=False)
-            return torch.cat((prompt_embeds, generated_embeds), dim=1), visual_token_mask
-        return self.merge_inputs(self.get_input_embeddings()(input_ids), pixel_values, image_grid_thw, input_ids)
+            inputs_embeds = torch.cat((prompt.inputs_embeds, generated_embeds), dim=1)
+            return MergedInputs(inputs_embeds, visual_token_mask, prompt.image_outputs)
+        embeddings = self.get_input_embeddings()(input_ids)
+        return self.merge_inputs(embeddings, pixel_values, image_grid_thw, input_ids, **vision_kwargs)
 
-    def merge_inputs(self, inputs_embeds, pixel_values=None, image_grid_thw=None, input_ids=None):
+    def merge_inputs(
+        self, inputs_embeds, pixel_values=None, image_grid_thw=None, input_ids=None, **vision_kwargs
+    ) -> MergedInputs:
         """The prompt's embeddings [batch, seq, hidden] as the decoder takes them: the NaViL special tokens' rows from
         `special_token_embedding` and the image features over the `<IMG_CONTEXT>` rows.
 
         The tokens are read from `input_ids` when given, else recognised in `inputs_embeds` by their word (or special)
         embeddings, so `inputs_embeds=model.get_input_embeddings()(input_ids)` gives what `input_ids` give.
-        Returns `(inputs_embeds, visual_token_mask [batch, seq] or None)`.
+        `vision_kwargs` (`output_hidden_states`, `output_attentions`) go to `get_image_features`.
         """
         rows = self.special_token_rows(input_ids, inputs_embeds)  # [batch, seq], -1 for other tokens
         special = self.special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
         inputs_embeds = torch.where((rows >= 0)[..., None], special, inputs_embeds)
         if pixel_values is None:
-            return inputs_embeds, None
+            return MergedInputs(inputs_embeds, None, None)
         if image_grid_thw is None:
             raise ValueError("pixel_values were given without image_grid_thw; pass both from the image processor.")
         image_grid_thw = check_image_grid(image_grid_thw, self.config.vision_config.merge_size)
         context_mask = rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
         self.special_token_id(IMG_CONTEXT_TOKEN)  # a clear error when the ids were never read from a tokenizer
-        self._check_image_tokens(input_ids, context_mask, image_grid_thw)
-        features = self.get_image_features(pixel_values, image_grid_thw).pooler_output
-        inputs_embeds = inputs_embeds.masked_scatter(context_mask[..., None], features.to(inputs_embeds.dtype))
-        return inputs_embeds, context_mask | (rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_START_TOKEN))
+        check_image_tokens(self.config, input_ids, context_mask, image_grid_thw)
+        image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True, **vision_kwargs)
+        features = torch.cat(image_outputs.pooler_output).to(inputs_embeds.dtype)  # [units of all scales, hidden]
+        inputs_embeds = inputs_embeds.masked_scatter(context_mask[..., None], features)
+        visual_token_mask = context_mask | (rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_START_TOKEN))
+        return MergedInputs(inputs_embeds, visual_token_mask, image_outputs)
 
     def special_token_rows(self, input_ids=None, inputs_embeds=None) -> torch.Tensor:
         """[batch, seq]: the `special_token_embedding` row of each NaViL special token, -1 for every other token."""
@@ -1281,82 +1133,6 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
                 for embedding in (words[ids[token]], specials[row]):
                     rows = rows.masked_fill((inputs_embeds == embedding.to(inputs_embeds)).all(-1), row)
         return rows
-
-    def _check_image_tokens(self, input_ids, context_mask, image_grid_thw) -> None:
-        """Refuses prompts whose `<IMG_CONTEXT>` tokens do not match the images, before the vision tower runs: in
-        total and, when the tokenizer has `<IMG_FRAME_BREAK>` (which ends every frame of every image-scale), frame
-        by frame, so that features never land on the tokens of another image."""
-        grid = image_grid_thw
-        per_frame = (grid[:, 1] * grid[:, 2] // self.config.vision_config.merge_size**2).repeat_interleave(grid[:, 0])
-        found, expected = int(context_mask.sum()), int(per_frame.sum())
-        if found != expected:
-            raise ValueError(
-                f"The prompt has {found} {IMG_CONTEXT_TOKEN} tokens but the images give {expected} features; build "
-                "the prompt with the processor (or expand each <image> with the same image_grid_thw)."
-            )
-        frame_break = self.config.special_token_ids.get(IMG_FRAME_BREAK_TOKEN)
-        if frame_break is None or not expected or input_ids is None:
-            return
-        breaks = (input_ids == frame_break).flatten()
-        frame_of_token = breaks.cumsum(0) - breaks.long()  # the frame each token belongs to, batch rows in order
-        counts = torch.bincount(frame_of_token[context_mask.flatten()], minlength=len(per_frame)).cpu()
-        if not torch.equal(counts, per_frame):
-            frame = next(i for i, (a, b) in enumerate(zip(counts.tolist(), per_frame.tolist() + [0])) if a != b)
-            has = int(counts[frame])
-            wants = int(per_frame[frame]) if frame < len(per_frame) else 0
-            raise ValueError(
-                f"The prompt's image tokens do not follow image_grid_thw: frame {frame} of the image-scales has {has} "
-                f"{IMG_CONTEXT_TOKEN} tokens but its grid gives {wants} features, so features would land on another "
-                "image's tokens. Take the prompt and the images from one processor call, in the same order."
-            )
-
-    def check_prompt(self, input_ids=None, inputs_embeds=None, attention_mask=None) -> None:
-        """Clear errors for prompts this model cannot run: wrong shape, dtype or device, an attention mask of another
-        shape, unknown token ids, too many positions.
-
-        Nothing is converted here: token ids must be int64 (or int32) on the device of the embeddings. Only
-        `pixel_values` are moved and cast, to the vision tower (see `get_image_features`).
-        """
-        text = self.config.text_config
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        device = self.get_input_embeddings().weight.device
-        if tokens.device != device:
-            raise ValueError(
-                f"The inputs are on {tokens.device} but the model is on {device}; move them with .to(model.device)."
-            )
-        if input_ids is not None:
-            if input_ids.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}; convert with .long().")
-            if input_ids.ndim != 2:
-                raise ValueError(
-                    f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}; add the batch dimension "
-                    "with input_ids[None]."
-                )
-        else:
-            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != text.hidden_size:
-                raise ValueError(
-                    f"inputs_embeds must be [batch, seq, {text.hidden_size}], got shape {tuple(inputs_embeds.shape)}."
-                )
-        if tokens.shape[1] == 0:
-            raise ValueError("The prompt is empty (0 tokens); pass at least one token, e.g. from build_prompt.")
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-            if attention_mask.shape != tokens.shape[:2]:
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)} but the prompt is [batch, seq] = "
-                    f"{tuple(tokens.shape[:2])}; pass the attention_mask returned with input_ids by the processor."
-                )
-        if text.rope_type != "dynamic" and tokens.shape[1] > text.max_position_embeddings:
-            raise ValueError(
-                f"The prompt has {tokens.shape[1]} tokens but the model supports {text.max_position_embeddings} "
-                "positions; shorten the prompt or use fewer/smaller images (max_pixels)."
-            )
-        if input_ids is not None and input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= text.vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, {text.vocab_size}) but range over [{low}, {high}]; was the prompt "
-                    "tokenized with this model's tokenizer?"
-                )
 
     # -- forward -------------------------------------------------------------------------------------------------
 
@@ -1377,8 +1153,10 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         num_scales: Optional[torch.LongTensor] = None,
         is_decode_step: Optional[bool] = None,
         num_prompt_tokens: Optional[int] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> NaViLCausalLMOutputWithPast:
         r"""
         pixel_values (`torch.FloatTensor` of shape `[patches, 3·P·P]` or `[patches, 3, P, P]`): all image-scales of
             all images, in prompt order, as returned by the image processor.
@@ -1396,6 +1174,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): next-token targets; -100 and
             `<IMG_CONTEXT>` positions are ignored.
         """
+        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
         outputs = self.decoder_outputs(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1409,11 +1188,27 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
             num_scales=num_scales,
             is_decode_step=is_decode_step,
             num_prompt_tokens=num_prompt_tokens,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             **kwargs,
         )
-        if labels is not None and input_ids is not None and IMG_CONTEXT_TOKEN in self.config.special_token_ids:
-            labels = labels.masked_fill(input_ids == self.special_token_id(IMG_CONTEXT_TOKEN), -100)
-        return lm_head_output(self, outputs, labels, logits_to_keep, self.config.text_config.vocab_size)
+        if input_ids is not None and IMG_CONTEXT_TOKEN in self.config.special_token_ids:
+            is_context = input_ids == self.special_token_id(IMG_CONTEXT_TOKEN)
+            if labels is not None:
+                labels = labels.masked_fill(is_context, -100)
+            if loss_kwargs.get("shift_labels") is not None:  # shift_labels[:, i] is the target of position i + 1
+                next_is_context = F.pad(is_context[:, 1:], (0, 1), value=False)
+                loss_kwargs["shift_labels"] = loss_kwargs["shift_labels"].masked_fill(next_is_context, -100)
+        return lm_head_output(
+            self,
+            outputs,
+            labels,
+            logits_to_keep,
+            self.config.text_config.vocab_size,
+            output_class=NaViLCausalLMOutputWithPast,
+            image_outputs=outputs.image_outputs,
+            **loss_kwargs,
+        )
 
     def decoder_outputs(
         self,
@@ -1429,35 +1224,35 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         num_scales=None,
         is_decode_step=None,
         num_prompt_tokens=None,
+        output_hidden_states=None,
+        output_attentions=None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """Everything but the LM head (the arguments of `forward`): `last_hidden_state` [batch, seq, hidden]."""
+    ) -> NaViLModelOutputWithPast:
+        """Everything but the LM head (the arguments of `forward`): `last_hidden_state` [batch, seq, hidden], and the
+        `image_outputs` of the prompt's images."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if num_scales is not None and bool((torch.as_tensor(num_scales) < 1).any()):
-            raise ValueError(f"num_scales must give every image at least one scale, got {num_scales.tolist()}.")
-        if num_scales is not None and image_grid_thw is not None and int(num_scales.sum()) != len(image_grid_thw):
-            raise ValueError(
-                f"num_scales adds up to {int(num_scales.sum())} image-scales but image_grid_thw has "
-                f"{len(image_grid_thw)} rows."
-            )
+        check_num_scales(num_scales, image_grid_thw)
         cache = pop_cache(past_key_values, kwargs)
         decoding = is_decode_step
         if decoding is None:
             decoding = cache is not None and bool(cache.get_seq_length() > 0)
         if not decoding:
-            self.check_prompt(input_ids, inputs_embeds, attention_mask)
-        if inputs_embeds is None:
-            if decoding:
-                inputs_embeds = self.get_input_embeddings()(input_ids)
-            else:
-                inputs_embeds, visual_token_mask = self.embed_tokens(
-                    input_ids, pixel_values, image_grid_thw, num_prompt_tokens
-                )
+            device = self.get_input_embeddings().weight.device
+            check_prompt(self.config, device, input_ids, inputs_embeds, attention_mask)
+        output_flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        image_outputs = None
+        if inputs_embeds is None and decoding:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        elif inputs_embeds is None:
+            merged = self.embed_tokens(input_ids, pixel_values, image_grid_thw, num_prompt_tokens, **output_flags)
+            inputs_embeds, visual_token_mask, image_outputs = merged
         elif not decoding:
-            inputs_embeds, image_token_mask = self.merge_inputs(inputs_embeds, pixel_values, image_grid_thw)
-            visual_token_mask = visual_token_mask if image_token_mask is None else image_token_mask
-        return self.language_model.model(
+            merged = self.merge_inputs(inputs_embeds, pixel_values, image_grid_thw, **output_flags)
+            inputs_embeds, image_outputs = merged.inputs_embeds, merged.image_outputs
+            if merged.visual_token_mask is not None:
+                visual_token_mask = merged.visual_token_mask
+        outputs = self.language_model.model(
             return_dict=True,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -1465,8 +1260,10 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             visual_token_mask=visual_token_mask,
+            **output_flags,
             **kwargs,
         )
+        return NaViLModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """`GenerationMixin.generate`, telling `forward` where the prompt ends (see `num_prompt_tokens`), after
@@ -1474,33 +1271,9 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if isinstance(prompt, torch.Tensor) and prompt.ndim == 2:
             kwargs.setdefault("num_prompt_tokens", prompt.shape[1])
-            self.check_generation_length(prompt.shape[1], kwargs, generation_config)
+            config = generation_config if generation_config is not None else self.generation_config
+            check_generation_length(self.config.text_config, config, prompt.shape[1], kwargs)
         return super().generate(inputs, generation_config, **kwargs)
-
-    def check_generation_length(self, prompt_length: int, generation_kwargs: dict, generation_config=None) -> None:
-        """Refuses `max_new_tokens` / `max_length` that are not whole numbers, and a prompt plus new tokens beyond
-        `max_position_embeddings` (not checked for dynamic RoPE scaling), naming the largest `max_new_tokens` that
-        fits, rather than running past the positions the model was trained for. Values are read as `generate` reads
-        them: the call's arguments, else `generation_config`, else the model's generation config."""
-        config = generation_config if generation_config is not None else self.generation_config
-
-        def setting(name):
-            return generation_kwargs[name] if name in generation_kwargs else getattr(config, name, None)
-
-        new_tokens, max_length = setting("max_new_tokens"), setting("max_length")
-        for name, value in (("max_new_tokens", new_tokens), ("max_length", max_length)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be a whole number >= 0, got {value!r:.40}; e.g. {name}=64.")
-        total = prompt_length + new_tokens if new_tokens is not None else max(max_length or 0, prompt_length)
-        text = self.config.text_config
-        if text.rope_type != "dynamic" and total > text.max_position_embeddings:
-            room = text.max_position_embeddings - prompt_length
-            raise ValueError(
-                f"The prompt has {prompt_length} tokens and up to {total - prompt_length} new tokens were asked for, "
-                f"more than the model's {text.max_position_embeddings} positions; "
-                + (f"lower max_new_tokens to at most {room}, or " if room > 0 else "")
-                + "shorten the prompt or history, or use fewer/smaller images (max_pixels)."
-            )
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
