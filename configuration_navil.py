@@ -8,6 +8,7 @@ as `text_config` (the name transformers' generation utilities look for); `llm_co
 import math
 import numbers
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from transformers import PretrainedConfig
@@ -122,6 +123,52 @@ def check_activation(owner: str, hidden_act) -> None:
         raise ValueError(
             f"{owner}.hidden_act must name an activation of transformers (e.g. 'gelu', 'silu'), got {hidden_act!r:.60}."
         )
+
+
+MODEL_CARD = """---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags:
+- navil
+- multimodal
+- image-text-to-text
+- custom_code
+---
+
+# {name}
+
+A NaViL native multimodal LLM: a native-resolution ViT, a pixel-shuffle MLP connector and an LLM whose attention and
+feed-forward blocks have a visual-expert copy for image tokens. The model code comes with the checkpoint
+(`trust_remote_code=True`) and runs on transformers 4.51.0 through 5.x, on CPU and GPU.
+
+## Usage
+
+```python
+from transformers import AutoModel, AutoProcessor
+
+path = "{name}"
+model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+messages = [
+    {{
+        "role": "user",
+        "content": [{{"type": "image", "url": "image.png"}}, {{"type": "text", "text": "Describe the image."}}],
+    }}
+]
+inputs = processor.apply_chat_template(
+    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+)
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(processor.decode_reply(output[0, inputs["input_ids"].shape[1] :]))
+```
+"""
+
+
+def write_model_card(save_directory) -> None:
+    """Writes the model card (README.md) into `save_directory`, unless it already has one."""
+    card = Path(save_directory) / "README.md"
+    if not card.exists():
+        card.write_text(MODEL_CARD.format(name=Path(save_directory).resolve().name), encoding="utf-8")
 
 
 class NaViLVisionConfig(PretrainedConfig):

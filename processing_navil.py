@@ -23,6 +23,7 @@ from .configuration_navil import (
     IMG_START_TOKEN,
     NAVIL_SPECIAL_TOKENS,
     NaViLConfig,
+    write_model_card,
 )
 from .image_processing_navil import NaViLImageProcessor, NaViLImageProcessorKwargs
 
@@ -216,52 +217,6 @@ def build_chat_template(template: str, system_message: Optional[str] = None) -> 
 
 
 # README.md written next to a saved processor: the Hub model card ({name} is the folder's name).
-MODEL_CARD = """---
-library_name: transformers
-pipeline_tag: image-text-to-text
-tags:
-- navil
-- multimodal
-- image-text-to-text
-- custom_code
----
-
-# {name}
-
-A NaViL native multimodal LLM: a native-resolution ViT, a pixel-shuffle MLP connector and an LLM whose attention and
-feed-forward blocks have a visual-expert copy for image tokens. The model code comes with the checkpoint
-(`trust_remote_code=True`) and runs on transformers 4.51.0 through 5.x, on CPU and GPU.
-
-## Usage
-
-```python
-from transformers import AutoModel, AutoProcessor
-
-path = "{name}"
-model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-messages = [
-    {{
-        "role": "user",
-        "content": [{{"type": "image", "url": "image.png"}}, {{"type": "text", "text": "Describe the image."}}],
-    }}
-]
-inputs = processor.apply_chat_template(
-    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-)
-output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
-print(processor.decode_reply(output[0, inputs["input_ids"].shape[1] :]))
-```
-"""
-
-
-def write_model_card(save_directory) -> None:
-    """Writes the model card (README.md) into `save_directory`, unless it already has one."""
-    card = Path(save_directory) / "README.md"
-    if not card.exists():
-        card.write_text(MODEL_CARD.format(name=Path(save_directory).resolve().name), encoding="utf-8")
-
-
 def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
     """`AutoTokenizer.from_pretrained` on a NaViL folder or Hub id without asking for remote code: `AutoTokenizer`
     reads the folder's config first, and registering this module's `NaViLConfig` for its model type lets it resolve

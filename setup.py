@@ -27,8 +27,9 @@ setup(
         "huggingface-hub",
     ],
     extras_require={
-        # tqdm comes with transformers; hypothesis drives the property-based tests.
-        "test": ["pytest", "hypothesis"],
+        # tqdm comes with transformers; hypothesis drives the property-based tests; parameterized is imported by
+        # the common tests of transformers that tests/test_transformers_contract.py runs.
+        "test": ["pytest", "hypothesis", "parameterized"],
         # matplotlib draws the benchmark chart.
         "bench": ["matplotlib"],
         # torchao quantizes weights to int8 / int4 on CPU (quantization_config=TorchAoConfig(...)); optional because

@@ -63,6 +63,7 @@ from .configuration_navil import (
     NaViLTextConfig,
     NaViLVisionConfig,
     check_image_grid,
+    write_model_card,
 )
 
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file here.
@@ -274,6 +275,11 @@ class NaViLPreTrainedModel(PreTrainedModel):
         if strict:
             check_loading_info(info, pretrained_model_name_or_path, cls.__name__)
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a model card (README.md) unless the folder has one."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_model_card(save_directory)
 
     @torch.no_grad()
     def _init_weights(self, module):
