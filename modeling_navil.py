@@ -245,9 +245,8 @@ class NaViLPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_sdpa = True
-    # Linear layers that quantization (torchao, bitsandbytes) leaves in full precision unless its config names others:
-    # the connector and the LM head of either layout (chosen by measurement, docs/benchmarks.md). Both experts of every
-    # routed layer are quantized alike; the patch embedding (a Conv2d), norms and embeddings are never quantized.
+    # Linear layers that quantization (torchao, bitsandbytes) keeps in full precision unless its config names others,
+    # chosen by measurement (docs/benchmarks.md); both experts of every routed layer are quantized alike.
     _modules_to_not_quantize = ["mlp1", "language_model.lm_head", "language_model.output"]
 
     @classmethod
@@ -280,6 +279,10 @@ class NaViLPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.save_pretrained`, plus a model card (README.md) unless the folder has one."""
         super().save_pretrained(save_directory, *args, **kwargs)
         write_model_card(save_directory)
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        write_model_card(working_dir)  # `push_to_hub` has just put transformers' generic card there
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -634,12 +637,9 @@ class Qwen3MLP(nn.Module):
 class ModalityExpertDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm layer: norms and attention are shared by all tokens, the feed-forward block is per modality.
 
-    Each layout declares its modules under the original checkpoint names and lists them in `sublayers()`:
-    (attention norm, attention, feed-forward norm, text feed-forward, visual feed-forward).
+    Each layout (below) declares its modules under the original checkpoint names and lists them in its
+    `sublayers()`: (attention norm, attention, feed-forward norm, text feed-forward, visual feed-forward).
     """
-
-    def sublayers(self) -> tuple[nn.Module, ...]:
-        raise NotImplementedError
 
     @property
     def sliding_window(self) -> Optional[int]:

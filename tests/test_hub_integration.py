@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import BACKBONES, GOLDEN, load_golden_model
 
+import navil
 from navil.convert_navil import CODE_FILES
 
 IMAGE = GOLDEN / "images" / "shapes.png"
@@ -184,3 +186,32 @@ def test_load_in_8bit_false_is_accepted_and_true_is_explained():
     assert model.dtype == torch.float32
     with pytest.raises(ValueError, match="quantization_config"):
         NaViLForConditionalGeneration(model.config, load_in_8bit=True)
+
+
+@pytest.mark.parametrize("part", ["model", "processor"])
+def test_push_to_hub_uploads_the_navil_model_card_instead_of_the_generic_one(part, tmp_path, monkeypatch):
+    # push_to_hub saves into a folder, writes transformers' generic card (or the repo's own) there, then uploads the
+    # folder with `_upload_modified_files`, which is stubbed here to read what would be uploaded
+    from transformers.utils.hub import PushToHubMixin
+
+    from navil import NaViLForConditionalGeneration, NaViLProcessor
+    from navil.configuration_navil import GENERIC_CARD_SENTENCE
+
+    checkpoint = Path(navil.__file__).parent / "checkpoints" / "navil-tiny"
+    loaded = (NaViLForConditionalGeneration if part == "model" else NaViLProcessor).from_pretrained(checkpoint)
+    uploaded = []
+    monkeypatch.setattr(
+        PushToHubMixin,
+        "_upload_modified_files",
+        lambda self, folder, *args, **kwargs: uploaded.append((Path(folder) / "README.md").read_text()),
+    )
+    generic = tmp_path / "generic"
+    generic.mkdir()
+    (generic / "README.md").write_text(f"---\nlibrary_name: transformers\n---\n{GENERIC_CARD_SENTENCE}\n")
+    loaded._upload_modified_files(generic, "you/navil-model", {})
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "README.md").write_text("# The repo's own card\n")
+    loaded._upload_modified_files(own, "you/navil-model", {})
+    assert "pipeline_tag: image-text-to-text" in uploaded[0] and GENERIC_CARD_SENTENCE not in uploaded[0]
+    assert uploaded[1] == "# The repo's own card\n"

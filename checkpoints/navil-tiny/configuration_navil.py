@@ -164,10 +164,15 @@ print(processor.decode_reply(output[0, inputs["input_ids"].shape[1] :]))
 """
 
 
+# A sentence of transformers' generic model card, which `push_to_hub` writes when the Hub repo has no card yet.
+GENERIC_CARD_SENTENCE = "This model card has been automatically generated."
+
+
 def write_model_card(save_directory) -> None:
-    """Writes the model card (README.md) into `save_directory`, unless it already has one."""
+    """Writes the model card (README.md) into `save_directory`, unless it already has a card of its own
+    (transformers' generic card, which `push_to_hub` writes into its upload folder, is replaced)."""
     card = Path(save_directory) / "README.md"
-    if not card.exists():
+    if not card.exists() or GENERIC_CARD_SENTENCE in card.read_text(encoding="utf-8"):
         card.write_text(MODEL_CARD.format(name=Path(save_directory).resolve().name), encoding="utf-8")
 
 

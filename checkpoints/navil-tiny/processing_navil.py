@@ -302,6 +302,10 @@ class NaViLProcessor(ProcessorMixin):
             self.push_to_hub(kwargs.pop("repo_id", Path(save_directory).name), **kwargs)
         return saved
 
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        write_model_card(working_dir)  # `push_to_hub` has just put transformers' generic card there
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Loads the sub-processors: the sibling [`NaViLImageProcessor`] class directly (so that a plain
