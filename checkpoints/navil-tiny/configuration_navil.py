@@ -260,10 +260,15 @@ class NaViLVisionConfig(PretrainedConfig):
                 f"{self.num_channels!r:.40}."
             )
         check_fields("vision_config", "size", window_size=self.window_size)
-        check_fields("vision_config", "positive", layer_norm_eps=self.layer_norm_eps)
-        check_fields("vision_config", "positive", downsample_ratio=self.downsample_ratio)
-        check_fields("vision_config", "non-negative", initializer_range=self.initializer_range)
-        check_fields("vision_config", "non-negative", initializer_factor=self.initializer_factor)
+        check_fields(
+            "vision_config", "positive", layer_norm_eps=self.layer_norm_eps, downsample_ratio=self.downsample_ratio
+        )
+        check_fields(
+            "vision_config",
+            "non-negative",
+            initializer_range=self.initializer_range,
+            initializer_factor=self.initializer_factor,
+        )
         check_fields("vision_config", "flag", qkv_bias=self.qkv_bias, qk_normalization=self.qk_normalization)
         check_activation("vision_config", self.hidden_act)
         for index in self.fullatt_block_indexes or ():
@@ -519,8 +524,9 @@ class NaViLConfig(PretrainedConfig):
                 f"vision window_size ({self.vision_config.window_size}) must be at least the merge size "
                 f"({self.vision_config.merge_size})."
             )
-        check_fields("NaViLConfig", "size", min_dynamic_patch=self.min_dynamic_patch)
-        check_fields("NaViLConfig", "size", max_dynamic_patch=self.max_dynamic_patch)
+        check_fields(
+            "NaViLConfig", "size", min_dynamic_patch=self.min_dynamic_patch, max_dynamic_patch=self.max_dynamic_patch
+        )
         check_fields("NaViLConfig", "positive", scale_downsample_ratio=self.scale_downsample_ratio)
         if self.system_message is not None and not isinstance(self.system_message, str):
             raise ValueError(f"system_message must be a string or None, got {type(self.system_message).__name__}.")
