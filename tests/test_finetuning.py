@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
 from navil.configuration_navil import END_OF_TURN_TOKEN
-from navil.training import NaViLDataCollator, causal_lm_loss, freeze, load_jsonl, lora_target_modules
+from navil.training import NaViLDataCollator, causal_lm_loss, check_launch, freeze, load_jsonl, lora_target_modules
 from navil.training.synthetic_data import ShapesDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,17 +341,32 @@ def test_navil_finetune_with_lora_saves_a_merged_model_that_chats_in_a_fresh_pro
     assert_chats_the_same_in_a_fresh_process(tmp_path, model, processor)
 
 
+# Two processes through accelerate: without MPI, `--cpu --num_processes 2` starts one process (refused by
+# `check_launch`), while `--multi_gpu` starts two through torch's elastic launcher, which train on the CPU (gloo).
+ACCELERATE_TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+ACCELERATE_TWO_PROCESSES += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def test_a_cpu_launch_that_would_train_in_one_process_instead_of_several_is_refused_with_the_command_that_works():
+    single_process_of_two = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(RuntimeError, match="--multi_gpu --num_processes N"):
+        check_launch(single_process_of_two)
+    check_launch({**single_process_of_two, "WORLD_SIZE": "2", "RANK": "0"})  # elastic launcher
+    check_launch({**single_process_of_two, "PMI_SIZE": "2"})  # mpirun
+    check_launch({"ACCELERATE_USE_CPU": "True"})  # --num_processes 1
+    check_launch({})
+
+
 @pytest.mark.multiprocess
 def test_two_process_ddp_follows_the_single_process_loss_curve_of_the_same_global_batch(tmp_path):
     single = run_finetune([sys.executable], tmp_path / "single", 4)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    ddp = run_finetune(launcher, tmp_path / "ddp", 2)
+    ddp = run_finetune(ACCELERATE_TWO_PROCESSES, tmp_path / "ddp", 2)
     assert len(ddp) == len(single) == 10
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=0, atol=1e-4)
 
 
-# One training loop for a single process and for FSDP2 under torchrun (accelerate offers FSDP on GPUs only): each of
+# One training loop for a single process and for FSDP2 under `accelerate launch` (accelerate's own FSDP plugin runs on
+# GPUs only, so the loop shards the model with `fsdp_shard`): each of
 # the 10 steps takes the next 4 examples, split evenly over the processes, with the loss normalised by the labelled
 # tokens of the global batch; the full state dict is gathered and saved by rank 0.
 FSDP_SCRIPT = """
@@ -410,7 +425,7 @@ def test_two_process_fsdp2_follows_the_single_process_loss_curve_and_its_full_ch
     script.write_text(FSDP_SCRIPT)
     runs = {
         "single": [sys.executable],
-        "sharded": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+        "sharded": ACCELERATE_TWO_PROCESSES,
     }
     for name, launcher in runs.items():
         command = [*launcher, str(script), str(TINY), str(DATA), str(tmp_path / name)]

@@ -46,7 +46,15 @@ from .configs import (
     tiny_text_config,
 )
 from .evaluation import answer_questions, evaluate, format_accuracy
-from .finetune import NaViLDataCollator, causal_lm_loss, finetune, fsdp_shard, load_jsonl, lora_target_modules
+from .finetune import (
+    NaViLDataCollator,
+    causal_lm_loss,
+    check_launch,
+    finetune,
+    fsdp_shard,
+    load_jsonl,
+    lora_target_modules,
+)
 from .loop import FREEZING_STAGES, freeze, set_activation_checkpointing, set_text_weights_trainable, train_loop
 from .recipe import pretrain_text_model, train_tiny_navil
 from .tokenizer import TOKENIZER_DIR, build_tokenizer, load_tokenizer, tokenizer_corpus
@@ -63,6 +71,7 @@ __all__ = [
     "build_tokenizer",
     "caption_batches",
     "causal_lm_loss",
+    "check_launch",
     "collate_conversations",
     "collate_question_branches",
     "dense_text_config",

@@ -16,6 +16,7 @@ batch (`Trainer(compute_loss_func=causal_lm_loss)`), so that several processes t
 
 import json
 import math
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -56,6 +57,21 @@ def lora_target_modules(config, experts: str = "both") -> str:
     attention = f"{attention_module}\\.({'|'.join(projections)}){suffix}"
     feed_forward = f"{ffn_module}{suffix}\\.({'|'.join(ffn_layers)})"
     return f"language_model\\.model\\.layers\\.\\d+\\.({attention}|{feed_forward})"
+
+
+def check_launch(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuses the one launch that would silently train in a single process: `accelerate launch --cpu
+    --num_processes N` (N > 1) without MPI. accelerate's CPU launcher starts several processes only through `mpirun`
+    (`--mpirun_hostfile`); otherwise it starts one, which it marks by setting `MASTER_ADDR` with no `WORLD_SIZE`."""
+    mpi = any(name in environ for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in environ:
+        if "WORLD_SIZE" not in environ and not mpi:
+            raise RuntimeError(
+                "`accelerate launch --cpu --num_processes N` started a single process: accelerate starts several CPU "
+                "processes only through mpirun (`--mpirun_hostfile`). On a machine without MPI, launch with "
+                "`accelerate launch --multi_gpu --num_processes N`, which starts N processes that train on the CPU "
+                "(gloo) when no GPU is present."
+            )
 
 
 def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -298,6 +314,7 @@ def finetune(
     """
     from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
+    check_launch()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
     if not model.config.special_token_ids:
