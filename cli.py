@@ -6,6 +6,7 @@ navil train --output-dir checkpoints/navil-tiny         # the recipe of the embe
 navil finetune --data examples/finetune/train.jsonl --output-dir runs/ft   # adapt a model to one's own chat data
 navil eval --num-questions 3000 [--out-of-range]        # exact-match accuracy per question type
 navil convert path/to/NaViL-2B NaViL-2B-hf              # make an original checkpoint loadable by Auto classes
+navil serve checkpoints/navil-tiny --port 8000         # vLLM's OpenAI-compatible server (needs navil[vllm])
 navil build-tokenizer tokenizer                         # rebuild the tiny model's tokenizer (deterministic)
 """
 
@@ -197,6 +198,12 @@ def run_build_tokenizer(args) -> int:
     return 0
 
 
+def run_serve(args) -> int:
+    from .vllm_navil import serve
+
+    return serve([args.model or str(EMBEDDED_MODEL_DIR), *args.vllm_args])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="navil", description="NaViL native multimodal LLMs for transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out_dir", help="folder to write")
     convert.add_argument("--tokenizer", help="folder of the tokenizer, if not in src_dir")
     convert.set_defaults(run=run_convert)
+
+    serve = commands.add_parser(
+        "serve", help="serve a model with vLLM's OpenAI-compatible server: `vllm serve MODEL --trust-remote-code ...`"
+    )
+    serve.add_argument("model", nargs="?", help="model folder (default: the embedded tiny model)")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="further `vllm serve` arguments, after the model")
+    serve.set_defaults(run=run_serve)
 
     tokenizer = commands.add_parser("build-tokenizer", help="rebuild the tiny model's tokenizer")
     tokenizer.add_argument("out_dir", help="folder to write (the packaged one is tokenizer/)")

