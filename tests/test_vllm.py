@@ -241,3 +241,18 @@ def test_the_served_chat_template_builds_the_prompt_of_chat(server):
     tokens = json.loads(post(f"{server}/tokenize", body))["tokens"]
     image_inputs = processor(text=expected, images=[Image.open(EXAMPLE_IMAGE)], multiscale=True)
     assert tokens == list(image_inputs["input_ids"][0])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engines_answer_the_readme_question_through_llm_chat(dtype):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(TINY), trust_remote_code=True, dtype=dtype, max_model_len=2048, enforce_eager=True)
+    content = [
+        {"type": "image_pil", "image_pil": Image.open(EXAMPLE_IMAGE)},
+        {"type": "text", "text": EXAMPLE_QUESTION},
+    ]
+    output = llm.chat([{"role": "user", "content": content}], SamplingParams(temperature=0, max_tokens=16))
+    del llm
+    gc.collect()
+    assert output[0].outputs[0].text.strip() == "yellow"
