@@ -50,9 +50,30 @@ def check_local_checkpoint(folder: Path, has_config: bool, allow_pickle: bool = 
             ) from None
 
 
-def check_loading_info(info: dict, checkpoint, model_name: str) -> None:
+def check_loading_info(
+    info: dict, checkpoint, model_name: str, text_config: NaViLTextConfig, strict: bool = True
+) -> None:
     """Refuses a loaded checkpoint with missing, unexpected or mismatched tensors (`from_pretrained`'s loading info),
-    naming them, instead of letting them be initialised at random."""
+    naming them, instead of letting them be initialised at random (only with `strict`). Visual-expert (`_ve`) weights
+    and a dense config (`modality_experts=False`) are refused even without `strict`: the model would silently run the
+    image tokens through the text weights."""
+    unexpected_experts = sorted(key for key in info["unexpected_keys"] if "_ve." in key)
+    if not text_config.modality_experts and unexpected_experts:
+        raise ValueError(
+            f"The checkpoint at {checkpoint} has visual-expert weights ({len(unexpected_experts)} `_ve` tensors, e.g. "
+            f"{unexpected_experts[0]}) but the config builds a dense decoder (text_config.modality_experts=False), "
+            "which would ignore them. Load it with its own config (without modality_experts=False); a dense model "
+            "starts from a text LLM instead (navil.training.upcycle_from_text_model)."
+        )
+    if not strict:
+        return
+    missing_experts = sorted(key for key in info["missing_keys"] if "_ve." in key)
+    if missing_experts and len(missing_experts) == len(info["missing_keys"]) and not info["unexpected_keys"]:
+        raise ValueError(
+            f"The checkpoint at {checkpoint} has no visual-expert weights (`_ve`, e.g. {missing_experts[0]}): it is a "
+            "dense decoder, but the config asks for modality experts. Pass a config with "
+            "text_config.modality_experts=False, or pass strict=False to initialise the experts at random."
+        )
     problems = {
         "missing_keys": sorted(info["missing_keys"]),
         "unexpected_keys": sorted(info["unexpected_keys"]),

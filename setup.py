@@ -28,8 +28,9 @@ setup(
     ],
     extras_require={
         # tqdm comes with transformers; hypothesis drives the property-based tests; parameterized is imported by
-        # the common tests of transformers that tests/test_transformers_contract.py runs.
-        "test": ["pytest", "hypothesis", "parameterized"],
+        # the common tests of transformers that tests/test_transformers_contract.py runs; matplotlib draws the plot
+        # of the ablation benchmark, whose smoke run is a test.
+        "test": ["pytest", "hypothesis", "parameterized", "matplotlib"],
         # matplotlib draws the benchmark chart.
         "bench": ["matplotlib"],
         # torchao quantizes weights to int8 / int4 on CPU (quantization_config=TorchAoConfig(...)); optional because

@@ -539,6 +539,11 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
                 "This config has no special_token_ids; convert the checkpoint once with `navil convert` (weights "
                 "unchanged), which writes them with the tokenizer."
             )
+        if not text.modality_experts:
+            raise ValueError(
+                "This is a dense NaViL (text_config.modality_experts=False), which navil's vLLM model does not serve; "
+                "serve it with transformers (model.chat / batch_chat)."
+            )
         self.config = config
         self.vision_model = NaViLVisionModel(vision)
         self.mlp1 = build_connector(vision, text)

@@ -48,10 +48,16 @@ def lora_target_modules(config, experts: str = "both") -> str:
 
     InternLM2-VE: `attention.{wqkv,wo}`, `feed_forward.{w1,w2,w3}` and `attention.{wqkv_ve,wo_ve}`,
     `feed_forward_ve.{w1,w2,w3}`. Qwen3-VE: `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj` and
-    `self_attn.{q,k,v,o}_proj_ve`, `mlp_ve.{gate,up,down}_proj`. The vision encoder's layers are never matched.
+    `self_attn.{q,k,v,o}_proj_ve`, `mlp_ve.{gate,up,down}_proj`. The vision encoder's layers are never matched. A dense
+    model (`text_config.modality_experts=False`) has only the text layers, which every token uses.
     """
     if experts not in ("text", "visual", "both"):
         raise ValueError(f"experts must be 'text', 'visual' or 'both', got {experts!r}.")
+    if experts == "visual" and not config.text_config.modality_experts:
+        raise ValueError(
+            "experts='visual' adapts the visual experts, but this model is dense (text_config.modality_experts=False): "
+            "its image tokens use the text weights. Use experts='text' (or 'both', the same layers here)."
+        )
     (attention_module, projections), (ffn_module, ffn_layers) = LORA_LAYERS[config.text_config.backbone].values()
     suffix = {"text": "", "visual": "_ve", "both": "(_ve)?"}[experts]
     attention = f"{attention_module}\\.({'|'.join(projections)}){suffix}"

@@ -84,7 +84,9 @@ def freeze(model: NaViLForConditionalGeneration, stage) -> NaViLForConditionalGe
 
     Stage 1 trains the vision encoder, the connector, the visual experts of the language model and
     `special_token_embedding` while the text weights (text experts, word embeddings, norms, LM head) stay frozen;
-    stage 2 trains everything; `"vision_frozen"` everything but the vision encoder.
+    stage 2 trains everything; `"vision_frozen"` everything but the vision encoder. In a dense model
+    (`text_config.modality_experts=False`) stage 1 has no visual experts to train: the vision encoder, connector and
+    `special_token_embedding` learn to feed the frozen LLM (the usual alignment stage of a dense VLM).
     """
     if stage not in FREEZING_STAGES:
         raise ValueError(f"Unknown training stage {stage!r}; use one of {list(FREEZING_STAGES)}.")

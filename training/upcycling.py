@@ -71,7 +71,8 @@ def upcycle_from_text_model(
     Every text weight is copied to the NaViL language model (`language_model.` + its key) and, for attention
     projections, q/k norms and feed-forward blocks, also to the visual-expert twin (Qwen3 layout: `q_proj`,
     `k_proj`, `v_proj`, `o_proj`, `q_norm`, `k_norm`, `mlp` → `…_ve`; InternLM2 layout: `wqkv`, `wo`, `feed_forward`
-    → `…_ve`). The rows of `special_token_embedding` get the text embeddings of their special tokens, so that the
+    → `…_ve`); a dense NaViL (`text_config.modality_experts=False`) has no twins and gets each weight once. The
+    rows of `special_token_embedding` get the text embeddings of their special tokens, so that the
     upcycled model's text-only logits equal the text model's. A text model without an output head (tied
     embeddings) gets its embedding matrix as head.
 
@@ -99,13 +100,14 @@ def upcycle_from_text_model(
         if embeddings in source and head not in source:
             source[head] = source[embeddings]
     targets = navil_model.state_dict()
+    experts = navil_model.config.text_config.modality_experts
     copied, unexpected, ignored, mismatched = [], [], [], []
     for key, tensor in source.items():
         if _IGNORED_KEY.search(key):
             ignored.append(key)
             continue
         names = [f"language_model.{key}"]
-        twin = _expert_twin(key)
+        twin = _expert_twin(key) if experts else None
         if twin is not None:
             names.append(f"language_model.{twin}")
         if not all(name in targets for name in names):

@@ -327,6 +327,10 @@ class NaViLTextConfig(PretrainedConfig):
             Qwen3 sliding-window attention, applied only when `use_sliding_window` is true.
         initializer_range (`float`, *optional*, defaults to 0.02): std of the weight initialisation.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`): tie the LM head to the embeddings.
+        modality_experts (`bool`, *optional*, defaults to `True`): give every attention projection, q/k norm and
+            feed-forward block a visual-expert (`_ve`) twin for the image tokens, as NaViL does. `False` builds a
+            dense decoder in which image tokens use the text weights (the paper's dense baseline); such a model
+            has no `_ve` weights and refuses checkpoints that have them.
     """
 
     model_type = "navil_llm"
@@ -354,6 +358,7 @@ class NaViLTextConfig(PretrainedConfig):
         sliding_window=None,
         initializer_range=0.02,
         tie_word_embeddings=False,
+        modality_experts=True,
         pad_token_id=None,
         bos_token_id=None,
         eos_token_id=None,
@@ -392,6 +397,7 @@ class NaViLTextConfig(PretrainedConfig):
         self.use_sliding_window = use_sliding_window
         self.sliding_window = sliding_window
         self.initializer_range = initializer_range
+        self.modality_experts = modality_experts
         super().__init__(
             architectures=self.architectures,
             tie_word_embeddings=tie_word_embeddings,
@@ -408,7 +414,9 @@ class NaViLTextConfig(PretrainedConfig):
         check_fields("text_config", "size", **{name: getattr(self, name) for name in sizes})
         check_fields("text_config", "positive", rms_norm_eps=self.rms_norm_eps)
         check_fields("text_config", "non-negative", initializer_range=self.initializer_range)
-        check_fields("text_config", "flag", use_sliding_window=self.use_sliding_window)
+        check_fields(
+            "text_config", "flag", use_sliding_window=self.use_sliding_window, modality_experts=self.modality_experts
+        )
         if self.sliding_window is not None:
             check_fields("text_config", "size", sliding_window=self.sliding_window)
         check_activation("text_config", self.hidden_act)

@@ -5,7 +5,8 @@ Read top to bottom:
    block-diagonal attention packed into batched calls (windows in most layers, whole image-scales in the others);
 2. the connector (`mlp1` of `NaViLForConditionalGeneration`): 2×2 pixel shuffle then an MLP into the LLM width;
 3. the modality-expert decoder: `ModalityRouter` sends every token through exactly one expert (text or visual
-   weights) by gathering each modality's rows once and scattering the results back; the InternLM2-VE and Qwen3-VE
+   weights) by gathering each modality's rows once and scattering the results back (a dense decoder, built with
+   `modality_experts=False`, has no `_ve` twins: all tokens use the text weights); the InternLM2-VE and Qwen3-VE
    layouts share it and differ only in their projections and parameter names;
 4. `NaViLForConditionalGeneration`: embeddings with image features scattered in, the loss and generation. The
    original chat helpers (`chat`, `batch_chat`, `stream_chat`) come from `NaViLChatMixin` in chat_navil.py.
@@ -265,14 +266,11 @@ class NaViLPreTrainedModel(PreTrainedModel):
             kwargs.setdefault("use_safetensors", True)
         kwargs = with_quantization_config(with_dtype_kwarg(kwargs), cls._modules_to_not_quantize)
         wants_info = kwargs.pop("output_loading_info", False)
-        if strict:
-            # mismatched shapes are collected and reported below, naming the tensors, instead of transformers' error
-            kwargs["ignore_mismatched_sizes"] = True
-        else:
-            kwargs.setdefault("ignore_mismatched_sizes", True)  # strict=False loads such checkpoints, as documented
+        # strict: mismatched shapes are reported below, naming the tensors, instead of transformers' error;
+        # strict=False loads such checkpoints, as documented, unless the caller says otherwise
+        kwargs["ignore_mismatched_sizes"] = strict or kwargs.get("ignore_mismatched_sizes", True)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        if strict:
-            check_loading_info(info, pretrained_model_name_or_path, cls.__name__)
+        check_loading_info(info, pretrained_model_name_or_path, cls.__name__, model.config.get_text_config(), strict)
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -539,8 +537,9 @@ class InternLM2VEAttention(ModalityExpertAttention):
         out_size = self.num_heads * self.head_dim
         self.wqkv = nn.Linear(config.hidden_size, qkv_size, bias=config.attention_bias)
         self.wo = nn.Linear(out_size, config.hidden_size, bias=config.attention_bias)
-        self.wqkv_ve = nn.Linear(config.hidden_size, qkv_size, bias=config.attention_bias)
-        self.wo_ve = nn.Linear(out_size, config.hidden_size, bias=config.attention_bias)
+        experts = config.modality_experts  # a dense decoder has no `_ve` twins
+        self.wqkv_ve = nn.Linear(config.hidden_size, qkv_size, bias=config.attention_bias) if experts else None
+        self.wo_ve = nn.Linear(out_size, config.hidden_size, bias=config.attention_bias) if experts else None
 
     def project_qkv(self, hidden_states, router):
         qkv = route(router, hidden_states, self.wqkv, self.wqkv_ve)
@@ -559,19 +558,19 @@ class Qwen3VEAttention(ModalityExpertAttention):
     def __init__(self, config: NaViLTextConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         hidden, heads, kv_heads, dim = config.hidden_size, self.num_heads, self.num_key_value_heads, self.head_dim
-        bias, eps = config.attention_bias, config.rms_norm_eps
+        bias, eps, experts = config.attention_bias, config.rms_norm_eps, config.modality_experts
         self.q_proj = nn.Linear(hidden, heads * dim, bias=bias)
         self.k_proj = nn.Linear(hidden, kv_heads * dim, bias=bias)
         self.v_proj = nn.Linear(hidden, kv_heads * dim, bias=bias)
         self.o_proj = nn.Linear(heads * dim, hidden, bias=bias)
         self.q_norm = NaViLRMSNorm(dim, eps=eps)
         self.k_norm = NaViLRMSNorm(dim, eps=eps)
-        self.q_proj_ve = nn.Linear(hidden, heads * dim, bias=bias)
-        self.k_proj_ve = nn.Linear(hidden, kv_heads * dim, bias=bias)
-        self.v_proj_ve = nn.Linear(hidden, kv_heads * dim, bias=bias)
-        self.o_proj_ve = nn.Linear(heads * dim, hidden, bias=bias)
-        self.q_norm_ve = NaViLRMSNorm(dim, eps=eps)
-        self.k_norm_ve = NaViLRMSNorm(dim, eps=eps)
+        self.q_proj_ve = nn.Linear(hidden, heads * dim, bias=bias) if experts else None
+        self.k_proj_ve = nn.Linear(hidden, kv_heads * dim, bias=bias) if experts else None
+        self.v_proj_ve = nn.Linear(hidden, kv_heads * dim, bias=bias) if experts else None
+        self.o_proj_ve = nn.Linear(heads * dim, hidden, bias=bias) if experts else None
+        self.q_norm_ve = NaViLRMSNorm(dim, eps=eps) if experts else None
+        self.k_norm_ve = NaViLRMSNorm(dim, eps=eps) if experts else None
 
     @property
     def sliding_window(self):
@@ -662,7 +661,7 @@ class InternLM2VEDecoderLayer(ModalityExpertDecoderLayer):
         self.attention = InternLM2VEAttention(config, layer_idx)
         self.ffn_norm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.feed_forward = InternLM2MLP(config)
-        self.feed_forward_ve = InternLM2MLP(config)
+        self.feed_forward_ve = InternLM2MLP(config) if config.modality_experts else None
 
     def sublayers(self):
         return self.attention_norm, self.attention, self.ffn_norm, self.feed_forward, self.feed_forward_ve
@@ -675,7 +674,7 @@ class Qwen3VEDecoderLayer(ModalityExpertDecoderLayer):
         self.self_attn = Qwen3VEAttention(config, layer_idx)
         self.post_attention_layernorm = NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = Qwen3MLP(config)
-        self.mlp_ve = Qwen3MLP(config)
+        self.mlp_ve = Qwen3MLP(config) if config.modality_experts else None
 
     def sublayers(self):
         return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp, self.mlp_ve
@@ -733,7 +732,7 @@ class ModalityExpertModel(NaViLPreTrainedModel):
                 self.config, inputs_embeds, attention_mask, cache, position_ids, self.config.use_sliding_window
             )
 
-        router = ModalityRouter.build(visual_token_mask)
+        router = ModalityRouter.build(visual_token_mask) if self.config.modality_experts else None
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
