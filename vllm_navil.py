@@ -54,7 +54,7 @@ from .configuration_navil import (
     NaViLTextConfig,
 )
 from .modeling_navil import ModalityRouter, NaViLVisionModel, build_connector, pixel_shuffle, route
-from .processing_navil import image_block_tokens
+from .processing_navil import check_placeholder_count, image_block_tokens
 
 # The architecture names of navil's configs and of the original checkpoints (kept by `navil convert`).
 ARCHITECTURES = ("NaViLForConditionalGeneration", "NaViL")
@@ -157,10 +157,19 @@ class NaViLDummyInputsBuilder(BaseDummyInputsBuilder[NaViLProcessingInfo]):
 class NaViLMultiModalProcessor(BaseMultiModalProcessor[NaViLProcessingInfo]):
     """`NaViLProcessor` expands each `<image>` into the image's block; the whole block is the item's placeholder."""
 
+    def apply(self, inputs, timing_ctx):
+        # before vLLM looks for the placeholders itself, so that the message names the problem and the fix
+        prompt = self.info.get_tokenizer().decode(inputs.prompt)
+        check_placeholder_count(prompt.count(IMAGE_PLACEHOLDER), inputs.mm_data_items.get_count("image", strict=False))
+        return super().apply(inputs, timing_ctx)
+
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         # the multi-scale pyramid, as chat() uses it
         if hf_data.get("text"):
-            return super()._call_hf_processor(hf_data, {**hf_kwargs, "multiscale": True})
+            try:
+                return super()._call_hf_processor(hf_data, {**hf_kwargs, "multiscale": True})
+            except ValueError as error:  # vLLM's message lists the data; navil's names the problem and the fix
+                raise (error.__cause__ if isinstance(error.__cause__, ValueError) else error) from None
         # images without text (vLLM processes and caches items on their own): the image processor's outputs
         image_processor = self.info.get_hf_processor(**hf_kwargs).image_processor
         return image_processor(hf_data.get("images", []), multiscale=True, return_tensors="pt")

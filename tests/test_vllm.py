@@ -256,3 +256,17 @@ def test_half_precision_engines_answer_the_readme_question_through_llm_chat(dtyp
     del llm
     gc.collect()
     assert output[0].outputs[0].text.strip() == "yellow"
+
+
+def test_an_image_without_its_placeholder_is_refused_with_navils_message():
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(TINY), trust_remote_code=True, dtype="float32", max_model_len=2048, enforce_eager=True)
+    prompt = chat_model(TINY)[1].build_prompt(EXAMPLE_QUESTION, num_images=1)
+    images = [Image.open(EXAMPLE_IMAGE)] * 2
+    try:
+        with pytest.raises(ValueError, match="placeholder"):
+            llm.generate({"prompt": prompt, "multi_modal_data": {"image": images}}, SamplingParams(max_tokens=4))
+    finally:
+        del llm
+        gc.collect()

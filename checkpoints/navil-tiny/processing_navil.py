@@ -227,6 +227,17 @@ def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
     return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
+def check_placeholder_count(found: int, images: int) -> None:
+    """Refuses a prompt whose number of `<image>` placeholders is not the number of images."""
+    if found != images:
+        raise ValueError(
+            f"found {found} {IMAGE_PLACEHOLDER} placeholder{'s' if found != 1 else ''} in the text but "
+            f"{images} image{' was' if images == 1 else 's were'} given; put exactly one "
+            f"{IMAGE_PLACEHOLDER} per image in the text, in image order (build_prompt(question, num_images=...) "
+            "adds them), or pass as many images as placeholders."
+        )
+
+
 def image_block_tokens(grids: list[list[int]], merge: int, image_index: int = 0) -> list[str]:
     """The tokens of one image in the prompt, given the (t, h, w) patch grids of its scales: `<img>`, then per scale
     and frame one line of `<IMG_CONTEXT>` per merged row, each line ending in a line break, and a frame break; `</img>`.
@@ -428,14 +439,7 @@ class NaViLProcessor(ProcessorMixin):
                 "image processor's outputs together."
             )
         pieces = text.split(IMAGE_PLACEHOLDER)
-        found = len(pieces) - 1
-        if found != len(scales):
-            raise ValueError(
-                f"found {found} {IMAGE_PLACEHOLDER} placeholder{'s' if found != 1 else ''} in the text but "
-                f"{len(scales)} image{' was' if len(scales) == 1 else 's were'} given; put exactly one "
-                f"{IMAGE_PLACEHOLDER} per image in the text, in image order (build_prompt(question, num_images=...) "
-                "adds them), or pass as many images as placeholders."
-            )
+        check_placeholder_count(len(pieces) - 1, len(scales))
         expanded, offsets, row = [pieces[0]], [], 0
         start, new_start = len(pieces[0]), len(pieces[0])
         for image_index, count in enumerate(scales):
