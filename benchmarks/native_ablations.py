@@ -1,6 +1,6 @@
 """The paper's two central ablations in miniature: LLM initialisation and modality experts, in data efficiency.
 
-    python benchmarks/native_ablations.py                                # ≈ 70 min on 2 free cores, updates the doc
+    python benchmarks/native_ablations.py                                # ≈ 40 min on 2 free cores, updates the doc
     python benchmarks/native_ablations.py --smoke --output-dir /tmp/ab   # ≈ 1 min, writes only to that folder
 
 Trains the embedded model's shape (docs/training.md) on the synthetic questions under four settings: the language
@@ -78,7 +78,7 @@ class Budget:
     """What a benchmark trains: steps of `batch_size` images at `learning_rate` (AdamW, warm-up then cosine, as the
     recipe), `evaluations` accuracy points of `eval_questions` questions, and the text LLM's pre-training."""
 
-    steps: int = 1200
+    steps: int = 600
     batch_size: int = 8
     learning_rate: float = 3e-4
     seeds: tuple[int, ...] = (0, 1)
