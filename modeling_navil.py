@@ -64,6 +64,7 @@ from .configuration_navil import (
     NaViLTextConfig,
     NaViLVisionConfig,
     check_image_grid,
+    special_token_rows,
     write_model_card,
 )
 
@@ -1126,11 +1127,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         """[batch, seq]: the `special_token_embedding` row of each NaViL special token, -1 for every other token."""
         ids = self.config.special_token_ids
         if input_ids is not None:
-            table = torch.full((max(ids.values(), default=0) + 1,), -1, dtype=torch.long, device=input_ids.device)
-            for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS):
-                if token in ids:
-                    table[ids[token]] = row
-            return table[input_ids.clamp(max=len(table) - 1)].masked_fill(input_ids >= len(table), -1)
+            return special_token_rows(ids, input_ids)
         rows = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
         words, specials = self.get_input_embeddings().weight, self.special_token_embedding.weight
         for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS):

@@ -52,6 +52,7 @@ from .configuration_navil import (
     SPECIAL_TOKEN_EMBEDDING_ROWS,
     NaViLConfig,
     NaViLTextConfig,
+    special_token_rows,
 )
 from .modeling_navil import ModalityRouter, NaViLVisionModel, build_connector, pixel_shuffle, route
 from .processing_navil import check_placeholder_count, image_block_tokens
@@ -560,11 +561,6 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.language_model = LANGUAGE_MODELS[text.backbone](text, vllm_config, "language_model")
         self.logits_processor = LogitsProcessor(text.vocab_size)
         ids = config.special_token_ids
-        rows = torch.full((max(ids.values()) + 1,), -1, dtype=torch.long)
-        for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS):
-            if token in ids:
-                rows[ids[token]] = row
-        self.register_buffer("special_token_rows", rows, persistent=False)  # token id -> row, -1 for other tokens
         visual_ids = [ids[token] for token in (IMG_CONTEXT_TOKEN, IMG_START_TOKEN)]
         self.register_buffer("visual_token_ids", torch.tensor(visual_ids), persistent=False)
         self._step: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (input_ids, image-block mask) of the step
@@ -618,8 +614,7 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
         num_tokens = inputs_embeds.shape[0]
         input_ids = torch.nn.functional.pad(input_ids, (0, num_tokens - len(input_ids)))
         in_block = torch.nn.functional.pad(in_block, (0, num_tokens - len(in_block)), value=False)
-        rows = self.special_token_rows[input_ids.clamp(max=len(self.special_token_rows) - 1)]
-        rows = rows.masked_fill((input_ids >= len(self.special_token_rows)) | in_block, -1)
+        rows = special_token_rows(self.config.special_token_ids, input_ids).masked_fill(in_block, -1)
         generated = decode_token_mask(num_tokens, inputs_embeds.device)
         if generated is not None:
             rows = rows.masked_fill(generated, -1)

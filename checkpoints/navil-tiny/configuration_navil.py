@@ -75,6 +75,17 @@ AUTO_MAP = {
 }
 
 
+def special_token_rows(special_token_ids: dict, input_ids: torch.Tensor) -> torch.Tensor:
+    """The `special_token_embedding` row of each token of `input_ids` that is a NaViL special token (ids from
+    `special_token_ids`, token -> id), -1 for every other token; same shape as `input_ids`."""
+    size = max(special_token_ids.values(), default=0) + 1
+    table = torch.full((size,), -1, dtype=torch.long, device=input_ids.device)
+    for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS):
+        if token in special_token_ids:
+            table[special_token_ids[token]] = row
+    return table[input_ids.clamp(max=len(table) - 1)].masked_fill(input_ids >= len(table), -1)
+
+
 def check_image_grid(image_grid_thw, merge_size: int) -> torch.Tensor:
     """`image_grid_thw` as a CPU int64 [image_scales, 3] tensor, or a `ValueError` naming what is wrong with it."""
     grid = torch.as_tensor(image_grid_thw)
