@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,14 @@ def test_training_questions_are_every_question_the_scene_allows():
         assert {answer for _, answer, kind in questions if kind == "color"} <= set(COLORS)
         assert {answer for _, answer, kind in questions if kind == "shape"} <= set(SHAPES)
         assert all(TRAIN_SIZE_RANGE[0] <= side <= TRAIN_SIZE_RANGE[1] for side in image.size)
+
+
+def test_training_questions_can_ask_about_every_ordered_pair_of_shapes():
+    for index in range(30):
+        _, questions = ShapesDataset(seed=0, position_questions=6).questions(index)
+        pairs = {question for question, _, kind in questions if kind == "position"}
+        shapes = NUMBER_WORDS.index(next(answer for _, answer, kind in questions if kind == "count"))
+        assert len(pairs) == shapes * (shapes - 1)
 
 
 @pytest.mark.parametrize("question_types", [("ocr",), ("position",), ("position", "ocr")])
@@ -341,13 +350,15 @@ def test_stage_one_freezing_leaves_only_visual_experts_trainable_in_the_language
 
 
 def test_recipe_runs_every_stage_and_saves_a_model_that_loads_back(tmp_path):
-    steps = dict(text_steps=2, caption_steps=2, single_shape_steps=2, qa_steps=2, eval_every=2, eval_questions=6)
-    args = dataclasses.replace(MINIATURE, output_dir=str(tmp_path), **steps)
+    stages = ("text", "scene", "caption", "single_shape", "qa")
+    steps = {f"{name}_steps": 2 for name in stages}
+    args = dataclasses.replace(MINIATURE, output_dir=str(tmp_path), eval_every=2, eval_questions=6, **steps)
     model, _, history = train_tiny_navil(args, progress=False, log=lambda message: None)
-    assert [len(history[f"{name}_losses"]) for name in ("text", "caption", "single_shape", "qa")] == [2, 2, 2, 2]
+    assert [len(history[f"{name}_losses"]) for name in stages] == [2] * len(stages)
+    assert all(math.isfinite(loss) for name in stages for loss in history[f"{name}_losses"])
     assert [evaluation["step"] for evaluation in history["evaluations"]] == [2]
     summary = json.loads((tmp_path / "training_history.json").read_text())
-    assert set(summary["seconds"]) == {"text", "caption", "single_shape", "qa", "total"}
+    assert set(summary["seconds"]) == {*stages, "total"}
     reloaded = NaViLForConditionalGeneration.from_pretrained(tmp_path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name

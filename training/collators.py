@@ -6,6 +6,7 @@ import torch
 
 from ..configuration_navil import END_OF_TURN_TOKEN, IMAGE_PLACEHOLDER
 from ..processing_navil import NaViLProcessor
+from .scene_supervision import batch_scene_targets
 from .synthetic_data import ShapesDataset
 
 _GRID_KEYS = ("image_grid_thw", "num_scales")  # what image-token expansion reads of the image processor's output
@@ -242,17 +243,47 @@ def caption_batches(processor, data: ShapesDataset, batch_size: int, single_scal
 
 
 def question_batches(
-    processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0, num_shapes=None, first_index=0
+    processor,
+    data: ShapesDataset,
+    batch_size: int,
+    single_scale_fraction=0.0,
+    num_shapes=None,
+    first_index=0,
+    with_scene_targets=False,
 ):
     """Step → batch of images with every question their scenes allow (`ShapesDataset.questions`), each question a
     separate branch after its image (`collate_question_branches`); `num_shapes` shapes per image, or 1–3. Step `s`
-    uses examples `first_index + s * batch_size` onwards."""
+    uses examples `first_index + s * batch_size` onwards. `with_scene_targets` adds the per-token `scene_targets` of
+    the scene supervision."""
 
     def batch(step: int) -> dict:
         indices = range(first_index + step * batch_size, first_index + (step + 1) * batch_size)
-        examples = [data.questions(index, num_shapes) for index in indices]
-        examples = [Conversation(image, [question[:2] for question in questions]) for image, questions in examples]
+        scenes, questions = zip(*(data.question_scene(index, num_shapes) for index in indices))
+        examples = [
+            Conversation(scene.render(), [question[:2] for question in turns])
+            for scene, turns in zip(scenes, questions)
+        ]
         flags = _multiscale_flags(data.seed + 1, first_index + step, batch_size, single_scale_fraction)
-        return collate_question_branches(processor, examples, multiscale=flags)
+        inputs = collate_question_branches(processor, examples, multiscale=flags)
+        if with_scene_targets:
+            inputs["scene_targets"] = batch_scene_targets(processor.image_processor, scenes, flags)
+        return inputs
+
+    return batch
+
+
+def scene_batches(processor, data: ShapesDataset, batch_size: int, single_scale_fraction=0.0, first_index=0):
+    """Step → images alone with their per-token `scene_targets` (the vision stage of the scene supervision): the
+    captioning scenes of `data` from example `first_index + s * batch_size` on."""
+
+    def batch(step: int) -> dict:
+        indices = range(first_index + step * batch_size, first_index + (step + 1) * batch_size)
+        scenes = [data.caption_scene(index) for index in indices]
+        flags = _multiscale_flags(data.seed + 2, first_index + step, batch_size, single_scale_fraction)
+        images = [_process_image(processor, scene.render(), flag) for scene, flag in zip(scenes, flags)]
+        return {
+            **_image_tensors(images),
+            "scene_targets": batch_scene_targets(processor.image_processor, scenes, flags),
+        }
 
     return batch

@@ -117,11 +117,20 @@ class TrainingArguments:
     text_steps: int = 150
     text_batch_size: int = 32
     text_learning_rate: float = 3e-3
-    caption_steps: int = 300
+    # scene supervision (docs/training.md): a vision stage on per-token scene labels, then the same labels as an
+    # auxiliary loss of the question stages, read after decoder layer `scene_decoder_layer`
+    scene_steps: int = 1500
+    scene_batch_size: int = 16
+    scene_learning_rate: float = 1e-3
+    scene_loss_weight: float = 1.0
+    scene_decoder_layer: int = 2
+    # left/right questions per image in the question stages: every ordered pair of shapes
+    position_questions: int = 6
+    caption_steps: int = 200
     caption_batch_size: int = 16
     caption_learning_rate: float = 3e-4
     single_shape_steps: int = 1000
-    qa_steps: int = 2200
+    qa_steps: int = 4000
     qa_batch_size: int = 8
     qa_learning_rate: float = 3e-4
     warmup_ratio: float = 0.05
@@ -131,9 +140,13 @@ class TrainingArguments:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     threads: int = 2
-    eval_every: int = 1100
+    eval_every: int = 2000
     eval_questions: int = 60
     size_range: tuple[int, int] = TRAIN_SIZE_RANGE
+
+
+# `navil train --quick`: the shipped recipe shortened to under 30 minutes on 2 CPU threads (docs/training.md).
+QUICK_RECIPE = dict(scene_steps=300, caption_steps=100, single_shape_steps=250, qa_steps=600, eval_every=300)
 
 
 def tiny_text_config(args: TrainingArguments, vocab_size: int) -> Qwen3Config:

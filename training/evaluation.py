@@ -47,13 +47,17 @@ def evaluate(
     multiscale: bool = True,
     question_types: Iterable[str] = QUESTION_TYPES,
     progress: bool = False,
+    data=None,
 ) -> dict[str, float]:
     """Exact-match accuracy per question type (and "all") on `num_questions` freshly generated questions.
 
     Questions cycle through `question_types`; images come from `ShapesDataset(seed, size_range)` (use a seed other
-    than training's 0, and `OUT_OF_RANGE_SIZES` for sizes outside the training range).
+    than training's 0, and `OUT_OF_RANGE_SIZES` for sizes outside the training range). `data` replaces that dataset
+    (then `seed`, `size_range` and `question_types` are not used): any object whose `data[index]` is a `Sample` and
+    whose `question_types` lists its types, such as `DrawnShapesDataset` (`navil eval --drawn`).
     """
-    data = ShapesDataset(seed=seed, size_range=size_range, question_types=tuple(question_types))
+    if data is None:
+        data = ShapesDataset(seed=seed, size_range=size_range, question_types=tuple(question_types))
     samples = [data[index] for index in range(num_questions)]
     replies = []
     bar = tqdm(range(0, num_questions, batch_size), desc="eval", disable=not progress, dynamic_ncols=True)

@@ -2,7 +2,7 @@
 
 import math
 from contextlib import nullcontext
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -37,15 +37,21 @@ def train_loop(
     callback: Optional[Callable[[int], None]] = None,
     callback_every: int = 0,
     progress: bool = True,
+    loss_fn: Optional[Callable[[torch.nn.Module, dict], torch.Tensor]] = None,
+    extra_modules: Sequence[torch.nn.Module] = (),
 ) -> list[float]:
     """Trains the parameters of `model` that require gradients for `steps` steps; returns the loss of every step.
 
     AdamW (β = 0.9, 0.95), linear warm-up over `warmup_ratio` of the steps then cosine decay to 0, gradient clipping
     at `max_grad_norm`; `dtype="bfloat16"` runs the forward under bfloat16 autocast (weights stay float32).
-    `callback(step)` runs after every `callback_every` steps (e.g. an evaluation).
+    `callback(step)` runs after every `callback_every` steps (e.g. an evaluation). `loss_fn(model, batch)` replaces
+    the model's own loss (e.g. with auxiliary terms); the parameters of `extra_modules` (e.g. its probes) train too.
     """
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(_parameter_groups(model, weight_decay), lr=learning_rate, betas=(0.9, 0.95))
+    groups = _parameter_groups(model, weight_decay)
+    for module in extra_modules:
+        groups += _parameter_groups(module.to(device), weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     trainable = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
@@ -55,7 +61,7 @@ def train_loop(
     for step in bar:
         batch = {key: value.to(device) for key, value in batches(step).items()}
         with autocast:
-            loss = model(**batch).loss
+            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()

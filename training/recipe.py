@@ -3,6 +3,7 @@
 import json
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -10,10 +11,11 @@ import torch
 from transformers import Qwen3ForCausalLM
 
 from ..modeling_navil import NaViLForConditionalGeneration
-from .collators import caption_batches, question_batches, text_batches
+from .collators import caption_batches, question_batches, scene_batches, text_batches
 from .configs import TrainingArguments, navil_processor, tiny_navil_config, tiny_text_config
 from .evaluation import evaluate, format_accuracy
 from .loop import freeze, set_activation_checkpointing, train_loop
+from .scene_supervision import SceneProbes
 from .synthetic_data import ShapesDataset
 from .tokenizer import load_tokenizer
 from .upcycling import upcycle_from_text_model
@@ -66,7 +68,7 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
         model.mlp1[-1].weight.mul_(args.connector_init_gain)
     if args.gradient_checkpointing:
         set_activation_checkpointing(model, True)
-    data = ShapesDataset(seed=args.seed, size_range=args.size_range)
+    data = ShapesDataset(seed=args.seed, size_range=args.size_range, position_questions=args.position_questions)
 
     def run_eval(step: int) -> None:
         accuracy = evaluate(model, processor, args.eval_questions, seed=args.seed + 100 + step)
@@ -74,6 +76,8 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
         log(f"step {step}: {format_accuracy(accuracy)}")
 
     def stage(name: str, batches, steps: int, learning_rate: float, description: str, **evaluation) -> None:
+        if not steps:
+            return
         stage_start = time.perf_counter()
         history[f"{name}_losses"] = train_loop(
             model,
@@ -90,6 +94,21 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
         )
         history["seconds"][name] = time.perf_counter() - stage_start
 
+    probes = SceneProbes(config.text_config.hidden_size, args.scene_decoder_layer)
+    if args.scene_steps:
+        freeze(model, 1)
+        stage(
+            "scene",
+            scene_batches(processor, data, args.scene_batch_size, args.single_scale_fraction),
+            args.scene_steps,
+            args.scene_learning_rate,
+            "stage 0: scene labels of every visual token (vision encoder and connector)",
+            loss_fn=probes.vision_loss,
+            extra_modules=[probes],
+        )
+    supervised = dict(loss_fn=partial(probes.loss, weight=args.scene_loss_weight), extra_modules=[probes])
+    if not args.scene_loss_weight:
+        supervised = {}
     freeze(model, 1)
     stage(
         "caption",
@@ -101,10 +120,18 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
     freeze(model, 2)
     stage(
         "single_shape",
-        question_batches(processor, data, args.qa_batch_size, args.single_scale_fraction, num_shapes=1),
+        question_batches(
+            processor,
+            data,
+            args.qa_batch_size,
+            args.single_scale_fraction,
+            num_shapes=1,
+            with_scene_targets=bool(supervised),
+        ),
         args.single_shape_steps,
         args.qa_learning_rate,
         "stage 2: questions about one shape",
+        **supervised,
     )
     stage(
         "qa",
@@ -114,12 +141,14 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
             args.qa_batch_size,
             args.single_scale_fraction,
             first_index=args.single_shape_steps * args.qa_batch_size,
+            with_scene_targets=bool(supervised),
         ),
         args.qa_steps,
         args.qa_learning_rate,
         "stage 3: questions about 1-3 shapes",
         callback=run_eval,
         callback_every=args.eval_every,
+        **supervised,
     )
     history["seconds"]["total"] = time.perf_counter() - started
 

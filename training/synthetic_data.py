@@ -47,7 +47,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 WORDS = ("cat", "dog", "sun", "box", "hat", "cup", "map", "pen", "key", "bus")
 NUMBER_WORDS = ("zero", "one", "two", "three")
 QUESTION_TYPES = ("color", "shape", "count", "describe", "position", "ocr")
-# Left/right questions per training image (a scene of three shapes has six ordered pairs).
+# Left/right questions per training image by default (a scene of three shapes has six ordered pairs).
 MAX_POSITION_QUESTIONS = 2
 
 # Both sides of a training image lie in this range (pixels), so aspect ratios range from 3:5 to 5:3.
@@ -299,9 +299,18 @@ class ShapesDataset:
         question_types (`Sequence[str]`, *optional*, defaults to `QUESTION_TYPES`): Item `index` asks a question of
             type `question_types[index % len(question_types)]`, so consecutive items cycle through the types.
         length (`int`, *optional*, defaults to 10000): `len()` of the dataset; items beyond it exist too.
+        position_questions (`int`, *optional*, defaults to `MAX_POSITION_QUESTIONS`): Left/right questions per image
+            of `questions` (random ordered pairs of its shapes; 6 asks about every pair of three shapes).
     """
 
-    def __init__(self, seed: int = 0, size_range=TRAIN_SIZE_RANGE, question_types=QUESTION_TYPES, length=10_000):
+    def __init__(
+        self,
+        seed: int = 0,
+        size_range=TRAIN_SIZE_RANGE,
+        question_types=QUESTION_TYPES,
+        length=10_000,
+        position_questions: int = MAX_POSITION_QUESTIONS,
+    ):
         unknown = sorted(set(question_types) - set(QUESTION_TYPES))
         if unknown or not question_types:
             raise ValueError(f"question_types must be some of {QUESTION_TYPES}, got {list(question_types)}.")
@@ -309,6 +318,7 @@ class ShapesDataset:
         self.size_range = size_range
         self.question_types = tuple(question_types)
         self.length = length
+        self.position_questions = position_questions
 
     def __len__(self) -> int:
         return self.length
@@ -339,9 +349,14 @@ class ShapesDataset:
     def questions(
         self, index: int, num_shapes: Optional[int] = None
     ) -> tuple[Image.Image, list[tuple[str, str, str]]]:
-        """Example `index` as an image (with `num_shapes` shapes, or 1–3) and every question of the dataset's types that
+        """Example `index` as an image and its questions: `question_scene` with the scene rendered."""
+        scene, questions = self.question_scene(index, num_shapes)
+        return scene.render(), questions
+
+    def question_scene(self, index: int, num_shapes: Optional[int] = None) -> tuple[Scene, list[tuple[str, str, str]]]:
+        """The scene of example `index` (with `num_shapes` shapes, or 1–3) and every question of the dataset's types that
         its scene allows, as (question, answer, type): the colour of each shape, the shape of each colour, the count,
-        the description, left or right for up to `MAX_POSITION_QUESTIONS` ordered pairs of shapes, and the word when
+        the description, left or right for up to `position_questions` ordered pairs of shapes, and the word when
         one is written.
 
         Training asks each question on its own after the shared image (`collate_question_branches`), so one answer
@@ -365,11 +380,11 @@ class ShapesDataset:
                 questions += [(*shape_question(shape), kind) for shape in shapes]
             elif kind == "position":
                 pairs = list(itertools.permutations(range(len(shapes)), 2))
-                for pair in rng.permutation(len(pairs))[:MAX_POSITION_QUESTIONS]:
+                for pair in rng.permutation(len(pairs))[: self.position_questions]:
                     questions.append((*position_question(shapes, *pairs[pair]), kind))
             else:
                 questions.append((*make_question(scene, kind, rng), kind))
-        return scene.render(), questions
+        return scene, questions
 
     def text_example(self, index: int) -> tuple[str, str]:
         """Text-only example `index` for text pre-training: (question, answer) where the question states the scene
