@@ -12,7 +12,6 @@ A per-token target gives every token of a shape its own gradient.
 """
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +19,17 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..configuration_navil import IMG_CONTEXT_TOKEN
-from .synthetic_data import COLORS, SHAPES, Scene, _outline
+from .synthetic_data import COLORS, NUMBER_WORDS, SHAPES, Scene, _outline
 
 # (name, number of classes) of every per-token target; background is the last class of colour and kind, and the
 # left/right targets are ignored on background tokens.
-SCENE_TARGETS = (("color", len(COLORS) + 1), ("kind", len(SHAPES) + 1), ("left", 2), ("right", 2), ("count", 3))
+SCENE_TARGETS = (
+    ("color", len(COLORS) + 1),
+    ("kind", len(SHAPES) + 1),
+    ("left", 2),
+    ("right", 2),
+    ("count", len(NUMBER_WORDS) - 1),
+)
 IGNORE = -100
 _COLOR_INDEX = {name: index for index, name in enumerate(COLORS)}
 
@@ -151,19 +156,3 @@ def batch_scene_targets(image_processor, scenes: list[Scene], flags: list[bool])
         targets.append(image_targets)
         objects += len(scene.shapes)
     return torch.cat(targets)
-
-
-def probe_accuracy(
-    model, probes: SceneProbes, batches, steps: range, site: str = "connector"
-) -> Optional[dict[str, float]]:
-    """Mean per-target accuracy of a probe over the batches of `steps` (held-out data)."""
-    totals = {}
-    with torch.no_grad():
-        for step in steps:
-            batch = batches(step)
-            features = torch.cat(
-                model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
-            )
-            for name, value in probes.accuracy(features, batch["scene_targets"], site).items():
-                totals.setdefault(name, []).append(value)
-    return {name: sum(values) / len(values) for name, values in totals.items()} if totals else None
