@@ -106,9 +106,12 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
             loss_fn=probes.vision_loss,
             extra_modules=[probes],
         )
-    supervised = dict(loss_fn=partial(probes.loss, weight=args.scene_loss_weight), extra_modules=[probes])
-    if not args.scene_loss_weight:
-        supervised = {}
+    # the question stages' loss: the answers plus the scene loss, unless its weight is 0
+    supervised = (
+        dict(loss_fn=partial(probes.loss, weight=args.scene_loss_weight), extra_modules=[probes])
+        if args.scene_loss_weight
+        else {}
+    )
     freeze(model, 1)
     stage(
         "caption",

@@ -86,8 +86,13 @@ class SceneProbes(nn.Module):
         self.object_kind = nn.Linear(hidden_size, len(SHAPES))
 
     @staticmethod
-    def _loss(probe: nn.Linear, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = probe(features.float()).split([count for _, count in SCENE_TARGETS], dim=-1)
+    def _logits(probe: nn.Linear, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One [tokens, classes] tensor per target of `SCENE_TARGETS`."""
+        return probe(features.float()).split([count for _, count in SCENE_TARGETS], dim=-1)
+
+    @classmethod
+    def _loss(cls, probe: nn.Linear, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = cls._logits(probe, features)
         losses = [F.cross_entropy(part, targets[:, i], ignore_index=IGNORE) for i, part in enumerate(logits)]
         return torch.stack([loss for loss in losses if not loss.isnan()]).mean()
 
@@ -95,8 +100,7 @@ class SceneProbes(nn.Module):
     def accuracy(self, features: torch.Tensor, targets: torch.Tensor, site: str = "connector") -> dict[str, float]:
         """Per-target accuracy of one probe on the tokens that have that target (shape tokens for left/right, colour and
         kind)."""
-        probe = getattr(self, site)
-        logits = probe(features.float()).split([count for _, count in SCENE_TARGETS], dim=-1)
+        logits = self._logits(getattr(self, site), features)
         shape_token = targets[:, 1] < len(SHAPES)
         result = {}
         for i, ((name, _), part) in enumerate(zip(SCENE_TARGETS, logits)):
@@ -121,15 +125,19 @@ class SceneProbes(nn.Module):
         present = kinds != IGNORE
         return F.cross_entropy(self.object_kind(pooled[present]), kinds[present])
 
+    def connector_loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of the probes on the connector's output: per token, and each shape's kind from its maximum."""
+        return self._loss(self.connector, features, targets) + self.object_kind_loss(features, targets)
+
     def vision_loss(self, model, batch: dict) -> torch.Tensor:
         """The connector probes' loss alone (the language model does not run)."""
         features = model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
-        features, targets = torch.cat(features), batch["scene_targets"]
-        return self._loss(self.connector, features, targets) + self.object_kind_loss(features, targets)
+        return self.connector_loss(torch.cat(features), batch["scene_targets"])
 
     def loss(self, model, batch: dict, weight: float) -> torch.Tensor:
-        """The model's answer loss plus `weight` times the mean of both probes' losses; `batch` holds the model's
-        inputs and `scene_targets`."""
+        """The model's answer loss plus `weight` times the mean of the three probe losses (per token on the connector,
+        each shape's kind from its maximum there, per token after decoder layer `decoder_layer`); `batch` holds the
+        model's inputs and `scene_targets`."""
         captured = {}
         hook = model.mlp1.register_forward_hook(lambda module, args, output: captured.update(connector=output))
         inputs = {key: value for key, value in batch.items() if key != "scene_targets"}
@@ -140,8 +148,7 @@ class SceneProbes(nn.Module):
         targets = batch["scene_targets"]
         context = batch["input_ids"] == model.special_token_id(IMG_CONTEXT_TOKEN)
         decoder_states = outputs.hidden_states[self.decoder_layer][context]  # [units, hidden], prompt order
-        connector = captured["connector"]
-        probes = self._loss(self.connector, connector, targets) + self.object_kind_loss(connector, targets)
+        probes = self.connector_loss(captured["connector"], targets)
         probes = probes + self._loss(self.decoder, decoder_states, targets)
         return outputs.loss + weight * probes / 3
 
