@@ -123,7 +123,7 @@ def run_train(args) -> int:
 
 
 def run_finetune(args) -> int:
-    from .training import finetune
+    from .training import close_process_group, finetune
 
     model = args.model or str(EMBEDDED_MODEL_DIR)
     if not Path(args.data).is_file():
@@ -149,6 +149,7 @@ def run_finetune(args) -> int:
         seed=args.seed,
         disable_tqdm=args.quiet,
     )
+    close_process_group()  # under `accelerate launch`; the trainer (and its model) went with finetune's frame
     print(f"saved the fine-tuned model to {args.output_dir}")
     return 0
 

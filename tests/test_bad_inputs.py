@@ -218,7 +218,11 @@ BAD_FORWARD_INPUTS = {
     ),
     "no-ids-nor-embeds": (lambda x: {}, "exactly one of input_ids or inputs_embeds"),
     "embeds-without-image-tokens": (
-        lambda x: {"inputs_embeds": torch.zeros(1, 4, 64), "pixel_values": x["pixel_values"], "image_grid_thw": x["image_grid_thw"]},
+        lambda x: {
+            "inputs_embeds": torch.zeros(1, 4, 64),
+            "pixel_values": x["pixel_values"],
+            "image_grid_thw": x["image_grid_thw"],
+        },
         "The prompt has 0 <IMG_CONTEXT> tokens but the images give",
     ),
     "embeds-width": (lambda x: {"inputs_embeds": torch.zeros(1, 4, 7)}, "inputs_embeds must be \\[batch, seq, 64\\]"),

@@ -375,7 +375,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import AutoModel, AutoProcessor
-from navil.training import NaViLDataCollator, causal_lm_loss, fsdp_shard, load_jsonl
+from navil.training import NaViLDataCollator, causal_lm_loss, close_process_group, fsdp_shard, load_jsonl
 
 model_dir, data, out = sys.argv[1:4]
 world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -415,7 +415,8 @@ if rank == 0:
     processor.save_pretrained(out)
     Path(out, "losses.json").write_text(json.dumps(losses))
 if world > 1:
-    dist.destroy_process_group()
+    del model, optimizer, state
+    close_process_group()
 """
 
 

@@ -14,6 +14,7 @@ batch (`Trainer(compute_loss_func=causal_lm_loss)`), so that several processes t
 `finetune` is what `navil finetune` runs.
 """
 
+import gc
 import json
 import math
 import os
@@ -103,7 +104,8 @@ def fsdp_shard(model: torch.nn.Module, **fsdp_kwargs) -> torch.nn.Module:
     where accelerate offers no FSDP (on CPU); on GPUs `accelerate launch --use_fsdp --fsdp_version 2
     --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP` does the same from `_no_split_modules`. `fully_shard` changes the
     model's class, so save the gathered full state dict (`get_model_state_dict(..., full_state_dict=True)`) through
-    an unsharded model's `save_pretrained`, which then copies the NaViL code next to it."""
+    an unsharded model's `save_pretrained`, which then copies the NaViL code next to it. End the run with
+    `close_process_group()` once the sharded model and its optimizer are deleted."""
     from torch.distributed.fsdp import fully_shard
 
     units = tuple(getattr(model, "_no_split_modules", None) or ())
@@ -111,6 +113,21 @@ def fsdp_shard(model: torch.nn.Module, **fsdp_kwargs) -> torch.nn.Module:
         if type(module).__name__ in units:
             fully_shard(module, **fsdp_kwargs)
     return fully_shard(model, **fsdp_kwargs)
+
+
+def close_process_group() -> None:
+    """Ends a `torch.distributed` run in order, on every rank: waits for all ranks (rank 0 may still be saving),
+    collects the garbage (FSDP's sharded modules hold the process group, in reference cycles), then destroys the
+    group. A gloo group left to the interpreter's exit can abort a rank after a successful run (SIGABRT, "terminate
+    called without an active exception"). Call it after deleting the sharded model and its optimizer; it does
+    nothing outside a distributed run."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _text_of(content, role: str, index: int) -> tuple[str, list]:
