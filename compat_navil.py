@@ -13,10 +13,11 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from transformers import AutoProcessor, GenerationMixin, PretrainedConfig
+from transformers import AutoImageProcessor, AutoProcessor, GenerationMixin, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import ProcessorMixin
 
 try:  # 4.53+
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -182,6 +183,23 @@ def register_processor_for_pipelines(config_class, processor_class) -> None:
     """Lets `pipeline(task, model=folder)` find the processor: 4.x pipelines load one only for config classes that
     `AutoProcessor` maps (5.x reads processor_config.json)."""
     AutoProcessor.register(config_class, processor_class, exist_ok=True)
+
+
+# 5.x finds a processor's sub-processors from its `__init__` parameters and loads each through its Auto class (5.25
+# warns about an `image_processor_class` attribute); 4.x reads the class names from `<attribute>_class` attributes.
+PROCESSOR_NAMES_SUBPROCESSOR_CLASSES = not hasattr(ProcessorMixin, "get_attributes")
+_IMAGE_PROCESSOR_REGISTER_PARAMETERS = inspect.signature(AutoImageProcessor.register).parameters
+
+
+def register_image_processor(config_class, image_processor_class) -> None:
+    """Maps `config_class` to `image_processor_class` in `AutoImageProcessor`, so that loading a folder's image
+    processor finds this (local) class instead of asking for remote code. 5.25 takes a dict per backend (a
+    `BaseImageProcessor` is the PIL one); earlier releases take it as the slow image processor."""
+    if "image_processor_classes" in _IMAGE_PROCESSOR_REGISTER_PARAMETERS:
+        classes = {"image_processor_classes": {"pil": image_processor_class}}
+    else:
+        classes = {"slow_image_processor_class": image_processor_class}
+    AutoImageProcessor.register(config_class, **classes, exist_ok=True)
 
 
 # `from_pretrained(torch_dtype=...)` became `dtype=` in 4.56; the config gained `dtype` with it.

@@ -12,7 +12,12 @@ from transformers import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .compat_navil import make_saved_processor_portable, register_processor_for_pipelines
+from .compat_navil import (
+    PROCESSOR_NAMES_SUBPROCESSOR_CLASSES,
+    make_saved_processor_portable,
+    register_image_processor,
+    register_processor_for_pipelines,
+)
 from .configuration_navil import (
     END_OF_TURN_TOKEN,
     IMAGE_PLACEHOLDER,
@@ -290,8 +295,9 @@ class NaViLProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    if PROCESSOR_NAMES_SUBPROCESSOR_CLASSES:  # 4.x; 5.x maps the config to the image processor (end of this file)
+        image_processor_class = "NaViLImageProcessor"
+        tokenizer_class = "AutoTokenizer"
     valid_processor_kwargs = NaViLProcessorKwargs
     image_token = IMAGE_PLACEHOLDER  # the text marking one image, expanded into its tokens
 
@@ -736,4 +742,5 @@ def _find_last(sequence: list[int], pattern: list[int]) -> Optional[int]:
 
 
 NaViLProcessor.register_for_auto_class()
+register_image_processor(NaViLConfig, NaViLImageProcessor)
 register_processor_for_pipelines(NaViLConfig, NaViLProcessor)
