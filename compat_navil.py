@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import ModelOutput
 
 try:  # 4.53+
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -59,8 +60,9 @@ def output_with_cache(output_class, cache: Optional[Cache], **fields):
 
 
 def cache_of(outputs) -> Optional[Cache]:
-    """The cache held by a model output or a dict of generation inputs, whichever name it is under."""
-    for name in CACHE_NAMES:
+    """The cache held by a model output (under the installed version's name: 5.25 outputs warn about the old one) or
+    a dict of generation inputs (under either name)."""
+    for name in (CACHE_NAME,) if isinstance(outputs, ModelOutput) else CACHE_NAMES:
         cache = outputs.get(name)
         if cache is not None:
             return cache
@@ -255,3 +257,25 @@ def make_saved_processor_portable(save_directory) -> None:
     if image_processor_config is not None:
         _write_json(directory / "preprocessor_config.json", image_processor_config)
         _write_json(processor_file, processor_config)
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+
+_CHECKPOINTING_NAMES = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
+
+
+def with_checkpointing_names(training_arguments: dict) -> dict:
+    """`TrainingArguments` keyword arguments with activation checkpointing under the installed release's names,
+    whichever the caller used: 5.25 renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)`
+    and warns about the old names."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    for old, new in _CHECKPOINTING_NAMES:
+        given, installed = (old, new) if new in fields else (new, old)
+        if given in training_arguments:
+            training_arguments.setdefault(installed, training_arguments.pop(given))
+    return training_arguments

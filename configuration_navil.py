@@ -7,8 +7,10 @@ as `text_config` (the name transformers' generation utilities look for); `llm_co
 
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import PretrainedConfig
@@ -139,7 +141,7 @@ def check_activation(owner: str, hidden_act) -> None:
 MODEL_CARD = """---
 library_name: transformers
 pipeline_tag: image-text-to-text
-tags:
+{base_model}tags:
 - navil
 - multimodal
 - image-text-to-text
@@ -155,15 +157,18 @@ feed-forward blocks have a visual-expert copy for image tokens. The model code c
 ## Usage
 
 ```python
+from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoProcessor
 
 path = "{name}"
 model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+image = Image.new("RGB", (448, 448), "white")
+ImageDraw.Draw(image).ellipse((112, 112, 336, 336), fill="yellow")
 messages = [
     {{
         "role": "user",
-        "content": [{{"type": "image", "url": "image.png"}}, {{"type": "text", "text": "Describe the image."}}],
+        "content": [{{"type": "image", "image": image}}, {{"type": "text", "text": "What color is the circle?"}}],
     }}
 ]
 inputs = processor.apply_chat_template(
@@ -177,14 +182,70 @@ print(processor.decode_reply(output[0, inputs["input_ids"].shape[1] :]))
 
 # A sentence of transformers' generic model card, which `push_to_hub` writes when the Hub repo has no card yet.
 GENERIC_CARD_SENTENCE = "This model card has been automatically generated."
+_CARD_NAME = re.compile(r"^# (.+)$", re.MULTILINE)
+_CARD_BASE_MODEL = re.compile(r"^base_model: (.+)$", re.MULTILINE)
+# Hub cache folders are named models--{owner}--{name}
+_HUB_CACHE_FOLDER = re.compile(r"^models--([^/]+?)--([^/]+)$")
 
 
-def write_model_card(save_directory) -> None:
-    """Writes the model card (README.md) into `save_directory`, unless it already has a card of its own
-    (transformers' generic card, which `push_to_hub` writes into its upload folder, is replaced)."""
+def model_card(name: str, base_model: Optional[str] = None) -> str:
+    """The model card (README.md) of a NaViL folder or Hub repo `name`; `base_model` is the Hub id of the model it was
+    converted or fine-tuned from, when known."""
+    return MODEL_CARD.format(name=name, base_model=f"base_model: {base_model}\n" if base_model else "")
+
+
+def navil_card_fields(text: str) -> Optional[tuple[str, Optional[str]]]:
+    """`(name, base_model)` when `text` is a card written by `model_card` and left unedited, else None (a card of
+    the user's own, which is kept)."""
+    name, base_model = _CARD_NAME.search(text), _CARD_BASE_MODEL.search(text)
+    if name is None:
+        return None
+    fields = (name.group(1), base_model.group(1) if base_model else None)
+    return fields if text == model_card(*fields) else None
+
+
+def hub_repo_id_of(source) -> Optional[str]:
+    """The Hub repo id that `source` (what a model was loaded from) stands for, when it tells: a Hub id itself, a
+    snapshot folder of the Hub cache, or a folder whose NaViL card names a Hub repo (a pushed model's card)."""
+    if source is None:
+        return None
+    path = Path(str(source))
+    if not path.exists():
+        text = str(source)
+        return text if text.count("/") == 1 and not text.startswith((".", "/")) else None
+    for folder in (path, *path.parents):
+        cached = _HUB_CACHE_FOLDER.match(folder.name)
+        if cached:
+            return "/".join(cached.groups())
+    card = path / "README.md"
+    fields = navil_card_fields(card.read_text(encoding="utf-8")) if card.is_file() else None
+    return fields[0] if fields and "/" in fields[0] else None
+
+
+def _card_base_model(folder) -> Optional[str]:
+    """The base model named by the unedited NaViL card of `folder`, if any."""
+    card = Path(str(folder)) / "README.md" if folder is not None else None
+    if card is None or not card.is_file():
+        return None
+    fields = navil_card_fields(card.read_text(encoding="utf-8"))
+    return fields[1] if fields else None
+
+
+def write_model_card(save_directory, name: Optional[str] = None, base_model: Optional[str] = None, source=None):
+    """Writes the model card (README.md) into `save_directory` unless the folder has a card of the user's own.
+
+    transformers' generic card (which `push_to_hub` writes into its upload folder) and an unedited NaViL card are
+    replaced. `name` is what the card's title and usage snippet load: the folder's name by default, the repo id when
+    pushing. `base_model` defaults to the one known from `source` (the folder the model was loaded from) or from the
+    card being replaced.
+    """
     card = Path(save_directory) / "README.md"
-    if not card.exists() or GENERIC_CARD_SENTENCE in card.read_text(encoding="utf-8"):
-        card.write_text(MODEL_CARD.format(name=Path(save_directory).resolve().name), encoding="utf-8")
+    existing = card.read_text(encoding="utf-8") if card.exists() else None
+    fields = navil_card_fields(existing) if existing is not None else None
+    if existing is not None and fields is None and GENERIC_CARD_SENTENCE not in existing:
+        return
+    base_model = base_model or _card_base_model(source) or (fields[1] if fields else None)
+    card.write_text(model_card(name or Path(save_directory).resolve().name, base_model), encoding="utf-8")
 
 
 class NaViLVisionConfig(PretrainedConfig):

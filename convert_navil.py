@@ -54,6 +54,7 @@ def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True) -> Pat
     from transformers import AutoTokenizer
 
     from .compat_navil import make_saved_processor_portable
+    from .configuration_navil import hub_repo_id_of, write_model_card
     from .modeling_navil import NaViLForConditionalGeneration
     from .processing_navil import NaViLProcessor
 
@@ -88,6 +89,7 @@ def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True) -> Pat
     processor.save_pretrained(out)
     _copy_matching(tokenizer_src, out, TOKENIZER_PATTERNS)
     make_saved_processor_portable(out)  # the copied tokenizer config, in the form every transformers release reads
+    write_model_card(out, base_model=hub_repo_id_of(src))
     code_dir = Path(__file__).parent
     for name in CODE_FILES:
         shutil.copy2(code_dir / name, out / name)

@@ -277,11 +277,12 @@ class NaViLPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus a model card (README.md) unless the folder has one."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        write_model_card(save_directory)
+        write_model_card(save_directory, source=self.name_or_path)
 
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
-        write_model_card(working_dir)  # `push_to_hub` has just put transformers' generic card there
-        return super()._upload_modified_files(working_dir, *args, **kwargs)
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # `push_to_hub` has just put transformers' generic card (or the repo's) there; the card names the repo
+        write_model_card(working_dir, name=repo_id, source=self.name_or_path)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

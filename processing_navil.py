@@ -335,9 +335,10 @@ class NaViLProcessor(ProcessorMixin):
             self.push_to_hub(kwargs.pop("repo_id", Path(save_directory).name), **kwargs)
         return saved
 
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
-        write_model_card(working_dir)  # `push_to_hub` has just put transformers' generic card there
-        return super()._upload_modified_files(working_dir, *args, **kwargs)
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # `push_to_hub` has just put transformers' generic card (or the repo's) there; the card names the repo
+        write_model_card(working_dir, name=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):

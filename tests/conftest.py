@@ -89,3 +89,35 @@ def greedy(model, inputs, new_tokens=10, **kwargs):
         **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs
     )
     return generated[:, inputs["input_ids"].shape[1] :]
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """A Hub in a folder, for `push_to_hub` without network: creating a repo is a no-op, a repo's model card is read
+    from `<folder>/<repo_id>/README.md`, and an upload copies the files of the upload folder to `<folder>/<repo_id>`
+    (so that `from_pretrained("<repo_id>")` run in the folder loads what was pushed). Returns the folder."""
+    import shutil
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+    from transformers.utils import hub
+
+    root = tmp_path / "hub"
+    root.mkdir()
+    load_card = ModelCard.load.__func__
+
+    def card_of(cls, repo_id, *args, **kwargs):
+        card = root / repo_id / "README.md"
+        if not card.is_file():
+            raise EntryNotFoundError(f"{repo_id} has no README.md")
+        return load_card(cls, card)
+
+    def upload(self, working_dir, repo_id, *args, **kwargs):
+        shutil.copytree(working_dir, root / repo_id, dirs_exist_ok=True)
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id), raising=False)
+    monkeypatch.setattr(ModelCard, "load", classmethod(card_of))
+    monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files", upload)
+    return root

@@ -26,7 +26,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..configuration_navil import IMAGE_PLACEHOLDER, IMG_END_TOKEN
+from ..compat_navil import with_checkpointing_names
+from ..configuration_navil import IMAGE_PLACEHOLDER, IMG_END_TOKEN, hub_repo_id_of, write_model_card
 from ..processing_navil import NaViLProcessor
 from .collators import encode_turns, pad_batch
 from .loop import freeze
@@ -360,7 +361,7 @@ def finetune(
     settings.update(training_arguments)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(**settings),
+        args=TrainingArguments(**with_checkpointing_names(settings)),
         train_dataset=train,
         eval_dataset=held_out or None,
         data_collator=NaViLDataCollator(processor, max_length=max_length, multiscale=multiscale),
@@ -374,6 +375,7 @@ def finetune(
     trainer.save_model(output_dir)  # the full state dict, gathered from every process under FSDP
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
+        write_model_card(output_dir, base_model=hub_repo_id_of(model_dir))
         history = Path(output_dir) / "log_history.json"
         history.write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
     return trainer
