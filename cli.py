@@ -218,7 +218,9 @@ def run_serve(args) -> int:
     return serve([args.model or str(EMBEDDED_MODEL_DIR), *args.vllm_args])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
+    """The `navil` command line; without `training_flags`, `navil train` lacks its recipe flags, which import the
+    training package (and with it transformers' model classes and any installed quantization library)."""
     parser = argparse.ArgumentParser(prog="navil", description="NaViL native multimodal LLMs for transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -239,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a tiny NaViL end to end on synthetic data (defaults: the embedded model's recipe)"
     )
-    _add_training_flags(train)
+    if training_flags:
+        _add_training_flags(train)
     train.add_argument(
         "--quick", action="store_true", help="the shortened recipe (QUICK_RECIPE, under 30 min on 2 threads)"
     )
@@ -304,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the `navil` console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(training_flags=argv[:1] == ["train"]).parse_args(argv)
     return args.run(args)
 
 

@@ -139,11 +139,13 @@ def _as_dicts(value):
     return value
 
 
-def check_conversations(conversation) -> None:
+def check_conversations(conversation, tokenize: bool = True) -> None:
     """Raises a `ValueError` naming the problem unless `conversation` is a non-empty list of role/content messages
     (dicts, or message objects such as dataclasses) or a non-empty list of such lists, whose content blocks the NaViL
-    chat template renders faithfully: every block has a `"type"`, text blocks hold a string, image blocks name their
-    image (`image`, `url`, `path` or `base64`)."""
+    chat template renders faithfully: every block has a `"type"`, text blocks hold a string, and, when the result is
+    tokenized (the images are then read from the blocks), image blocks name their image (`image`, `url`, `path` or
+    `base64`). Rendered as text, a bare `{"type": "image"}` block is the `<image>` placeholder of an image passed
+    later to `processor(images=..., text=prompt)`."""
     conversation = _as_dicts(conversation)
     batched = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
     batch = conversation if batched else [conversation]
@@ -162,10 +164,11 @@ def check_conversations(conversation) -> None:
                 where = f"message {index} has the content block {block!r:.80}"
                 if kind == "text" and not isinstance(block.get("text"), str):
                     raise ValueError(f"{where}: a text block needs a string under 'text'.")
-                if kind == "image" and all(block.get(key) is None for key in _IMAGE_SOURCES):
+                if kind == "image" and tokenize and all(block.get(key) is None for key in _IMAGE_SOURCES):
                     raise ValueError(
-                        f"{where}: an image block needs the image under one of {', '.join(_IMAGE_SOURCES)}; without it "
-                        "the image would be dropped and <image> left as text."
+                        f"{where}: with tokenize=True an image block needs the image under one of "
+                        f"{', '.join(_IMAGE_SOURCES)}; without it the image would be dropped and <image> left as text. "
+                        "Or render the prompt with tokenize=False and call processor(images=..., text=prompt)."
                     )
                 if kind == "image_url" and not block.get("image_url"):
                     raise ValueError(f"{where}: an image_url block needs its URL under 'image_url'.")
@@ -359,9 +362,11 @@ class NaViLProcessor(ProcessorMixin):
 
     def apply_chat_template(self, conversation, *args, **kwargs):
         """`ProcessorMixin.apply_chat_template`, refusing first what the template would render wrongly: an empty
-        conversation, a content block without a `"type"` (dropped) and an image block that does not say where its
-        image is (rendered as `<image>` text with no image); see `check_conversations`."""
-        check_conversations(conversation)
+        conversation, a content block without a `"type"` (dropped) and, with `tokenize=True`, an image block that
+        does not say where its image is (rendered as `<image>` text with no image); see `check_conversations`. With
+        `tokenize=False` (the default) a bare `{"type": "image"}` block renders as the `<image>` placeholder, for
+        `processor(images=..., text=prompt)`."""
+        check_conversations(conversation, tokenize=kwargs.get("tokenize", False))
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     # -- prompts -------------------------------------------------------------------------------------------------

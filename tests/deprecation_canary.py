@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sys
+import sysconfig
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +30,15 @@ def _package_root(name: str):
     if spec is None or not spec.submodule_search_locations:
         return None
     return os.path.realpath(list(spec.submodule_search_locations)[0])
+
+
+_STDLIB = os.path.realpath(sysconfig.get_paths()["stdlib"]) + os.sep
+_SITE = tuple(os.path.realpath(sysconfig.get_paths()[name]) + os.sep for name in ("purelib", "platlib"))
+
+
+def is_stdlib(filename: str) -> bool:
+    path = os.path.realpath(filename)
+    return path.startswith(_STDLIB) and not path.startswith(_SITE)
 
 
 _ROOTS = {name: _package_root(name) for name in LIBRARIES}
@@ -66,20 +76,20 @@ class Canary:
     others: list = field(default_factory=list)
 
     def record(self, message: str, stack: list) -> None:
-        """Files `message`, raised where the innermost frame of `stack` (outermost first) is."""
-        frames = [frame for frame in stack if not frame.filename.startswith(os.path.dirname(logging.__file__))]
-        frames = [
-            frame
-            for frame in frames
-            if os.path.basename(frame.filename) not in ("warnings.py", os.path.basename(__file__))
-        ]
+        """Files `message`, raised where the innermost frame of `stack` (outermost first) is: navil's when the code
+        that called into the warning library is navil's (not the caller's own code, nor another library calling a
+        deprecated API of the first), or when the message names NaViL."""
+        frames = [frame for frame in stack if not is_stdlib(frame.filename)]
+        frames = [frame for frame in frames if os.path.basename(frame.filename) != os.path.basename(__file__)]
         library = library_of(frames[-1].filename) if frames else None
+        callers = [library_of(frame.filename) for frame in reversed(frames)]
+        caller = next((name for name in callers if name != library), None)
         navil = [frame for frame in frames if library_of(frame.filename) == "navil"]
         where = f"{navil[-1].filename}:{navil[-1].lineno}" if navil else "a definition in navil's classes"
-        if library is not None and (navil or "navil" in message.lower()):
+        if library is not None and (caller == "navil" or "navil" in message.lower()):
             self.ours.append(Caught(message, library, where))
         else:
-            self.others.append(message)
+            self.others.append(f"{message} ({library} called by {caller})")
 
 
 class NaViLDeprecationError(AssertionError):

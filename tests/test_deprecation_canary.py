@@ -48,26 +48,19 @@ def folder(tmp_path_factory):
 
 
 def test_the_canary_turns_a_deprecation_raised_under_navils_code_into_an_error(monkeypatch):
+    from transformers import PreTrainedModel
     from transformers.utils.deprecation import deprecate_kwarg
 
-    import navil.modeling_navil
     from navil import NaViLForConditionalGeneration
 
-    @deprecate_kwarg("old_argument", "99.0.0", new_name="new_argument")
-    def renamed(new_argument=None):
-        return new_argument
-
-    check_loading_info = navil.modeling_navil.check_loading_info
-
-    def checks_with_a_deprecated_argument(*args, **kwargs):
-        renamed(old_argument=1)  # transformers warns, navil's from_pretrained is on the stack
-        return check_loading_info(*args, **kwargs)
-
-    monkeypatch.setattr(navil.modeling_navil, "check_loading_info", checks_with_a_deprecated_argument)
-    with pytest.raises(NaViLDeprecationError, match="old_argument"):
+    # navil's from_pretrained passes output_loading_info=True to transformers': declared deprecated here
+    deprecated = deprecate_kwarg("output_loading_info", "99.0.0")(PreTrainedModel.from_pretrained.__func__)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(deprecated))
+    with pytest.raises(NaViLDeprecationError, match="output_loading_info"):
         with navil_deprecations_as_errors():
             NaViLForConditionalGeneration.from_pretrained(TINY)
-    # the same warning without navil's code on the stack is third-party noise, not an error
+    # a deprecation of transformers that other code than navil's uses is not navil's
+    renamed = deprecate_kwarg("old_argument", "99.0.0", new_name="new_argument")(lambda new_argument=None: None)
     with navil_deprecations_as_errors() as canary:
         renamed(old_argument=1)
     assert any("old_argument" in message for message in canary.others)
@@ -190,7 +183,7 @@ def test_navil_finetune_with_lora_and_sft_trainer_trigger_no_deprecation(folder,
     datasets = pytest.importorskip("datasets")
     from transformers import AutoModel, AutoProcessor
 
-    from navil.training import NaViLDataCollator, finetune
+    from navil.training import NaViLDataCollator, finetune, load_jsonl
 
     settings = dict(max_steps=1, per_device_train_batch_size=2, gradient_checkpointing=True)
     with navil_deprecations_as_errors():
@@ -209,7 +202,7 @@ def test_navil_finetune_with_lora_and_sft_trainer_trigger_no_deprecation(folder,
         trl.SFTTrainer(
             model=model,
             args=args,
-            train_dataset=datasets.Dataset.from_list([tiny_images_example()] * 2),
+            train_dataset=datasets.Dataset.from_list(load_jsonl(DATA)[:2]),
             processing_class=processor,
             data_collator=NaViLDataCollator(processor),
         ).train()
