@@ -212,10 +212,63 @@ def run_build_tokenizer(args) -> int:
     return 0
 
 
-def run_serve(args) -> int:
-    from .vllm_navil import serve
+GIB = 1 << 30
+# vLLM's KV-cache size on CPU when not asked for one: 4 GiB (vLLM's own default of VLLM_CPU_KVCACHE_SPACE before it
+# reserved a fraction of memory), at most a quarter of the memory available, in whole 256 MiB.
+SERVE_KV_CACHE_BYTES = 4 * GIB
+SERVE_KV_CACHE_STEP = GIB // 4
+_MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+_COMPILATION_FLAGS = ("--enforce-eager", "--no-enforce-eager", "--compilation-config", "-cc", "-O")
 
-    return serve([args.model or str(EMBEDDED_MODEL_DIR), *args.vllm_args])
+
+def _flag_given(vllm_args: list[str], flags: tuple[str, ...]) -> bool:
+    """Whether `vllm_args` sets one of `flags` (vLLM reads `--a_b` as `--a-b`, and `-O3` as `-O 3`)."""
+    for arg in vllm_args:
+        name = arg.split("=", 1)[0]
+        name = "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+        if name in flags or (name.startswith("-O") and "-O" in flags):
+            return True
+    return False
+
+
+def serve_defaults(
+    vllm_args: list[str], on_cpu: bool, available_memory: int, env: dict
+) -> tuple[list[str], list[str]]:
+    """`(arguments, reasons)`: what `navil serve` adds to `vllm serve`'s arguments on a CPU, and why, one line each.
+
+    vLLM's CPU backend otherwise reserves `--gpu-memory-utilization` (0.92) of the machine's memory and fails where
+    that much is not free (any laptop with a browser open), and compiles the model with torch.compile at start-up.
+    Unless the arguments (or VLLM_CPU_KVCACHE_SPACE) say otherwise: a KV cache of `SERVE_KV_CACHE_BYTES`, at most a
+    quarter of `available_memory`, and eager mode, with which vLLM starts without a warm-up pass. Nothing on GPUs.
+    """
+    if not on_cpu:
+        return [], []
+    arguments, reasons = [], []
+    if not _flag_given(vllm_args, _MEMORY_FLAGS) and "VLLM_CPU_KVCACHE_SPACE" not in env:
+        kv_bytes = min(SERVE_KV_CACHE_BYTES, available_memory // 4) // SERVE_KV_CACHE_STEP * SERVE_KV_CACHE_STEP
+        kv_bytes = max(kv_bytes, SERVE_KV_CACHE_STEP)
+        arguments += ["--kv-cache-memory-bytes", str(kv_bytes)]
+        reasons.append(
+            f"KV cache: {kv_bytes / GIB:.2f} GiB ({available_memory / GIB:.1f} GiB of memory available) instead of "
+            "92 % of the machine's memory; --kv-cache-memory-bytes sets another size"
+        )
+    if not _flag_given(vllm_args, _COMPILATION_FLAGS):
+        arguments.append("--enforce-eager")
+        reasons.append("eager mode: no torch.compile warm-up at start-up; --no-enforce-eager compiles the model")
+    return arguments, reasons
+
+
+def run_serve(args) -> int:
+    import os
+
+    from .vllm_navil import memory_and_platform, serve
+
+    on_cpu, available_memory = memory_and_platform()
+    vllm_args = list(args.vllm_args)
+    added, reasons = serve_defaults(vllm_args, on_cpu, available_memory, dict(os.environ))
+    for reason in reasons:
+        print(f"navil serve (CPU): {reason}", file=sys.stderr, flush=True)
+    return serve([args.model or str(EMBEDDED_MODEL_DIR), *vllm_args, *added])
 
 
 def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:

