@@ -196,7 +196,7 @@ def server():
     reader = threading.Thread(target=lambda: SERVER_OUTPUT.extend(process.stdout), daemon=True)
     reader.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = started + 300
+    deadline = started + 900  # a shared 2-core machine under load: minutes
     while time.time() < deadline and process.poll() is None:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5):
