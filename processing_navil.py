@@ -299,7 +299,8 @@ class NaViLProcessor(ProcessorMixin):
 
     attributes = ["image_processor", "tokenizer"]
     if PROCESSOR_NAMES_SUBPROCESSOR_CLASSES:  # 4.x; 5.x maps the config to the image processor (end of this file)
-        image_processor_class = "NaViLImageProcessor"
+        # the Auto names check the base classes: NaViLImageProcessor may come both from navil and from a folder's copy
+        image_processor_class = "AutoImageProcessor"
         tokenizer_class = "AutoTokenizer"
     valid_processor_kwargs = NaViLProcessorKwargs
     image_token = IMAGE_PLACEHOLDER  # the text marking one image, expanded into its tokens
