@@ -269,7 +269,7 @@ _CHECKPOINTING_NAMES = (
 
 def with_checkpointing_names(training_arguments: dict) -> dict:
     """`TrainingArguments` keyword arguments with activation checkpointing under the installed release's names,
-    whichever the caller used: 5.25 renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)`
+    whichever the caller used: 5.24 renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)`
     and warns about the old names."""
     from transformers import TrainingArguments
 

@@ -192,7 +192,8 @@ def server():
     command += ["--port", str(port), "--dtype", "float32"]
     command += ["--allowed-local-media-path", str(EXAMPLE_IMAGE.parent)]
     started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {name: value for name, value in os.environ.items() if name != "VLLM_CPU_KVCACHE_SPACE"}  # navil's choice
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     reader = threading.Thread(target=lambda: SERVER_OUTPUT.extend(process.stdout), daemon=True)
     reader.start()
     url = f"http://127.0.0.1:{port}"
