@@ -19,11 +19,18 @@ def wrapper():
     return NaViLChat(device="cpu", max_new_tokens=32)
 
 
-def test_importing_navil_and_the_wrapper_imports_no_harness():
+def test_importing_navil_and_the_wrapper_tries_no_harness_import():
+    # a meta-path finder records every attempt to import a harness, installed or not (even inside try/except)
     code = (
-        "import sys, navil, navil.evaluation.vlmevalkit, navil.evaluation.benchmarks\n"
-        "loaded = [name for name in ('vlmeval', 'lmms_eval') if name in sys.modules]\n"
-        "assert not loaded, loaded\n"
+        "import sys\n"
+        "tried = []\n"
+        "class Recorder:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('vlmeval', 'lmms_eval'):\n"
+        "            tried.append(name)\n"
+        "sys.meta_path.insert(0, Recorder())\n"
+        "import navil, navil.evaluation, navil.evaluation.vlmevalkit, navil.evaluation.benchmarks\n"
+        "assert not tried, tried\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -173,3 +180,24 @@ def test_processor_takes_the_empty_modalities_lmms_eval_passes(wrapper):
     )
     with pytest.raises(ValueError, match="text and images only; got videos"):
         processor(text=text, images=[IMAGES[0]], videos=["clip.mp4"])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (None, {"max_new_tokens": 32, "do_sample": False}),
+        (
+            {"max_new_tokens": 16, "temperature": 0, "top_p": 1.0, "num_beams": 1},
+            {"max_new_tokens": 16, "do_sample": False, "num_beams": 1},
+        ),
+        (
+            {"temperature": 0.7, "top_p": 0.9},
+            {"max_new_tokens": 32, "do_sample": True, "temperature": 0.7, "top_p": 0.9},
+        ),
+        ({"temperature": 0, "do_sample": True}, {"max_new_tokens": 32, "do_sample": False}),
+        ({"max_new_tokens": None}, {"max_new_tokens": 32, "do_sample": False}),
+    ],
+)
+def test_harness_generation_settings_become_generate_arguments(wrapper, overrides, expected):
+    """Temperature 0 (the harnesses' greedy) drops the sampling settings; a positive one samples."""
+    assert wrapper.engine.generation_config(overrides) == expected
