@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .checks_navil import check_generation_length
+from .checks_navil import check_generation_length, check_generation_settings, check_special_token_ids
 from .configuration_navil import (
     END_OF_TURN_TOKEN,
     IMAGE_PLACEHOLDER,
@@ -57,6 +57,7 @@ class NaViLChatMixin:
         """A processor with this model's image settings, chat template and system message."""
         if not self.config.special_token_ids:
             self.init_special_token_ids(tokenizer)
+        check_special_token_ids(self.config, tokenizer)
         processor = NaViLProcessor(
             image_processor=self.image_processor,
             tokenizer=tokenizer,
@@ -76,6 +77,7 @@ class NaViLChatMixin:
                 f"do_sample=False), got {type(generation_config).__name__}."
             )
         kwargs = dict(generation_config or {})
+        check_generation_settings(kwargs, self.config.text_config.vocab_size)
         if "max_length" not in kwargs:
             kwargs.setdefault("max_new_tokens", 512)
         kwargs.setdefault("do_sample", False)

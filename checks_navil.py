@@ -10,6 +10,10 @@ bad input never ends in an error deep inside torch or in a silently wrong answer
 """
 
 import copy
+import json
+import math
+import numbers
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -270,4 +274,115 @@ def check_num_scales(num_scales, image_grid_thw) -> None:
         raise ValueError(
             f"num_scales adds up to {int(num_scales.sum())} image-scales but image_grid_thw has "
             f"{len(image_grid_thw)} rows."
+        )
+
+
+# -- issue 33: no silently wrong answer -----------------------------------------------------------------------------
+
+# Arguments of `generate` that the chat helpers set themselves, and what to do instead of passing them.
+CHAT_OWNED_GENERATION_KEYS = {
+    "input_ids": "pass the question (and history) to chat",
+    "inputs_embeds": "pass the question (and history) to chat",
+    "attention_mask": "chat builds it with the prompt",
+    "pixel_values": "pass the images as chat's pixel_values argument",
+    "image_grid_thw": "pass it as chat's num_patches_list argument",
+    "num_scales": "pass it as chat's num_scales argument",
+    "streamer": "pass it as chat's streamer argument, or use stream_chat",
+    "return_dict_in_generate": "chat returns the reply text; call model.generate for its output dict",
+}
+
+# Generation settings whose values chat checks, as (description, test).
+_GENERATION_VALUES = {
+    "temperature": ("a positive finite number", lambda v: _real(v) and math.isfinite(v) and v > 0),
+    "top_p": ("a number in (0, 1]", lambda v: _real(v) and 0 < v <= 1),
+    "min_p": ("a number in [0, 1]", lambda v: _real(v) and 0 <= v <= 1),
+    "typical_p": ("a number in (0, 1]", lambda v: _real(v) and 0 < v <= 1),
+    "top_k": ("a whole number >= 0", lambda v: _whole(v) and v >= 0),
+    "repetition_penalty": ("a positive finite number", lambda v: _real(v) and math.isfinite(v) and v > 0),
+    "length_penalty": ("a finite number", lambda v: _real(v) and math.isfinite(v)),
+    "num_beams": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
+    "num_beam_groups": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
+    "num_return_sequences": ("1 (chat returns one reply per question)", lambda v: _whole(v) and v == 1),
+    "no_repeat_ngram_size": ("a whole number >= 0", lambda v: _whole(v) and v >= 0),
+    "do_sample": ("True or False", lambda v: isinstance(v, bool)),
+    "use_cache": ("True or False", lambda v: isinstance(v, bool)),
+}
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_generation_settings(settings: Mapping, vocab_size: int) -> None:
+    """Refuses chat generation settings that would fail deep inside `generate` or run on silently: keys that chat
+    sets itself (`CHAT_OWNED_GENERATION_KEYS`), sampling values out of range (`temperature=inf`, `top_p=nan`),
+    beam counts below 1, and token ids (`eos_token_id`, `pad_token_id`, `bos_token_id`) outside the vocabulary."""
+    owned = sorted(key for key in settings if key in CHAT_OWNED_GENERATION_KEYS)
+    if owned:
+        raise ValueError(
+            f"generation_config sets {', '.join(owned)}, which chat sets itself: "
+            + "; ".join(f"{key}: {CHAT_OWNED_GENERATION_KEYS[key]}" for key in owned)
+            + "."
+        )
+    for name, (description, valid) in _GENERATION_VALUES.items():
+        if settings.get(name) is not None and not valid(settings[name]):
+            raise ValueError(f"generation_config[{name!r}] must be {description}, got {settings[name]!r:.40}.")
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        value = settings.get(name)
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not (ids and all(_whole(i) and 0 <= i < vocab_size for i in ids)):
+            raise ValueError(
+                f"generation_config[{name!r}] must be a token id in [0, {vocab_size}) or a non-empty list of them, got "
+                f"{value!r:.40}; take it from the tokenizer (e.g. tokenizer.convert_tokens_to_ids('<|im_end|>'))."
+            )
+
+
+def check_special_token_ids(config: NaViLConfig, tokenizer) -> None:
+    """Refuses a config whose `special_token_ids` disagree with `tokenizer` (a wrong `<|im_end|>` id never stops a
+    reply; swapped `<img>` / `</img>` ids move the logits), naming each token with both ids."""
+    wrong = []
+    for token, token_id in config.special_token_ids.items():
+        found = tokenizer.convert_tokens_to_ids(token)
+        if found != token_id or found is None or found == tokenizer.unk_token_id:
+            wrong.append(f"{token} is {token_id} in the config but {found} in the tokenizer")
+    if wrong:
+        raise ValueError(
+            f"config.special_token_ids disagree with the tokenizer: {'; '.join(wrong)}. Use the tokenizer saved with "
+            "the model, or re-read the ids with model.init_special_token_ids(tokenizer)."
+        )
+
+
+def check_weight_dtypes(folder: Path) -> None:
+    """Refuses a local checkpoint whose safetensors files hold integer or boolean tensors although the config asks
+    for no quantization: every NaViL parameter is floating point, and integer data cast to floats answers garbage."""
+    config_file = folder / "config.json"
+    try:
+        quantized = "quantization_config" in json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        quantized = False  # `from_pretrained` reports an unreadable config itself
+    if quantized:
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                dtype = weights.get_slice(name).get_dtype()
+                if not dtype.startswith(("F", "BF")):
+                    raise ValueError(
+                        f"{path} stores {name} as {dtype}, but the model's parameters are floating point (F32, BF16 or "
+                        "F16) and the config names no quantization; the file was written wrongly or relabelled. Save "
+                        "or download the checkpoint again."
+                    )
+
+
+def check_no_image_tokens(context_mask: torch.Tensor) -> None:
+    """Refuses a prompt with `<IMG_CONTEXT>` tokens but no `pixel_values`: it would be answered without the image."""
+    if bool(context_mask.any()):
+        raise ValueError(
+            f"The prompt has {int(context_mask.sum())} {IMG_CONTEXT_TOKEN} tokens but no pixel_values were given, so "
+            "the model would answer without seeing the image; pass the processor's pixel_values and image_grid_thw "
+            "with the prompt."
         )

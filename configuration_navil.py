@@ -129,6 +129,13 @@ def check_fields(owner: str, kind: str, **fields) -> None:
             raise ValueError(f"{owner}.{name} must be {description}, got {value!r:.60}.")
 
 
+def check_range(owner: str, name: str, value, low: float, high: float, hint: str) -> None:
+    """Raises a `ValueError` naming `owner.name` unless `low < value < high` (a value already checked as a number):
+    finite but absurd values (a RoPE base of 1e-300, an epsilon of 5) build a model that answers garbage."""
+    if not low < value < high:
+        raise ValueError(f"{owner}.{name} must lie between {low} and {high} {hint}, got {value!r:.40}.")
+
+
 def check_activation(owner: str, hidden_act) -> None:
     if not isinstance(hidden_act, str) or hidden_act not in ACT2FN:
         raise ValueError(
@@ -274,6 +281,7 @@ class NaViLVisionConfig(PretrainedConfig):
         check_fields(
             "vision_config", "positive", layer_norm_eps=self.layer_norm_eps, downsample_ratio=self.downsample_ratio
         )
+        check_range("vision_config", "layer_norm_eps", self.layer_norm_eps, 0, 1, "(1e-6 in practice)")
         check_fields(
             "vision_config",
             "non-negative",
@@ -395,6 +403,7 @@ class NaViLTextConfig(PretrainedConfig):
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         check_fields("text_config", "size", hidden_size=hidden_size, num_attention_heads=num_attention_heads)
         check_fields("text_config", "positive", rope_theta=rope_theta)
+        check_range("text_config", "rope_theta", rope_theta, 1, math.inf, "(the RoPE base; 1e4 to 1e6 in practice)")
         if self.backbone == "internlm2" or head_dim is None:
             head_dim = hidden_size // num_attention_heads
         self.head_dim = head_dim
@@ -424,6 +433,7 @@ class NaViLTextConfig(PretrainedConfig):
         sizes += ("num_key_value_heads", "head_dim", "max_position_embeddings")
         check_fields("text_config", "size", **{name: getattr(self, name) for name in sizes})
         check_fields("text_config", "positive", rms_norm_eps=self.rms_norm_eps)
+        check_range("text_config", "rms_norm_eps", self.rms_norm_eps, 0, 1, "(1e-6 in practice)")
         check_fields("text_config", "non-negative", initializer_range=self.initializer_range)
         check_fields(
             "text_config", "flag", use_sliding_window=self.use_sliding_window, modality_experts=self.modality_experts
@@ -461,8 +471,8 @@ def parse_rope_scaling(rope_scaling, rope_type="default", rope_factor=1.0):
         rope_factor = rope_scaling.get("factor", 1.0)
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}.")
-    if not isinstance(rope_factor, (int, float)) or rope_factor < 1.0:
-        raise ValueError(f"rope scaling factor must be a number >= 1, got {rope_factor!r}.")
+    if isinstance(rope_factor, bool) or not isinstance(rope_factor, (int, float)) or not 1.0 <= rope_factor < math.inf:
+        raise ValueError(f"rope scaling factor (rope_factor) must be a finite number >= 1, got {rope_factor!r}.")
     return rope_type, float(rope_factor)
 
 
