@@ -19,6 +19,7 @@ from typing import Optional
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / "navil-tiny"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRUST_HELP = "run the model folder's own Python files (auto_map) instead of navil's; never files outside the folder"
 
 
 def _device(name: str) -> str:
@@ -37,17 +38,17 @@ def _dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto"):
-    """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat."""
-    from .modeling_navil import NaViLForConditionalGeneration
-    from .processing_navil import load_navil_tokenizer
+def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+    """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat: with
+    the installed package's code, or with the folder's own code only with `trust_remote_code` (see loading_navil)."""
+    from .loading_navil import load_navil_model, load_navil_tokenizer_safely
 
     path = str(model) if model else str(EMBEDDED_MODEL_DIR)
     if not model and not EMBEDDED_MODEL_DIR.is_dir():
         raise SystemExit(f"The embedded model is missing ({EMBEDDED_MODEL_DIR}); train it with `navil train`.")
     device = _device(device)
-    tokenizer = load_navil_tokenizer(path)
-    navil = NaViLForConditionalGeneration.from_pretrained(path, dtype=_dtype(dtype, device)).eval().to(device)
+    tokenizer = load_navil_tokenizer_safely(path, trust_remote_code)
+    navil = load_navil_model(path, trust_remote_code, dtype=_dtype(dtype, device)).eval().to(device)
     navil.init_special_token_ids(tokenizer)
     return navil, tokenizer
 
@@ -71,7 +72,7 @@ def _answer(model, tokenizer, image, question: str, args) -> None:
 def run_chat(args) -> int:
     import torch
 
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     image = args.image
     if image is not None and not str(image).startswith(("http://", "https://")) and not Path(image).is_file():
         raise SystemExit(f"No image at {image}.")
@@ -148,6 +149,7 @@ def run_finetune(args) -> int:
         logging_steps=args.logging_steps,
         seed=args.seed,
         disable_tqdm=args.quiet,
+        trust_remote_code=args.trust_remote_code,
     )
     close_process_group()  # under `accelerate launch`; the trainer (and its model) went with finetune's frame
     print(f"saved the fine-tuned model to {args.output_dir}")
@@ -165,7 +167,7 @@ def run_eval(args) -> int:
     if args.drawn:
         # built before the model loads, so that a type the drawn set cannot ask (ocr) fails at once
         data = DrawnShapesDataset(seed=args.seed, question_types=args.types or DRAWN_QUESTION_TYPES)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     processor = navil_processor(model.config, tokenizer)
     size_range = OUT_OF_RANGE_SIZES if args.out_of_range else TRAIN_SIZE_RANGE
     types = args.types or list(QUESTION_TYPES)
@@ -199,7 +201,9 @@ def run_eval(args) -> int:
 def run_convert(args) -> int:
     from .convert_navil import convert_checkpoint
 
-    convert_checkpoint(args.src_dir, args.out_dir, tokenizer_dir=args.tokenizer)
+    convert_checkpoint(
+        args.src_dir, args.out_dir, tokenizer_dir=args.tokenizer, trust_remote_code=args.trust_remote_code
+    )
     print(f"converted {args.src_dir} -> {args.out_dir}")
     return 0
 
@@ -226,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", help="model folder or Hub id (default: the embedded tiny model)")
         sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: cuda if available)")
         sub.add_argument("--dtype", default="auto", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+        trust_flag(sub)
+
+    def trust_flag(sub):
+        sub.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     chat = commands.add_parser("chat", help="answer questions about an image")
     chat.add_argument("question", nargs="*", help="the question; interactive when omitted")
@@ -264,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--logging-steps", type=int, default=1)
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    trust_flag(tune)
     tune.set_defaults(run=run_finetune)
 
     evaluation = commands.add_parser("eval", help="exact-match accuracy per question type on fresh synthetic data")
@@ -287,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src_dir", help="folder of the original checkpoint")
     convert.add_argument("out_dir", help="folder to write")
     convert.add_argument("--tokenizer", help="folder of the tokenizer, if not in src_dir")
+    trust_flag(convert)
     convert.set_defaults(run=run_convert)
 
     serve = commands.add_parser(

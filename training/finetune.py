@@ -324,6 +324,7 @@ def finetune(
     eval_fraction: float = 0.1,
     max_length: Optional[int] = None,
     multiscale: Optional[bool] = None,
+    trust_remote_code: bool = False,
     **training_arguments,
 ):
     """Fine-tunes the model in `model_dir` on the JSONL file `data` with `transformers.Trainer` and
@@ -333,13 +334,16 @@ def finetune(
     `stage` chooses the trainable parameters (`freeze`); `lora` ("text", "visual" or "both") trains LoRA adapters of
     rank `lora_rank` on those experts instead, merged into the weights before saving. A random `eval_fraction` of the
     examples is held out and evaluated after training. `max_length` and `multiscale` go to the collator, further
-    keyword arguments to `TrainingArguments`. Runs as it is under `accelerate launch` (DDP or FSDP).
+    keyword arguments to `TrainingArguments`. Runs as it is under `accelerate launch` (DDP or FSDP). The installed
+    navil code loads `model_dir`; its own Python files run only with `trust_remote_code` (`navil.loading_navil`).
     """
-    from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
+
+    from ..loading_navil import load_navil_model, load_navil_processor
 
     check_launch()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    processor = load_navil_processor(model_dir, trust_remote_code)
+    model = load_navil_model(model_dir, trust_remote_code, dtype=torch.float32)
     if not model.config.special_token_ids:
         model.init_special_token_ids(processor.tokenizer)
     train, held_out = split_examples(load_jsonl(data), eval_fraction)
