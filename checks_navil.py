@@ -386,3 +386,46 @@ def check_no_image_tokens(context_mask: torch.Tensor) -> None:
             "the model would answer without seeing the image; pass the processor's pixel_values and image_grid_thw "
             "with the prompt."
         )
+
+
+def looks_like_local_path(name) -> bool:
+    """Whether a model name is meant as a folder rather than a Hub id (`owner/name`): absolute, starting with `.` or
+    `~`, or with more than one `/`."""
+    text = str(name)
+    return Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def check_model_folder(name) -> None:
+    """Refuses a model name that is meant as a folder but is none (instead of the Hub's "Repo id must be in the
+    form ..."), naming it."""
+    if looks_like_local_path(name) and not Path(str(name)).expanduser().is_dir():
+        state = "is a file, not a folder" if Path(str(name)).expanduser().exists() else "does not exist"
+        raise OSError(
+            f"The model folder {name} {state}; pass the folder of a saved NaViL checkpoint (config.json, weights and "
+            "tokenizer files), or a Hub id such as owner/name."
+        )
+
+
+# Files of which a tokenizer folder needs one (the vocabulary), and its JSON files.
+TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def check_tokenizer_folder(folder: Path) -> None:
+    """Refuses a local folder without tokenizer files, or with a JSON tokenizer file that is empty, truncated or not
+    JSON, naming the folder and the file (instead of "install sentencepiece" or a raw `JSONDecodeError`)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
+        raise OSError(
+            f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_VOCABULARY_FILES)}); save the tokenizer "
+            "there with tokenizer.save_pretrained(folder), or copy the files of the original checkpoint."
+        )
+    for name in TOKENIZER_JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                raise ValueError(
+                    f"{path} is not valid JSON ({error}); it is empty or truncated. Save or download the tokenizer "
+                    "again."
+                ) from None

@@ -12,6 +12,7 @@ navil build-tokenizer tokenizer                         # rebuild the tiny model
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from pathlib import Path
@@ -217,9 +218,67 @@ def run_build_tokenizer(args) -> int:
 
 
 def run_serve(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit("navil serve needs vLLM, which is not installed: pip install navil[vllm]")
     from .vllm_navil import serve
 
     return serve([args.model or str(EMBEDDED_MODEL_DIR), *args.vllm_args])
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 would give an empty result, e.g. a table of 0.0 %)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (not nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: `auto` or a torch device that holds values and exists on this machine (not `meta`, not
+    `cuda` without a GPU)."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("meta holds no values, so the model cannot run there; use auto, cpu or cuda")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise argparse.ArgumentTypeError(f"{text} is not available (this machine has {found}); use auto or cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_flags(sub):
         sub.add_argument("--model", help="model folder or Hub id (default: the embedded tiny model)")
-        sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: cuda if available)")
+        sub.add_argument(
+            "--device", default="auto", type=device_name, help="cpu, cuda, cuda:1, … (default: cuda if available)"
+        )
         sub.add_argument("--dtype", default="auto", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
         trust_flag(sub)
 
@@ -261,11 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--stage", default="2", choices=["1", "2", "vision_frozen"], help="what trains (default: all)")
     tune.add_argument("--lora", choices=["text", "visual", "both"], help="train LoRA adapters on these experts")
     tune.add_argument("--lora-rank", type=int, default=8)
-    tune.add_argument("--epochs", type=float, default=3.0)
+    tune.add_argument("--epochs", type=positive_float, default=3.0)
     tune.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: --epochs)")
-    tune.add_argument("--batch-size", type=int, default=4, help="examples per step and process")
+    tune.add_argument("--batch-size", type=positive_int, default=4, help="examples per step and process")
     tune.add_argument("--learning-rate", type=float, default=1e-4)
-    tune.add_argument("--eval-fraction", type=float, default=0.1, help="examples held out for evaluation")
+    tune.add_argument("--eval-fraction", type=fraction, default=0.1, help="examples held out for evaluation")
     tune.add_argument("--max-length", type=int, help="longest sequence in tokens (longer examples are cut or dropped)")
     tune.add_argument("--no-multiscale", action="store_true", help="encode images at full size only")
     tune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
@@ -277,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="exact-match accuracy per question type on fresh synthetic data")
     model_flags(evaluation)
-    evaluation.add_argument("--num-questions", type=int, default=600, help="questions in all, cycling through types")
+    evaluation.add_argument(
+        "--num-questions", type=positive_int, default=600, help="questions in all, cycling through types"
+    )
     evaluation.add_argument("--seed", type=int, default=1234, help="data seed (training used 0)")
     held_out = evaluation.add_mutually_exclusive_group()
     held_out.add_argument("--out-of-range", action="store_true", help="image sizes outside the training range")
@@ -287,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--types", nargs="+", help="question types to ask (default: all; with --drawn all but ocr)"
     )
-    evaluation.add_argument("--batch-size", type=int, default=32)
+    evaluation.add_argument("--batch-size", type=positive_int, default=32)
     evaluation.add_argument("--no-multiscale", action="store_true", help="encode images at full size only")
     evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluation.set_defaults(run=run_eval)

@@ -136,6 +136,19 @@ def check_range(owner: str, name: str, value, low: float, high: float, hint: str
         raise ValueError(f"{owner}.{name} must lie between {low} and {high} {hint}, got {value!r:.40}.")
 
 
+def check_dtype_field(owner: str, kwargs: dict) -> None:
+    """Raises a `ValueError` naming `owner.dtype` (or `torch_dtype`) unless it is None, "auto" or a floating-point
+    torch dtype (or its name), before transformers looks the name up in torch."""
+    for name in ("dtype", "torch_dtype"):
+        value = kwargs.get(name)
+        dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+        if value is not None and value != "auto" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(
+                f"{owner}.{name} must be a floating-point dtype such as 'float32', 'bfloat16' or 'float16' (or null), "
+                f"got {value!r:.40}."
+            )
+
+
 def check_activation(owner: str, hidden_act) -> None:
     if not isinstance(hidden_act, str) or hidden_act not in ACT2FN:
         raise ValueError(
@@ -264,6 +277,7 @@ class NaViLVisionConfig(PretrainedConfig):
             )
         self.fullatt_block_indexes = None if fullatt_block_indexes is None else list(fullatt_block_indexes)
         self.downsample_ratio = downsample_ratio
+        check_dtype_field("vision_config", kwargs)
         super().__init__(**kwargs)
         self.validate_vision()
         # the layer scales are filled with it: an int (e.g. `1` in a JSON file) would make them integer tensors
@@ -395,6 +409,13 @@ class NaViLTextConfig(PretrainedConfig):
             raise ValueError(
                 f"llm_config.architectures[0] must be one of {sorted(BACKBONES)}, got {self.architectures[0]!r}."
             )
+        backbone = kwargs.pop("backbone", None)  # derived from architectures; an equal value is redundant
+        if backbone is not None and backbone != self.backbone:
+            raise ValueError(
+                f"text_config.backbone is {backbone!r:.40} but architectures[0] = {self.architectures[0]!r} gives "
+                f"{self.backbone!r}; the backbone follows from architectures, so remove the backbone key."
+            )
+        check_dtype_field("text_config", kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -539,6 +560,7 @@ class NaViLConfig(PretrainedConfig):
         self.special_token_ids = dict(special_token_ids or {})
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        check_dtype_field("NaViLConfig", kwargs)
         super().__init__(**kwargs)
         self.validate_navil()
 

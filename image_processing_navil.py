@@ -85,6 +85,21 @@ def check_pixel_limit(value, name: str):
     return value
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_flag(value, name: str) -> bool:
+    """`value` as a bool if it is one (a numpy bool too); else a `ValueError` naming `name`: a string such as
+    `"false"` or `"no"` is truthy and `None` falsy, so either would silently flip the setting."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"{name} must be True or False, got {value!r:.40}; write true or false (not a string or null) in "
+            "preprocessor_config.json."
+        )
+    return bool(value)
+
+
 def check_count_limit(value: Optional[int], name: str) -> Optional[int]:
     """`value` as an int if it is a positive whole number (or None, no limit); else a `ValueError` naming `name`."""
     if value is None:
@@ -336,8 +351,11 @@ class NaViLImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if patch_size <= 0 or merge_size <= 0:
-            raise ValueError(f"patch_size and merge_size must be positive, got {patch_size} and {merge_size}.")
+        for name, value in (("patch_size", patch_size), ("merge_size", merge_size)):
+            if check_count_limit(value, name) is None:
+                raise ValueError(f"{name} must be a positive whole number, got None.")
+        if isinstance(scale_downsample_ratio, bool) or not isinstance(scale_downsample_ratio, (int, float)):
+            raise ValueError(f"scale_downsample_ratio must be a number in (0, 1), got {scale_downsample_ratio!r:.40}.")
         if not 0 < scale_downsample_ratio < 1:
             raise ValueError(f"scale_downsample_ratio must be in (0, 1), got {scale_downsample_ratio}.")
         self.patch_size = int(patch_size)
@@ -357,6 +375,9 @@ class NaViLImageProcessor(BaseImageProcessor):
         self.max_patches_per_call = check_count_limit(max_patches_per_call, "max_patches_per_call")
         self.max_images_per_call = check_count_limit(max_images_per_call, "max_images_per_call")
         self.load_truncated_images = load_truncated_images
+        for name in ("multiscale", "do_rescale", "do_normalize", "apply_exif_orientation", "load_truncated_images"):
+            check_flag(getattr(self, name), name)
+        self._value_table(self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean, self.image_std)
 
     @staticmethod
     def _pixel_limits(min_pixels, max_pixels) -> tuple:
@@ -374,14 +395,24 @@ class NaViLImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _per_channel(value: Union[float, list[float]], name: str) -> list[float]:
-        values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
-        if len(values) != 3:
-            raise ValueError(f"{name} needs one value or three (one per RGB channel), got {len(values)}.")
-        return values
+        if isinstance(value, (np.ndarray, torch.Tensor)):
+            value = value.tolist()
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * 3
+        if len(values) != 3 or not all(_is_number(v) and math.isfinite(v) for v in values):
+            raise ValueError(
+                f"{name} needs one finite number or three (one per RGB channel), got {value!r:.60}; e.g. {name}=0.5."
+            )
+        return [float(v) for v in values]
 
     def _value_table(self, do_rescale: bool, rescale_factor: float, do_normalize: bool, mean, std) -> np.ndarray:
         """[3, 256] float32: the value of every uint8 level per channel, computed as the original does (rescale in
         float64, cast to float32, then subtract the mean and divide by the std in float32)."""
+        check_flag(do_rescale, "do_rescale")
+        check_flag(do_normalize, "do_normalize")
+        if not (_is_number(rescale_factor) and math.isfinite(rescale_factor) and rescale_factor > 0):
+            raise ValueError(
+                f"rescale_factor must be a positive finite number, got {rescale_factor!r:.40}; e.g. 1/255."
+            )
         levels = np.arange(256, dtype=np.float64)
         if do_rescale:
             levels = levels * rescale_factor
@@ -390,6 +421,13 @@ class NaViLImageProcessor(BaseImageProcessor):
             return levels.copy()
         mean = np.asarray(self._per_channel(mean, "image_mean"), dtype=np.float32)[:, None]
         std = np.asarray(self._per_channel(std, "image_std"), dtype=np.float32)[:, None]
+        top = float(levels[0, -1])  # the largest value before normalisation (1 after rescaling by 1/255)
+        if not ((mean >= 0).all() and (mean <= top).all() and (std > 0).all() and (std <= top).all()):
+            raise ValueError(
+                f"image_mean must lie in [0, {top:g}] and image_std in (0, {top:g}] (the range of the rescaled pixel "
+                f"values), got image_mean={mean.ravel().tolist()} and image_std={std.ravel().tolist()}; NaViL uses 0.5 "
+                "and 0.5."
+            )
         return (levels - mean) / std
 
     # -- loading -------------------------------------------------------------------------------------------------
@@ -723,9 +761,7 @@ class NaViLImageProcessor(BaseImageProcessor):
             self.min_pixels if min_pixels is None else min_pixels,
             self.max_pixels if max_pixels is None else max_pixels,
         )
-        multiscale = self.multiscale if multiscale is None else multiscale
-        if not isinstance(multiscale, (bool, np.bool_)):
-            raise ValueError(f"multiscale must be True or False, got {multiscale!r:.40}.")
+        multiscale = check_flag(self.multiscale if multiscale is None else multiscale, "multiscale")
         if images is None:
             raise ValueError("NaViLImageProcessor got images=None; pass an image or a list of images.")
         flat = self._flatten(images)

@@ -42,6 +42,7 @@ from .checks_navil import (
     check_image_tokens,
     check_loading_info,
     check_local_checkpoint,
+    check_model_folder,
     check_no_image_tokens,
     check_num_scales,
     check_pixel_values,
@@ -281,6 +282,7 @@ class NaViLPreTrainedModel(PreTrainedModel):
         naming them instead of silently initialising them at random. A local folder without `config.json` (and no
         `config=`) and unreadable safetensors files are refused before the model is built.
         """
+        check_model_folder(pretrained_model_name_or_path)
         folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         if folder.is_dir():
             check_local_checkpoint(folder, has_config="config" in kwargs, allow_pickle=allow_pickle)

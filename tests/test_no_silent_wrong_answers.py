@@ -1,6 +1,7 @@
 """Reliability, round three (issue 33, items 8-21): no silently wrong answer, and a clear error naming the problem,
 the file or the flag instead of a raw exception. One test (or one parametrized group) per item."""
 
+import copy
 import errno
 import json
 import shutil
@@ -131,3 +132,273 @@ def test_save_pretrained_replaces_an_earlier_save_completely(model, tmp_path):
     assert not (target / "model-00001-of-00002.safetensors").exists() and (target / "notes.txt").is_file()
     reloaded = NaViLForConditionalGeneration.from_pretrained(target)
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+
+
+# -- 12. image-processor flags and value ranges ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(load_truncated_images="false"), "load_truncated_images must be True or False, got 'false'"),
+        (dict(apply_exif_orientation="no"), "apply_exif_orientation must be True or False, got 'no'"),
+        (dict(do_normalize=None), "do_normalize must be True or False, got None"),
+        (dict(do_rescale=1), "do_rescale must be True or False, got 1"),
+        (dict(image_mean=[9, 9, 9]), "image_mean must lie in \\[0, 1\\] and image_std in \\(0, 1\\]"),
+        (dict(image_std=0), "image_mean must lie in \\[0, 1\\] and image_std in \\(0, 1\\]"),
+        (dict(image_mean=float("nan")), "image_mean needs one finite number or three"),
+        (dict(rescale_factor=float("inf")), "rescale_factor must be a positive finite number"),
+    ],
+)
+def test_image_processor_flags_and_ranges_are_checked_in_files_and_calls(tmp_path, options, message):
+    from navil.image_processing_navil import NaViLImageProcessor
+
+    with pytest.raises(ValueError, match=message):
+        NaViLImageProcessor(**options)
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(dict(NaViLImageProcessor().to_dict(), **options), default=float)
+    )
+    with pytest.raises(ValueError, match=message):
+        NaViLImageProcessor.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(do_normalize="false"), "do_normalize must be True or False, got 'false'"),
+        (dict(do_rescale="no"), "do_rescale must be True or False, got 'no'"),
+        (dict(image_mean=[9, 9, 9]), "image_mean must lie in \\[0, 1\\] and image_std in \\(0, 1\\]"),
+        (dict(rescale_factor=float("nan")), "rescale_factor must be a positive finite number"),
+    ],
+)
+def test_image_processor_flags_and_ranges_are_checked_per_call(options, message):
+    from navil.image_processing_navil import NaViLImageProcessor
+
+    with pytest.raises(ValueError, match=message):
+        NaViLImageProcessor()(torch.zeros(16, 16, 3, dtype=torch.uint8), **options)
+
+
+# -- 15. flags that give a meaningless result -----------------------------------------------------------------------
+
+
+def test_freeze_refuses_a_bool_stage(model):
+    from navil.training import freeze
+
+    with pytest.raises(ValueError, match="Unknown training stage True"):
+        freeze(copy.deepcopy(model), True)
+
+
+def test_apply_chat_template_refuses_a_message_without_content(processor):
+    with pytest.raises(ValueError, match="message 0 has content None; it needs a string or a list"):
+        processor.apply_chat_template([{"role": "user", "content": None}], add_generation_prompt=True)
+
+
+# -- 16. loading problems name the folder and the file --------------------------------------------------------------
+
+
+def test_a_missing_model_folder_is_named(tmp_path):
+    from navil.processing_navil import load_navil_tokenizer
+
+    missing = tmp_path / "no" / "such" / "dir"
+    for load in (load_navil_tokenizer, NaViLForConditionalGeneration.from_pretrained):
+        with pytest.raises(OSError, match=f"The model folder {missing} does not exist"):
+            load(str(missing))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda folder: (folder / "tokenizer.json").unlink(), "has no tokenizer files \\(one of tokenizer.json"),
+        (lambda folder: (folder / "tokenizer.json").write_text(""), "tokenizer.json is not valid JSON"),
+        (lambda folder: (folder / "tokenizer_config.json").write_text('{"model_max'), "tokenizer_config.json is not"),
+    ],
+    ids=["no-tokenizer-files", "empty-tokenizer-json", "truncated-tokenizer-config"],
+)
+def test_broken_tokenizer_files_are_named(tmp_path, damage, message):
+    from navil.processing_navil import load_navil_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(GOLDEN / "tokenizer", folder)
+    damage(folder)
+    with pytest.raises((OSError, ValueError), match=message):
+        load_navil_tokenizer(folder)
+
+
+# -- 18. config fields -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda config: config.update(dtype="bogus"), "NaViLConfig.dtype must be a floating-point dtype"),
+        (lambda config: config.update(torch_dtype="int8"), "NaViLConfig.torch_dtype must be a floating-point dtype"),
+        (lambda config: config["llm_config"].update(backbone="internlm2"), "text_config.backbone is 'internlm2'"),
+    ],
+    ids=["dtype-bogus", "dtype-int8", "backbone"],
+)
+def test_config_fields_get_a_clear_error(change, message):
+    config = json.loads((GOLDEN / "qwen3_ve" / "config.json").read_text())
+    change(config)
+    with pytest.raises(ValueError, match=message):
+        NaViLConfig(**config)
+
+
+def test_a_redundant_backbone_key_is_accepted():
+    config = json.loads((GOLDEN / "qwen3_ve" / "config.json").read_text())
+    config["llm_config"]["backbone"] = "qwen3"
+    assert NaViLConfig(**config).text_config.backbone == "qwen3"
+
+
+def test_preprocessor_patch_size_must_be_a_whole_number(tmp_path):
+    from navil.image_processing_navil import NaViLImageProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(dict(NaViLImageProcessor().to_dict(), patch_size="16"))
+    )
+    with pytest.raises(
+        ValueError, match="patch_size must be a positive whole number or None \\(no limit\\), got '16'"
+    ):
+        NaViLImageProcessor.from_pretrained(tmp_path)
+
+
+# -- 10 (fine-tuning) and 15. fine-tuning settings that would train silently wrong ---------------------------------
+
+
+def test_finetune_refuses_special_token_ids_that_disagree_with_the_tokenizer(model, golden_tokenizer):
+    from navil.training.collators import check_finetune_setup
+
+    config = copy.deepcopy(model.config)
+    config.special_token_ids[END_OF_TURN_TOKEN] += 1
+    with pytest.raises(ValueError, match=f"{END_OF_TURN_TOKEN} is {config.special_token_ids[END_OF_TURN_TOKEN]} in"):
+        check_finetune_setup(config, golden_tokenizer, 2, None)
+
+
+@pytest.mark.parametrize("stage", [1, "vision_frozen"])
+def test_finetune_refuses_a_stage_with_lora(model, golden_tokenizer, stage):
+    from navil.training.collators import check_finetune_setup
+
+    check_finetune_setup(model.config, golden_tokenizer, 2, "text")  # the default stage is fine
+    with pytest.raises(ValueError, match=f"stage={stage!r} has no effect with lora='text'"):
+        check_finetune_setup(model.config, golden_tokenizer, stage, "text")
+
+
+# -- 14 and 17. JSONL files: images resolved alike, encodings, lines, nesting, fields -------------------------------
+
+
+def write_jsonl(folder, lines, encoding="utf-8"):
+    path = folder / "data" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_bytes("\n".join(lines).encode(encoding))
+    return path
+
+
+def chat_line(text="What is it?", **fields):
+    messages = [{"role": "user", "content": text}, {"role": "assistant", "content": "A circle."}]
+    return json.dumps({"messages": messages, **fields}, ensure_ascii=False)
+
+
+def test_jsonl_image_blocks_resolve_against_the_file_like_images(tmp_path, monkeypatch):
+    from navil.training.finetune import load_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    lines = [
+        chat_line([{"type": "image"}, {"type": "text", "text": "Hi"}], images=["x.png"]),
+        chat_line([{"type": "image", "image": "x.png"}, {"type": "text", "text": "Hi"}]),
+    ]
+    path = write_jsonl(tmp_path, lines)
+    first, second = load_jsonl(path)
+    assert first["images"] == [str(path.parent / "x.png")]
+    assert second["messages"][0]["content"][0]["image"] == str(path.parent / "x.png")
+
+
+def test_jsonl_splits_lines_on_newlines_only(tmp_path):
+    from navil.training.finetune import load_jsonl
+
+    path = write_jsonl(tmp_path, [chat_line("a\u2028b\u0085c\u000cd")])
+    assert load_jsonl(path)[0]["messages"][0]["content"] == "a\u2028b\u0085c\u000cd"
+
+
+@pytest.mark.parametrize(
+    "lines, encoding, message",
+    [
+        ([chat_line("caf\u00e9")], "latin-1", "train.jsonl:1 is not UTF-8 \\(byte 0xe9\\)"),
+        ([chat_line()], "utf-16", "train.jsonl looks like UTF-16"),
+        ([chat_line(), "[" * 100000 + "]" * 100000], "utf-8", "train.jsonl:2 is nested too deeply"),
+        ([chat_line(images=5)], "utf-8", "train.jsonl:1: 'images' must be a list of images .*got int 5"),
+        ([chat_line(images="a.png")], "utf-8", "train.jsonl:1: 'images' must be a list of images .*got str 'a.png'"),
+        ([chat_line("Hi \\ud800")], "utf-8", "train.jsonl:1: message 0 is not valid Unicode: .*lone surrogate"),
+    ],
+    ids=["latin-1", "utf-16", "deep-nesting", "images-int", "images-string", "lone-surrogate"],
+)
+def test_jsonl_problems_name_the_file_and_line(tmp_path, lines, encoding, message):
+    from navil.training.finetune import load_jsonl
+
+    path = write_jsonl(tmp_path, [line.replace("\\\\ud800", "\\ud800") for line in lines], encoding)
+    with pytest.raises(ValueError, match=message):
+        load_jsonl(path)
+
+
+def test_collator_refuses_bad_examples_and_an_empty_batch(processor):
+    from navil.training.finetune import NaViLDataCollator
+
+    collator = NaViLDataCollator(processor)
+    with pytest.raises(ValueError, match="'images' must be a list of images"):
+        collator([json.loads(chat_line(images=5))])
+    with pytest.raises(ValueError, match="'images' must be a list of images"):
+        collator([json.loads(chat_line("<image>", images="a.png"))])
+    with pytest.raises(ValueError, match="message 0 is not valid Unicode"):
+        collator([json.loads(chat_line("Hi \ud800"))])
+    with pytest.raises(ValueError, match="The collator got an empty batch"):
+        NaViLDataCollator(processor, max_length=64)([])
+
+
+# -- 15 and 20. command-line flags -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--num-questions", "0"], "argument --num-questions: must be a whole number >= 1, got '0'"),
+        (["eval", "--batch-size", "0"], "argument --batch-size: must be a whole number >= 1, got '0'"),
+        (["chat", "--device", "meta", "Hi"], "argument --device: meta holds no values"),
+        (["finetune", "--data", "x", "--output-dir", "y", "--epochs", "nan"], "argument --epochs: must be a positive"),
+        (
+            ["finetune", "--data", "x", "--output-dir", "y", "--eval-fraction", "1"],
+            "argument --eval-fraction: must be",
+        ),
+    ],
+)
+def test_meaningless_cli_flags_get_a_flag_level_error(capsys, argv, message):
+    from navil.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_a_flag_level_error(capsys):
+    from navil.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["chat", "--device", "cuda", "Hi"])
+    assert "argument --device: cuda is not available (this machine has no CUDA GPU)" in capsys.readouterr().err
+
+
+def test_eval_fraction_that_leaves_nothing_to_train_is_refused():
+    from navil.training.finetune import split_examples
+
+    assert split_examples([{}, {}], 0.5) == ([{}], [{}])
+    with pytest.raises(ValueError, match="eval_fraction=0.99 holds out 2 of the 2 examples, leaving none to train"):
+        split_examples([{}, {}], 0.99)
+
+
+def test_serve_without_vllm_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from navil.cli import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r"pip install navil\[vllm\]"):
+        main(["serve"])
