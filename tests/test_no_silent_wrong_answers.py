@@ -108,27 +108,27 @@ def test_chat_generation_settings_are_validated(model, golden_tokenizer, setting
 # -- 21. save_pretrained onto a full disk ---------------------------------------------------------------------------
 
 
-def test_save_pretrained_on_a_full_disk_raises_oserror_and_writes_nothing(model, tmp_path, monkeypatch):
+def test_save_pretrained_on_a_full_disk_raises_oserror_and_leaves_the_folder_as_it_was(model, tmp_path, monkeypatch):
     import transformers.modeling_utils
 
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
-    target = tmp_path / "saved"
-    with pytest.raises(OSError, match=f"Could not save the model to {target} .*No space left on device"):
-        model.save_pretrained(target)
-    assert list(tmp_path.iterdir()) == []  # no config without weights, no temporary folder
-
-
-def test_save_pretrained_replaces_an_earlier_save_completely(model, tmp_path):
     target = tmp_path / "saved"
     target.mkdir()
     (target / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
     (target / "notes.txt").write_text("kept")
-    model.save_pretrained(target)
-    names = sorted(path.name for path in tmp_path.iterdir())
-    assert names == ["saved"]
+    before = sorted(path.name for path in target.iterdir())
+    with monkeypatch.context() as patch:
+
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        patch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+        with pytest.raises(OSError, match=f"Could not save the model to {target} .*No space left on device"):
+            model.save_pretrained(target)
+        with pytest.raises(OSError, match="nothing was written there"):
+            model.save_pretrained(tmp_path / "new")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["saved"]  # no temporary folder, no config alone
+    assert sorted(path.name for path in target.iterdir()) == before
+    model.save_pretrained(target)  # with room on the disk: the earlier save's shards go, other files stay
     assert not (target / "model-00001-of-00002.safetensors").exists() and (target / "notes.txt").is_file()
     reloaded = NaViLForConditionalGeneration.from_pretrained(target)
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
