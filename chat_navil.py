@@ -76,8 +76,7 @@ class NaViLChatMixin:
                 f"generation_config must be a dict of generate() arguments, e.g. dict(max_new_tokens=64, "
                 f"do_sample=False), got {type(generation_config).__name__}."
             )
-        kwargs = dict(generation_config or {})
-        check_generation_settings(kwargs, self.config.text_config.vocab_size)
+        kwargs = check_generation_settings(dict(generation_config or {}), self.config.text_config.vocab_size)
         if "max_length" not in kwargs:
             kwargs.setdefault("max_new_tokens", 512)
         kwargs.setdefault("do_sample", False)

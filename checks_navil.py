@@ -235,6 +235,13 @@ def check_generation_length(
     for name, value in (("max_new_tokens", new_tokens), ("max_length", max_length)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{name} must be a whole number >= 0, got {value!r:.40}; e.g. {name}=64.")
+    if new_tokens == 0:
+        raise ValueError("max_new_tokens=0 asks for no reply; pass at least 1, e.g. max_new_tokens=64.")
+    if new_tokens is None and max_length is not None and max_length <= prompt_length:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for a reply after the prompt's {prompt_length} tokens (it counts "
+            "the prompt too); pass max_new_tokens instead, e.g. max_new_tokens=64."
+        )
     total = prompt_length + new_tokens if new_tokens is not None else max(max_length or 0, prompt_length)
     if text.rope_type != "dynamic" and total > text.max_position_embeddings:
         room = text.max_position_embeddings - prompt_length
@@ -309,6 +316,9 @@ _GENERATION_VALUES = {
 }
 
 
+_FLOAT_GENERATION_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty")
+
+
 def _real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -317,10 +327,12 @@ def _whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_generation_settings(settings: Mapping, vocab_size: int) -> None:
-    """Refuses chat generation settings that would fail deep inside `generate` or run on silently: keys that chat
-    sets itself (`CHAT_OWNED_GENERATION_KEYS`), sampling values out of range (`temperature=inf`, `top_p=nan`),
-    beam counts below 1, and token ids (`eos_token_id`, `pad_token_id`, `bos_token_id`) outside the vocabulary."""
+def check_generation_settings(settings: Mapping, vocab_size: int) -> dict:
+    """`settings` with whole-number values of float settings as floats (`repetition_penalty=2`, which `generate`
+    refuses), after refusing chat generation settings that would fail deep inside `generate` or run on silently:
+    keys that chat sets itself (`CHAT_OWNED_GENERATION_KEYS`), sampling values out of range (`temperature=inf`,
+    `top_p=nan`), beam counts below 1, and token ids (`eos_token_id`, `pad_token_id`, `bos_token_id`) outside the
+    vocabulary."""
     owned = sorted(key for key in settings if key in CHAT_OWNED_GENERATION_KEYS)
     if owned:
         raise ValueError(
@@ -339,6 +351,8 @@ def check_generation_settings(settings: Mapping, vocab_size: int) -> None:
                 f"generation_config[{name!r}] must be a token id in [0, {vocab_size}) or a non-empty list of them, got "
                 f"{value!r:.40}; take it from the tokenizer (e.g. tokenizer.convert_tokens_to_ids('<|im_end|>'))."
             )
+    floats = [name for name in _FLOAT_GENERATION_SETTINGS if _whole(settings.get(name))]
+    return {**settings, **{name: float(settings[name]) for name in floats}}
 
 
 def check_special_token_ids(config: NaViLConfig, tokenizer) -> None:

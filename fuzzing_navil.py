@@ -21,6 +21,7 @@ outputs fail an assertion, and any other exception (or a `ValueError` with an un
 """
 
 import io
+import json
 import math
 import re
 import tempfile
@@ -55,6 +56,24 @@ EXPECTED_ERRORS = {
     "too many patches": r"more than max_patches_per_(scale|call)=",
     "unreadable safetensors file": "is not a readable safetensors file",
     "checkpoint does not match the model": r"does not match NaViLForConditionalGeneration \(",
+    "image tokens without images": "tokens but no pixel_values were given",
+    "generation setting out of range": r"generation_config\['\w+'\] must be",
+    "generation key that chat owns": "which chat sets itself",
+    "generation length": r"(max_new_tokens|max_length) must be a whole number|more than the model's \d+ positions|leaves no room for a reply|"
+    r"max_new_tokens=0 asks for no reply",
+    "JSONL file not UTF-8": r"is not UTF-8 \(byte|looks like UTF-16",
+    "JSONL line not JSON": r"is not valid JSON \(|is nested too deeply",
+    "JSONL file without examples": "holds no examples",
+    "images is not a list of images": r"'images' must be a list of images|'images' entry \d+ is null",
+    "malformed chat example": (
+        r"A training example must be a dict|user/assistant messages|should be a (user|assistant) message|has content "
+        r"of type|has the content block|only user messages hold images"
+    ),
+    "images do not match image blocks": r"more image blocks than the \d+ images|images under 'images' but \d+ image",
+    "image placeholders do not match images": r"placeholders than its \d+ images|images but \d+ image blocks",
+    "empty batch": "The collator got an empty batch",
+    "example longer than max_length": "Every example of the batch was dropped",
+    "image file not found": "Image file not found",
 }
 
 # Small budgets for CI: deterministic, no example database written next to the tests.
@@ -562,6 +581,7 @@ def check_config_case(case: ConfigCase) -> str:
     model = NaViLForConditionalGeneration(config).eval()
     vocab_size = config.text_config.vocab_size
     input_ids = torch.randint(0, vocab_size, (1, 5), generator=torch.Generator().manual_seed(case.seed))
+    input_ids[input_ids == config.special_token_ids.get(IMG_CONTEXT_TOKEN)] = 0  # image tokens need images
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
         assert logits.shape == (1, 5, vocab_size)
@@ -587,4 +607,179 @@ def check_weight_case(source: Path, case: WeightCase) -> str:
             assert case.strict or outcome != "checkpoint does not match the model", error
             return outcome
     assert not (case.strict and case.corruption in ("missing tensor", "reshaped tensor", "extra tensor"))
+    return "ok"
+
+
+# -- chat generation settings ---------------------------------------------------------------------------------------
+
+# Values a generation setting may be given: valid ones, and out-of-range, non-finite or mistyped ones.
+_SETTING_VALUES = (0, 1, 2, 3, -1, -5, 0.0, 0.5, 1.0, 2.0, 1e-30, 1e30, math.nan, math.inf, -math.inf, True, False)
+_SETTING_VALUES += (None, "8", "0.5", [], [1], [2, -1], 2**40)
+GENERATION_SETTINGS = (
+    "temperature top_p top_k min_p typical_p repetition_penalty length_penalty num_beams num_return_sequences "
+    "no_repeat_ngram_size do_sample use_cache eos_token_id pad_token_id bos_token_id max_new_tokens max_length "
+    "return_dict_in_generate streamer input_ids pixel_values attention_mask".split()
+)
+
+
+@dataclass(frozen=True)
+class ChatSettingsCase:
+    settings: tuple  # (name, value) pairs
+    with_image: bool
+    seed: int
+
+
+@st.composite
+def chat_settings_cases(draw) -> ChatSettingsCase:
+    names = draw(st.lists(st.sampled_from(GENERATION_SETTINGS), min_size=1, max_size=3, unique=True))
+    values = st.one_of(st.sampled_from(_SETTING_VALUES), st.floats(allow_nan=True), st.integers(-10, 2000))
+    settings = tuple((name, draw(values)) for name in names)
+    return ChatSettingsCase(settings, draw(st.booleans()), draw(st.integers(0, 99)))
+
+
+def check_chat_settings_case(model, tokenizer, case: ChatSettingsCase) -> str:
+    """`chat` with hostile generation settings (at most 3 new tokens unless the case sets the length): a reply string,
+    or a documented error before anything is generated."""
+    settings = {"max_new_tokens": 3, **dict(case.settings)}
+    if isinstance(settings.get("max_new_tokens"), int) and not isinstance(settings["max_new_tokens"], bool):
+        settings["max_new_tokens"] = min(settings["max_new_tokens"], 8)  # a valid length, kept short
+    if isinstance(settings.get("max_length"), int) and not isinstance(settings["max_length"], bool):
+        settings.pop("max_new_tokens")
+    if isinstance(settings.get("num_beams"), int) and not isinstance(settings["num_beams"], bool):
+        settings["num_beams"] = min(settings["num_beams"], 3)
+    image = small_image(case.seed) if case.with_image else None
+    torch.manual_seed(case.seed)
+    try:
+        with torch.no_grad():
+            reply = model.chat(tokenizer, image, "What is it?", settings)
+    except ValueError as error:
+        return classify(error)
+    assert isinstance(reply, str)
+    return "ok"
+
+
+# -- JSONL files and collator inputs --------------------------------------------------------------------------------
+
+_JSONL_TEXTS = ("Hi", "<image>\nWhat?", "a\u2028b", "\ud800", "caf\u00e9", "", "\u0085x\u000c")
+_JSONL_IMAGES = (None, None, None, [], ["a.png"], ["a.png"], ["sub/b.png", "https://example.com/c.png"])
+_JSONL_IMAGES += (5, "a.png", {"x": 1}, [None])
+
+
+@dataclass(frozen=True)
+class ExampleCase:
+    kind: str  # "chat", "image blocks", "no messages", "odd messages", "bad content", "deep", "not json", "blank"
+    text: str
+    images: object
+    seed: int
+
+
+@st.composite
+def example_cases(draw) -> ExampleCase:
+    kinds = ("chat",) * 8 + ("image blocks", "no messages", "odd messages", "bad content", "deep", "not json")
+    return ExampleCase(
+        draw(st.sampled_from((*kinds, "blank"))),
+        draw(st.one_of(st.sampled_from(_JSONL_TEXTS), st.text(max_size=6))),
+        draw(st.sampled_from(_JSONL_IMAGES)),
+        draw(st.integers(0, 99)),
+    )
+
+
+def make_example(case: ExampleCase):
+    """The example of `case` as a Python object (None for a line that is not a JSON object)."""
+    user = {"role": "user", "content": case.text}
+    if case.kind == "image blocks":
+        user["content"] = [{"type": "image", "image": "x.png"}, {"type": "text", "text": case.text}]
+    elif isinstance(case.images, list) and case.images and case.seed % 4:  # one image block per image
+        user["content"] = [{"type": "image"}] * len(case.images) + [{"type": "text", "text": case.text}]
+    messages = [user, {"role": "assistant", "content": "A circle."}]
+    if case.kind == "odd messages":
+        messages = messages[:1]
+    if case.kind == "bad content":
+        messages[0]["content"] = [None, 5, {"type": "video"}][case.seed % 3]
+    example = {"messages": messages}
+    if case.kind == "no messages":
+        example = {"images": []}
+    if case.images is not None:
+        example["images"] = case.images
+    return example
+
+
+def _jsonl_line(case: ExampleCase) -> str:
+    if case.kind == "blank":
+        return " "
+    if case.kind == "deep":
+        return "[" * (200 + 1000 * case.seed) + "]" * (200 + 1000 * case.seed)
+    line = json.dumps(make_example(case), ensure_ascii=case.seed % 2 == 0)
+    return line[: len(line) // 2] if case.kind == "not json" else line
+
+
+@dataclass(frozen=True)
+class JsonlCase:
+    examples: tuple  # ExampleCase per line
+    encoding: str
+    line_end: str
+
+
+@st.composite
+def jsonl_cases(draw) -> JsonlCase:
+    examples = tuple(draw(st.lists(example_cases(), max_size=4)))
+    encoding = draw(st.sampled_from(("utf-8", "utf-8", "utf-8-sig", "latin-1", "utf-16")))
+    return JsonlCase(examples, encoding, draw(st.sampled_from(("\n", "\r\n"))))
+
+
+def check_jsonl_case(case: JsonlCase) -> str:
+    """Reads a JSONL file of hostile lines with `navil.training.load_jsonl`: one example per non-blank line, relative
+    images resolved against the file's folder; or a documented error naming the file."""
+    from .training.finetune import load_jsonl
+
+    text = case.line_end.join(_jsonl_line(example) for example in case.examples)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "train.jsonl"
+        try:
+            path.write_bytes(text.encode(case.encoding))
+        except UnicodeEncodeError:  # a lone surrogate or a character the encoding lacks: write it as UTF-8
+            path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        try:
+            examples = load_jsonl(path)
+        except ValueError as error:
+            assert str(path) in str(error), f"the error does not name the file: {error}"
+            return classify(error)
+    assert len(examples) == sum(example.kind != "blank" for example in case.examples)
+    for example in examples:
+        for image in example["images"]:
+            assert not isinstance(image, str) or image.startswith(("https://", folder)), image
+    return "ok"
+
+
+@dataclass(frozen=True)
+class CollatorCase:
+    examples: tuple  # ExampleCase per example of the batch
+    max_length: object
+    with_pixels: bool  # images as arrays (else as the case's paths, which do not exist)
+
+
+@st.composite
+def collator_cases(draw) -> CollatorCase:
+    examples = tuple(draw(st.lists(example_cases().filter(lambda c: c.kind not in ("deep", "not json")), max_size=3)))
+    max_length = draw(st.one_of(st.none(), st.integers(1, 400)))
+    return CollatorCase(examples, max_length, draw(st.booleans()))
+
+
+def check_collator_case(processor, case: CollatorCase) -> str:
+    """Runs `NaViLDataCollator` on a batch of hostile examples: a batch whose tensors agree, or a documented error."""
+    from .training.finetune import NaViLDataCollator
+
+    examples = []
+    for example_case in case.examples:
+        example = make_example(example_case)
+        if case.with_pixels and isinstance(example.get("images"), list):
+            example["images"] = [small_image(example_case.seed) for _ in example["images"]]
+        examples.append(example)
+    try:
+        batch = NaViLDataCollator(processor, max_length=case.max_length)(examples)
+    except ValueError as error:
+        return classify(error)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert 1 <= batch["input_ids"].shape[0] <= len(examples)
+    assert case.max_length is None or batch["input_ids"].shape[1] <= case.max_length
     return "ok"

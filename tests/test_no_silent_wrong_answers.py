@@ -97,12 +97,20 @@ def test_image_tokens_without_pixel_values_are_refused(model, processor):
         (dict(streamer=None), "streamer: pass it as chat's streamer argument"),
         (dict(input_ids=torch.zeros(1, 2, dtype=torch.long)), "sets input_ids, which chat sets itself"),
         (dict(pixel_values=torch.zeros(4, 768)), "pixel_values: pass the images as chat's pixel_values"),
+        (dict(max_new_tokens=0), "max_new_tokens=0 asks for no reply"),
+        (dict(max_length=3, max_new_tokens=None), "max_length=3 leaves no room for a reply after the prompt's"),
     ],
-    ids=["temperature-inf", "top_p-nan", "top_p-2", "eos-negative", "beams-0", "return-dict", "streamer", "ids", "pv"],
+    ids=["temperature-inf", "top_p-nan", "top_p-2", "eos-negative", "beams-0", "return-dict", "streamer", "ids", "pv"]
+    + ["no-new-tokens", "max-length-in-prompt"],
 )
 def test_chat_generation_settings_are_validated(model, golden_tokenizer, settings, message):
     with pytest.raises(ValueError, match=message):
         model.chat(golden_tokenizer, None, "Hi", dict(GENERATION, **settings))
+
+
+def test_chat_takes_whole_numbers_for_float_generation_settings(model, golden_tokenizer):
+    settings = dict(GENERATION, do_sample=True, temperature=1, top_p=1, repetition_penalty=2)
+    assert isinstance(model.chat(golden_tokenizer, None, "Hi", settings), str)
 
 
 # -- 21. save_pretrained onto a full disk ---------------------------------------------------------------------------
@@ -326,9 +334,10 @@ def test_jsonl_splits_lines_on_newlines_only(tmp_path):
         ([chat_line(), "[" * 100000 + "]" * 100000], "utf-8", "train.jsonl:2 is nested too deeply"),
         ([chat_line(images=5)], "utf-8", "train.jsonl:1: 'images' must be a list of images .*got int 5"),
         ([chat_line(images="a.png")], "utf-8", "train.jsonl:1: 'images' must be a list of images .*got str 'a.png'"),
+        ([chat_line(), chat_line(images=[None])], "utf-8", "train.jsonl:2: 'images' entry 0 is null"),
         ([chat_line("Hi \\ud800")], "utf-8", "train.jsonl:1: message 0 is not valid Unicode: .*lone surrogate"),
     ],
-    ids=["latin-1", "utf-16", "deep-nesting", "images-int", "images-string", "lone-surrogate"],
+    ids=["latin-1", "utf-16", "deep-nesting", "images-int", "images-string", "images-null", "lone-surrogate"],
 )
 def test_jsonl_problems_name_the_file_and_line(tmp_path, lines, encoding, message):
     from navil.training.finetune import load_jsonl

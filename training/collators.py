@@ -309,6 +309,9 @@ def check_example_fields(example: dict) -> None:
             f"'images' must be a list of images (paths, URLs or PIL images), got {type(images).__name__} "
             f'{images!r:.60}; write "images": ["a.png"] even for one image.'
         )
+    missing = [index for index, image in enumerate(images or ()) if image is None]
+    if missing:
+        raise ValueError(f"'images' entry {missing[0]} is null; give every image a path, URL or image.")
     for index, message in enumerate(example.get("messages") or ()):
         content = message.get("content") if isinstance(message, dict) else None
         blocks = [{"text": content}] if isinstance(content, str) else content if isinstance(content, list) else []
