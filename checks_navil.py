@@ -443,3 +443,69 @@ def check_tokenizer_folder(folder: Path) -> None:
                     f"{path} is not valid JSON ({error}); it is empty or truncated. Save or download the tokenizer "
                     "again."
                 ) from None
+
+
+def check_torchao_loading(model_class, name_or_path, kwargs: dict) -> None:
+    """Refuses, before any weight is loaded, torchao settings that would fail inside `from_pretrained` ("look at the
+    CONVERSION entries") or at the first chat: a group size that does not divide a layer's input features (naming the
+    layer), `Int4WeightOnlyConfig` without a CUDA GPU, and a torchao checkpoint reloaded in another dtype than the
+    one it was quantized in (its scales keep that dtype)."""
+    config = kwargs.get("config")
+    quantization = kwargs.get("quantization_config")
+    if quantization is None:
+        saved = config if isinstance(config, NaViLConfig) else _saved_config(model_class, name_or_path, kwargs)
+        quantization = getattr(saved, "quantization_config", None)
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        dtype, saved_dtype = (
+            kwargs.get(DTYPE_KWARG),
+            getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None),
+        )
+        if isinstance(saved_dtype, str):
+            saved_dtype = getattr(torch, saved_dtype, None)
+        if method == "torchao" and isinstance(dtype, torch.dtype) and saved_dtype not in (None, dtype):
+            raise ValueError(
+                f"{name_or_path} is a torchao checkpoint quantized in {saved_dtype}, and its scales keep that dtype; "
+                f"loading it as {dtype} fails at the first forward pass. Load it with {DTYPE_KWARG}={saved_dtype}, or "
+                "quantize the full-precision checkpoint in the dtype you want."
+            )
+        return
+    quant_type = getattr(quantization, "quant_type", None)
+    if quant_type is None or isinstance(quant_type, (str, dict)):
+        return
+    kind = type(quant_type).__name__
+    if kind == "Int4WeightOnlyConfig" and not torch.cuda.is_available():
+        raise ValueError(
+            "torchao's Int4WeightOnlyConfig has no CPU kernels and this machine has no CUDA GPU. On a CPU quantize to "
+            "int4 with IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)) (from "
+            "torchao.quantization and torchao.quantization.granularity), or to int8 with Int8WeightOnlyConfig()."
+        )
+    group = getattr(getattr(quant_type, "granularity", None), "group_size", None) or getattr(
+        quant_type, "group_size", None
+    )
+    if not isinstance(group, int) or group <= 1:
+        return
+    if not isinstance(config, NaViLConfig):
+        config = _saved_config(model_class, name_or_path, kwargs)
+    if config is None:
+        return
+    skipped = list(getattr(quantization, "modules_to_not_convert", None) or [])
+    with torch.device("meta"):
+        model = model_class(config)
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(skip in module_name for skip in skipped):
+            if module.in_features % group:
+                raise ValueError(
+                    f"torchao {kind} with group size {group} cannot quantize {module_name}: its {module.in_features} "
+                    f"input features are not a multiple of {group}. Use a group size that divides every layer (e.g. "
+                    "32), or leave such layers in full precision with modules_to_not_convert."
+                )
+
+
+def _saved_config(model_class, name_or_path, kwargs: dict):
+    """The config saved with a checkpoint, or None where it cannot be read (`from_pretrained` reports why)."""
+    try:
+        return model_class.config_class.from_pretrained(
+            name_or_path, subfolder=kwargs.get("subfolder") or "", revision=kwargs.get("revision")
+        )
+    except (OSError, ValueError):
+        return None

@@ -47,6 +47,7 @@ from .checks_navil import (
     check_num_scales,
     check_pixel_values,
     check_prompt,
+    check_torchao_loading,
     check_weight_dtypes,
     with_quantization_config,
 )
@@ -290,6 +291,7 @@ class NaViLPreTrainedModel(PreTrainedModel):
         if not allow_pickle:
             kwargs.setdefault("use_safetensors", True)
         kwargs = with_quantization_config(with_dtype_kwarg(kwargs), cls._modules_to_not_quantize)
+        check_torchao_loading(cls, pretrained_model_name_or_path, kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         # strict: mismatched shapes are reported below, naming the tensors, instead of transformers' error;
         # strict=False loads such checkpoints, as documented, unless the caller says otherwise

@@ -411,3 +411,42 @@ def test_serve_without_vllm_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
     with pytest.raises(SystemExit, match=r"pip install navil\[vllm\]"):
         main(["serve"])
+
+
+# -- 19. torchao ----------------------------------------------------------------------------------------------------
+
+
+def torchao_int4(group_size: int):
+    pytest.importorskip("torchao")
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size)))
+
+
+def test_torchao_group_size_that_does_not_divide_a_layer_is_refused_naming_it():
+    with pytest.raises(ValueError, match="group size 48 cannot quantize vision_model.*: its \\d+ input features"):
+        NaViLForConditionalGeneration.from_pretrained(GOLDEN / "qwen3_ve", quantization_config=torchao_int4(48))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_torchao_int4_weight_only_config_without_a_gpu_names_the_cpu_alternative():
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int4WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    with pytest.raises(ValueError, match="Int4WeightOnlyConfig has no CPU kernels .* IntxWeightOnlyConfig"):
+        NaViLForConditionalGeneration.from_pretrained(
+            GOLDEN / "qwen3_ve", quantization_config=TorchAoConfig(Int4WeightOnlyConfig())
+        )
+
+
+def test_torchao_checkpoint_reloaded_in_another_dtype_is_refused(tmp_path):
+    quantized = NaViLForConditionalGeneration.from_pretrained(
+        GOLDEN / "qwen3_ve", quantization_config=torchao_int4(32)
+    )
+    quantized.save_pretrained(tmp_path / "int4")
+    with pytest.raises(ValueError, match="is a torchao checkpoint quantized in torch.float32.* dtype=torch.float32"):
+        NaViLForConditionalGeneration.from_pretrained(tmp_path / "int4", dtype=torch.bfloat16)
+    NaViLForConditionalGeneration.from_pretrained(tmp_path / "int4", dtype=torch.float32)  # its own dtype loads
