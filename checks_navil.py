@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -72,7 +73,10 @@ def check_loading_info(
     if not strict:
         return
     missing_experts = sorted(key for key in info["missing_keys"] if "_ve." in key)
-    if missing_experts and len(missing_experts) == len(info["missing_keys"]) and not info["unexpected_keys"]:
+    # a dense checkpoint lacks the experts of every layer; a few missing ones are reported below as missing
+    layers = {int(match.group(1)) for key in missing_experts if (match := re.search(r"\.layers\.(\d+)\.", key))}
+    dense = layers == set(range(text_config.num_hidden_layers))
+    if dense and len(missing_experts) == len(info["missing_keys"]) and not info["unexpected_keys"]:
         raise ValueError(
             f"The checkpoint at {checkpoint} has no visual-expert weights (`_ve`, e.g. {missing_experts[0]}): it is a "
             "dense decoder, but the config asks for modality experts. Pass a config with "

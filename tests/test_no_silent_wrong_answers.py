@@ -37,6 +37,15 @@ def test_integer_tensors_for_float_parameters_are_refused_at_load(golden_copy):
         NaViLForConditionalGeneration.from_pretrained(golden_copy)
 
 
+def test_one_missing_visual_expert_tensor_is_named_not_called_a_dense_checkpoint(golden_copy):
+    weights = load_file(golden_copy / "model.safetensors")
+    name = next(key for key in weights if "mlp_ve." in key)
+    del weights[name]
+    save_file(weights, golden_copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"does not match NaViLForConditionalGeneration \\(missing_keys: {name}\\)"):
+        NaViLForConditionalGeneration.from_pretrained(golden_copy)
+
+
 # -- 9. finite, sane float config fields ----------------------------------------------------------------------------
 
 
