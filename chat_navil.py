@@ -57,7 +57,7 @@ class NaViLChatMixin:
         """A processor with this model's image settings, chat template and system message."""
         if not self.config.special_token_ids:
             self.init_special_token_ids(tokenizer)
-        check_special_token_ids(self.config, tokenizer)
+        check_special_token_ids(self.config.special_token_ids, tokenizer)
         processor = NaViLProcessor(
             image_processor=self.image_processor,
             tokenizer=tokenizer,

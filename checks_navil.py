@@ -359,11 +359,11 @@ def check_generation_settings(settings: Mapping, vocab_size: int) -> dict:
     return {**settings, **{name: float(settings[name]) for name in floats}}
 
 
-def check_special_token_ids(config: NaViLConfig, tokenizer) -> None:
-    """Refuses a config whose `special_token_ids` disagree with `tokenizer` (a wrong `<|im_end|>` id never stops a
+def check_special_token_ids(special_token_ids: Mapping, tokenizer) -> None:
+    """Refuses a config's `special_token_ids` that disagree with `tokenizer` (a wrong `<|im_end|>` id never stops a
     reply; swapped `<img>` / `</img>` ids move the logits), naming each token with both ids."""
     wrong = []
-    for token, token_id in config.special_token_ids.items():
+    for token, token_id in special_token_ids.items():
         found = tokenizer.convert_tokens_to_ids(token)
         if found != token_id or found is None or found == tokenizer.unk_token_id:
             wrong.append(f"{token} is {token_id} in the config but {found} in the tokenizer")
@@ -372,6 +372,20 @@ def check_special_token_ids(config: NaViLConfig, tokenizer) -> None:
             f"config.special_token_ids disagree with the tokenizer: {'; '.join(wrong)}. Use the tokenizer saved with "
             "the model, or re-read the ids with model.init_special_token_ids(tokenizer)."
         )
+
+
+def check_saved_special_token_ids(folder, tokenizer) -> None:
+    """`check_special_token_ids` for the `config.json` of a local model folder that a processor is loaded from (the
+    processor of `AutoProcessor` and of pipelines), when it records the ids."""
+    path = Path(str(folder)) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8")).get("special_token_ids")
+    except (OSError, ValueError, AttributeError):
+        return  # not a model config: `from_pretrained` of the model reports it
+    if isinstance(ids, Mapping):
+        check_special_token_ids(ids, tokenizer)
 
 
 def check_weight_dtypes(folder: Path) -> None:

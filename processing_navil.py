@@ -12,7 +12,7 @@ from transformers import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .checks_navil import check_model_folder, check_tokenizer_folder
+from .checks_navil import check_model_folder, check_saved_special_token_ids, check_tokenizer_folder
 from .compat_navil import make_saved_processor_portable, register_processor_for_pipelines
 from .configuration_navil import (
     END_OF_TURN_TOKEN,
@@ -303,6 +303,15 @@ class NaViLProcessor(ProcessorMixin):
     tokenizer_class = "AutoTokenizer"
     valid_processor_kwargs = NaViLProcessorKwargs
     image_token = IMAGE_PLACEHOLDER  # the text marking one image, expanded into its tokens
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`ProcessorMixin.from_pretrained`, refusing a tokenizer whose ids of the NaViL special tokens disagree with
+        the `special_token_ids` of the folder's model config."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        check_saved_special_token_ids(folder, processor.tokenizer)
+        return processor
 
     def __init__(
         self,

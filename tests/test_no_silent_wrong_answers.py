@@ -81,6 +81,22 @@ def test_special_token_ids_that_disagree_with_the_tokenizer_are_refused_by_chat(
         model.chat(golden_tokenizer, None, "Hi", GENERATION)
 
 
+def test_a_model_folder_whose_special_token_ids_disagree_with_the_tokenizer_is_refused(tmp_path, golden_tokenizer):
+    from navil.checks_navil import check_saved_special_token_ids  # what NaViLProcessor.from_pretrained runs
+
+    config = json.loads((GOLDEN / "qwen3_ve" / "config.json").read_text())
+    config["special_token_ids"] = {
+        token: golden_tokenizer.convert_tokens_to_ids(token) for token in (IMG_START_TOKEN, IMG_END_TOKEN)
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    check_saved_special_token_ids(tmp_path, golden_tokenizer)
+    ids = config["special_token_ids"]
+    ids[IMG_START_TOKEN], ids[IMG_END_TOKEN] = ids[IMG_END_TOKEN], ids[IMG_START_TOKEN]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"disagree with the tokenizer: {IMG_START_TOKEN} is {ids[IMG_START_TOKEN]}"):
+        check_saved_special_token_ids(tmp_path, golden_tokenizer)
+
+
 # -- 11. image tokens without images --------------------------------------------------------------------------------
 
 

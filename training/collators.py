@@ -388,7 +388,7 @@ def check_finetune_setup(config, tokenizer, stage, lora: Optional[str]) -> None:
     """Refuses a fine-tuning setup that would train silently wrong: special-token ids of the config that disagree
     with the tokenizer, and a `stage` other than the default (2) together with `lora`, which trains only its
     adapters whatever the stage says."""
-    check_special_token_ids(config, tokenizer)
+    check_special_token_ids(config.special_token_ids, tokenizer)
     if lora is not None and (isinstance(stage, bool) or stage != 2):
         raise ValueError(
             f"stage={stage!r} has no effect with lora={lora!r}: LoRA trains only its adapters (on the {lora} experts) "
