@@ -1,9 +1,11 @@
 """What NaViL refuses, and why: the checks that turn bad inputs into a `ValueError` naming the problem and the fix.
 
-- loading: checkpoint folders (`check_local_checkpoint`) and the original model card's quantization flags
-  (`with_quantization_config`);
-- running: images (`check_pixel_values`, `check_image_tokens`), prompts (`check_prompt`) and generation lengths
-  (`check_generation_length`).
+- loading: checkpoint folders (`check_local_checkpoint`, `check_model_folder`, `check_tokenizer_folder`), their
+  weight dtypes (`check_weight_dtypes`), torchao settings (`check_torchao_loading`) and the original model card's
+  quantization flags (`with_quantization_config`);
+- running: images (`check_pixel_values`, `check_image_tokens`, `check_no_image_tokens`), prompts (`check_prompt`),
+  generation lengths and settings (`check_generation_length`, `check_generation_settings`) and the special-token ids
+  against the tokenizer (`check_special_token_ids`).
 
 The model calls them before any work is done (before the vision tower runs, before generation starts), so that a
 bad input never ends in an error deep inside torch or in a silently wrong answer.

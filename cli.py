@@ -263,10 +263,10 @@ def fraction(text: str) -> float:
 def device_name(text: str) -> str:
     """argparse type: `auto` or a torch device that holds values and exists on this machine (not `meta`, not
     `cuda` without a GPU)."""
-    import torch
-
     if text == "auto":
         return text
+    import torch
+
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
