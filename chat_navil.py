@@ -5,6 +5,7 @@
 processor, which owns the prompt format, and `generate`; the model itself never imports the processing modules.
 """
 
+import atexit
 from collections.abc import Mapping
 from threading import Event, Thread
 from typing import Optional
@@ -34,6 +35,20 @@ class StopWhenSet(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+# (stop criterion, worker thread) of every stream whose generation may still run.
+_LIVE_STREAMS = set()
+
+
+@atexit.register
+def _stop_live_streams() -> None:
+    """Stops the generations of streams still open when the program ends: their workers are daemon threads, which
+    the interpreter does not wait for, and each stops at its next decode step (waited for, briefly, here)."""
+    for stop, _ in list(_LIVE_STREAMS):
+        stop.event.set()
+    for _, worker in list(_LIVE_STREAMS):
+        worker.join(timeout=5)
 
 
 class NaViLChatMixin:
@@ -235,7 +250,8 @@ class NaViLChatMixin:
                 errors.append(error)
                 streamer.end()
 
-        worker = Thread(target=generate)
+        worker = Thread(target=generate, daemon=True)  # never keeps the program running (see _stop_live_streams)
+        _LIVE_STREAMS.add((stop, worker))
         worker.start()
         text, emitted = "", ""
         try:
@@ -251,6 +267,7 @@ class NaViLChatMixin:
         finally:
             stop.event.set()  # a no-op when generation has ended; otherwise the consumer has gone away
             worker.join()
+            _LIVE_STREAMS.discard((stop, worker))
         if errors:
             raise errors[0]
         final = clean_reply(text)

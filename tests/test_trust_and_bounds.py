@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -325,3 +327,29 @@ def test_a_small_ico_still_loads():
     Image.new("RGB", (32, 32), (200, 10, 10)).save(file, format="ICO", sizes=[(32, 32)])
     outputs = NaViLImageProcessor(multiscale=False)(file.getvalue(), return_tensors="pt")
     assert outputs["pixel_values"][:, 0].max() > 0.5  # the red channel of the first patch
+
+
+# -- 7. a stream left open when the program ends ----------------------------------------------------------------------
+
+OPEN_STREAM_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from conftest import GOLDEN, load_golden_model
+from navil.processing_navil import load_navil_tokenizer
+
+tokenizer = load_navil_tokenizer(GOLDEN / "tokenizer")
+model = load_golden_model("qwen3_ve", tokenizer)
+settings = dict(max_new_tokens=20000, min_new_tokens=20000, do_sample=False)
+stream = model.stream_chat(tokenizer, None, "Tell me a long story.", settings)
+next(stream)
+print("first chunk", time.monotonic(), flush=True)
+"""
+
+
+def test_a_stream_left_open_does_not_keep_the_program_running():
+    script = OPEN_STREAM_SCRIPT.format(tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    end = time.monotonic()
+    assert result.returncode == 0, result.stderr[-2000:]
+    first_chunk = float(result.stdout.split("first chunk")[1])
+    assert end - first_chunk < 10  # generating the 20000 tokens takes minutes
