@@ -529,3 +529,113 @@ def _saved_config(model_class, name_or_path, kwargs: dict):
         )
     except (OSError, ValueError):
         return None
+
+
+# (config field, header name pattern, axis): the config's sizes each weight file states too; a layer count is the
+# number of distinct layer indices matched.
+_SHAPE_FIELDS = (
+    ("text_config.vocab_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 0),
+    ("text_config.hidden_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 1),
+    (
+        "text_config.intermediate_size",
+        r"language_model\.model\.layers\.0\.(mlp\.gate_proj|feed_forward\.w1)\.weight",
+        0,
+    ),
+    ("text_config.num_hidden_layers", r"language_model\.model\.layers\.(\d+)\.", None),
+    ("vision_config.hidden_size", r"vision_model\.embeddings\.patch_embedding\.weight", 0),
+    ("vision_config.patch_size", r"vision_model\.embeddings\.patch_embedding\.weight", 2),
+    ("vision_config.intermediate_size", r"vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight", 0),
+    ("vision_config.num_hidden_layers", r"vision_model\.encoder\.layers\.(\d+)\.", None),
+)
+
+
+# Bytes per element of the safetensors float dtypes.
+_FLOAT_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux `MemAvailable`), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def parameter_estimate(config: NaViLConfig) -> dict:
+    """`{config field: parameters it multiplies}` of the largest parameter groups the config builds: the token
+    embeddings and LM head, the decoder and vision layers (both experts of a routed decoder). Python integers: no
+    overflow, nothing allocated."""
+    text, vision = config.text_config, config.vision_config
+    experts = 2 if text.modality_experts else 1
+    heads_width = text.num_attention_heads * text.head_dim + 2 * text.num_key_value_heads * text.head_dim
+    decoder_layer = experts * (2 * heads_width * text.hidden_size + 3 * text.hidden_size * text.intermediate_size)
+    vision_layer = 4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size
+    return {
+        "text_config.vocab_size": 2 * text.vocab_size * text.hidden_size,
+        "text_config.num_hidden_layers": text.num_hidden_layers * decoder_layer,
+        "vision_config.num_hidden_layers": vision.num_hidden_layers * vision_layer,
+    }
+
+
+def check_config_against_weights(folder: Path, config_class, kwargs: dict, strict: bool = True) -> None:
+    """Refuses, before any tensor is allocated, a local checkpoint whose `config.json` states sizes its
+    `*.safetensors` headers contradict (`text_config.vocab_size` = 5 000 000 against a 1024-row embedding; with
+    `strict`, as the mismatch would be refused after loading anyway), and a config whose parameters would not fit
+    in the available memory (`hidden_size` = 1e12), naming the field. Quantized loads are not checked (their
+    weight files store packed shapes)."""
+    config = kwargs.get("config")
+    if config is None:
+        try:
+            config = config_class.from_pretrained(folder)
+        except (OSError, ValueError):
+            return  # from_pretrained reports it
+    if not isinstance(config, NaViLConfig) or kwargs.get("quantization_config") is not None:
+        return
+    if getattr(config, "quantization_config", None) is not None:
+        return
+    shapes, itemsize = {}, 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for key in weights.keys():
+                tensor = weights.get_slice(key)
+                shapes[key] = (tensor.get_shape(), path.name)
+                itemsize = max(itemsize, _FLOAT_BYTES.get(tensor.get_dtype(), 0))
+    if strict:
+        for field, pattern, axis in _SHAPE_FIELDS:
+            section, name = field.split(".")
+            value = getattr(getattr(config, section), name)
+            matches = [(key, shape, file) for key, (shape, file) in shapes.items() if re.match(pattern, key)]
+            if not matches:
+                continue
+            if axis is None:
+                found = len({re.match(pattern, key).group(1) for key, _, _ in matches})
+                where = f"the weight files hold {found} layers"
+            else:
+                key, shape, file = matches[0]
+                found = shape[axis] if axis < len(shape) else None
+                where = f"{file} stores {key} with shape {list(shape)}"
+            if found != value:
+                raise ValueError(
+                    f"{folder / 'config.json'} says {field} = {value!r:.40}, but {where} (so {field} = {found}); the "
+                    f"config does not describe these weights. Fix {field} in config.json, or load with the config "
+                    "saved with the weights."
+                )
+    dtype = kwargs.get(DTYPE_KWARG)
+    itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else itemsize or 4
+    available = _available_memory()
+    estimate = parameter_estimate(config)
+    total = sum(estimate.values()) * itemsize
+    if available is not None and total > available:
+        field = max(estimate, key=estimate.get)
+        section, name = field.split(".")
+        raise ValueError(
+            f"{folder / 'config.json'} describes a model of about {total / 2**30:.3g} GiB ({itemsize}-byte "
+            f"parameters), more than the {available / 2**30:.3g} GiB of memory available; the largest part comes "
+            f"with {field} = {getattr(getattr(config, section), name)} (text_config.hidden_size = "
+            f"{config.text_config.hidden_size}, vision_config.hidden_size = {config.vision_config.hidden_size}). "
+            "Check config.json, or load on a machine with more memory (or in a smaller dtype)."
+        )

@@ -38,6 +38,7 @@ from transformers.utils.generic import can_return_tuple
 from .attention_navil import AttentionBlocks, attention_interface, block_diagonal_attention
 from .chat_navil import NaViLChatMixin
 from .checks_navil import (
+    check_config_against_weights,
     check_generation_length,
     check_image_tokens,
     check_loading_info,
@@ -292,6 +293,8 @@ class NaViLPreTrainedModel(PreTrainedModel):
             kwargs.setdefault("use_safetensors", True)
         kwargs = with_quantization_config(with_dtype_kwarg(kwargs), cls._modules_to_not_quantize)
         check_torchao_loading(cls, pretrained_model_name_or_path, kwargs)
+        if folder.is_dir():
+            check_config_against_weights(folder, cls.config_class, kwargs, strict)
         wants_info = kwargs.pop("output_loading_info", False)
         # strict: mismatched shapes are reported below, naming the tensors, instead of transformers' error;
         # strict=False loads such checkpoints, as documented, unless the caller says otherwise

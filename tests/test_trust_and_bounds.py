@@ -23,6 +23,7 @@ from navil import cli, image_processing_navil
 from navil.convert_navil import CODE_FILES, convert_checkpoint
 from navil.image_processing_navil import NaViLImageProcessor
 from navil.loading_navil import auto_map_modules, load_navil_processor
+from navil.modeling_navil import NaViLForConditionalGeneration
 
 EMBEDDED = Path(navil.__file__).parent / "checkpoints" / "navil-tiny"
 EXAMPLES = Path(navil.__file__).parent / "examples" / "finetune"
@@ -353,3 +354,39 @@ def test_a_stream_left_open_does_not_keep_the_program_running():
     assert result.returncode == 0, result.stderr[-2000:]
     first_chunk = float(result.stdout.split("first chunk")[1])
     assert end - first_chunk < 10  # generating the 20000 tokens takes minutes
+
+
+# -- 4. config sizes against the weight files and the memory ---------------------------------------------------------
+
+
+def folder_with_config(tmp_path, section: str, **changes) -> Path:
+    """The golden Qwen3-VE checkpoint (an original config: its text_config is `llm_config`) with `changes`."""
+    folder = shutil.copytree(GOLDEN / "qwen3_ve", tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config" if section == "text_config" else section].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "section, field, value, message",
+    [
+        ("text_config", "vocab_size", 5_000_000, "stores language_model.model.embed_tokens.weight with shape"),
+        ("text_config", "num_hidden_layers", 30, "the weight files hold 4 layers"),
+        ("vision_config", "intermediate_size", 4096, "stores vision_model.encoder.layers.0.mlp.fc1.weight"),
+    ],
+)
+def test_config_sizes_that_the_weight_headers_contradict_are_refused_before_allocating(
+    tmp_path, section, field, value, message
+):
+    folder = folder_with_config(tmp_path, section, **{field: value})
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"says {section}.{field} = {value}, but .*{message}"):
+        NaViLForConditionalGeneration.from_pretrained(folder)
+    assert time.monotonic() - start < 5
+
+
+def test_a_config_too_large_for_the_memory_is_refused_naming_the_field_even_when_not_strict(tmp_path):
+    folder = folder_with_config(tmp_path, "text_config", hidden_size=10**12, head_dim=16)
+    with pytest.raises(ValueError, match="more than the .* GiB of memory available.*text_config.hidden_size = 10{12}"):
+        NaViLForConditionalGeneration.from_pretrained(folder, strict=False)
