@@ -553,6 +553,10 @@ _SHAPE_FIELDS = (
 _FLOAT_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
 
 
+# The config sizes a memory refusal lists, per section.
+_SIZE_NAMES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+
+
 def _available_memory() -> int | None:
     """Bytes of memory available to a new allocation (Linux `MemAvailable`), or None where unknown."""
     try:
@@ -630,12 +634,15 @@ def check_config_against_weights(folder: Path, config_class, kwargs: dict, stric
     estimate = parameter_estimate(config)
     total = sum(estimate.values()) * itemsize
     if available is not None and total > available:
-        field = max(estimate, key=estimate.get)
-        section, name = field.split(".")
+        largest = max(estimate, key=estimate.get)
+        sizes = "; ".join(
+            f"{section}: "
+            + ", ".join(f"{name} = {getattr(part, name)}" for name in _SIZE_NAMES if hasattr(part, name))
+            for section, part in (("text_config", config.text_config), ("vision_config", config.vision_config))
+        )
         raise ValueError(
             f"{folder / 'config.json'} describes a model of about {total / 2**30:.3g} GiB ({itemsize}-byte "
-            f"parameters), more than the {available / 2**30:.3g} GiB of memory available; the largest part comes "
-            f"with {field} = {getattr(getattr(config, section), name)} (text_config.hidden_size = "
-            f"{config.text_config.hidden_size}, vision_config.hidden_size = {config.vision_config.hidden_size}). "
-            "Check config.json, or load on a machine with more memory (or in a smaller dtype)."
+            f"parameters), more than the {available / 2**30:.3g} GiB of memory available; most of it in the part "
+            f"that {largest} multiplies ({sizes}). Check these sizes in config.json, or load on a machine with more "
+            "memory (or in a smaller dtype)."
         )

@@ -222,9 +222,13 @@ def run_serve(args) -> int:
 
     if importlib.util.find_spec("vllm") is None:
         raise SystemExit("navil serve needs vLLM, which is not installed: pip install navil[vllm]")
+    from .loading_navil import auto_map_modules
     from .vllm_navil import serve
 
-    return serve([args.model or str(EMBEDDED_MODEL_DIR), *args.vllm_args])
+    model = args.model or str(EMBEDDED_MODEL_DIR)
+    if "--trust-remote-code" in args.vllm_args:
+        auto_map_modules(model)  # the folder's own code: never code outside it
+    return serve([model, *args.vllm_args])
 
 
 def positive_int(text: str) -> int:
@@ -363,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=run_convert)
 
     serve = commands.add_parser(
-        "serve", help="serve a model with vLLM's OpenAI-compatible server: `vllm serve MODEL --trust-remote-code ...`"
+        "serve", help="serve a model with vLLM's OpenAI-compatible server: `vllm serve MODEL ...` (navil's code)"
     )
     serve.add_argument("model", nargs="?", help="model folder (default: the embedded tiny model)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="further `vllm serve` arguments, after the model")

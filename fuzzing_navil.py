@@ -20,11 +20,13 @@ outputs fail an assertion, and any other exception (or a `ValueError` with an un
   header, changed in its data, or missing / reshaping / adding / retyping a tensor; loaded with and without `strict`.
 """
 
+import contextlib
 import io
 import json
 import math
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .configuration_navil import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_START_TOKEN, NaViLConfig
+from .image_processing_navil import SAVED_BOUNDS, NaViLImageProcessor
 from .modeling_navil import NaViLForConditionalGeneration
 from .training.configs import tiny_config
 
@@ -74,6 +77,12 @@ EXPECTED_ERRORS = {
     "empty batch": "The collator got an empty batch",
     "example longer than max_length": "Every example of the batch was dropped",
     "image file not found": "Image file not found",
+    "saved bound removed or raised": "a saved file may only lower it",
+    "image above max_image_pixels": "more than max_image_pixels=",
+    "image processor setting": r"must be a positive whole number or None|must be a number of pixels",
+    "config contradicts the weights": r"config.json says \w+\.\w+ = .*, but",
+    "config too large for the memory": "GiB of memory available",
+    "invalid config value": r"must be a positive whole number|must be divisible by|must be a multiple of|are outside the",
 }
 
 # Small budgets for CI: deterministic, no example database written next to the tests.
@@ -782,4 +791,143 @@ def check_collator_case(processor, case: CollatorCase) -> str:
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert 1 <= batch["input_ids"].shape[0] <= len(examples)
     assert case.max_length is None or batch["input_ids"].shape[1] <= case.max_length
+    return "ok"
+
+
+# -- CLI flags, saved preprocessor and config files (issue 33, items 1, 4, 5) -----------------------------------------
+
+_FLAG_VALUES = ("0", "-1", "1", "2", "nan", "inf", "0.99", "1e12", "", "x", "meta", "cpu", "cuda", "float32", "bogus")
+CLI_FLAGS = {
+    "chat": ("--device", "--dtype", "--max-new-tokens", "--image", "--model", "--trust-remote-code", "--stream"),
+    "eval": ("--device", "--dtype", "--num-questions", "--batch-size", "--seed", "--types", "--trust-remote-code"),
+    "finetune": ("--epochs", "--batch-size", "--eval-fraction", "--max-length", "--stage", "--lora", "--lora-rank"),
+    "convert": ("--tokenizer", "--trust-remote-code"),
+}
+_SWITCHES = ("--trust-remote-code", "--stream")
+
+
+@dataclass(frozen=True)
+class CliCase:
+    command: str
+    flags: tuple  # (flag, value) pairs; switches take no value
+
+
+@st.composite
+def cli_cases(draw) -> CliCase:
+    command = draw(st.sampled_from(sorted(CLI_FLAGS)))
+    flags = draw(st.lists(st.tuples(st.sampled_from(CLI_FLAGS[command]), st.sampled_from(_FLAG_VALUES)), max_size=4))
+    return CliCase(command, tuple(flags))
+
+
+def check_cli_case(case: CliCase) -> str:
+    """Parses a `navil` command line of hostile flag values: it parses, or argparse refuses it with a message that
+    names the flag (exit status 2); nothing else may escape."""
+    from .cli import build_parser
+
+    argv = [case.command]
+    for flag, value in case.flags:
+        argv += [flag] if flag in _SWITCHES else [flag, value]
+    argv += {"finetune": ["--data", "d.jsonl", "--output-dir", "out"], "convert": ["src", "out"]}.get(case.command, [])
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        message = errors.getvalue()
+        assert exit_.code == 2, f"argparse exited with {exit_.code}: {message}"
+        assert re.search(r"argument -|unrecognized arguments|the following arguments are required", message), message
+        return "flag refused by argparse"
+    return "ok (parsed)"
+
+
+_BOUND_VALUES = (None, 0, 1, -5, 64, 10**4, 10**6, 10**9, 10**18, 1.5, 4e8, math.inf, "100", True)
+PREPROCESSOR_FIELDS = ("min_pixels", "max_pixels", *SAVED_BOUNDS)
+
+
+@dataclass(frozen=True)
+class PreprocessorFileCase:
+    fields: tuple  # (field, value) pairs written over the embedded model's preprocessor_config.json
+
+
+@st.composite
+def preprocessor_file_cases(draw) -> PreprocessorFileCase:
+    pairs = st.tuples(st.sampled_from(PREPROCESSOR_FIELDS), st.sampled_from(_BOUND_VALUES))
+    return PreprocessorFileCase(tuple(draw(st.lists(pairs, min_size=1, max_size=4))))
+
+
+def check_preprocessor_file_case(source: Path, case: PreprocessorFileCase) -> str:
+    """Loads an image processor from a copy of `source`'s preprocessor_config.json with hostile bounds: a documented
+    error naming a field, or a processor whose bounds are navil's or tighter, which processes an 80x64 image within
+    them."""
+    config = json.loads((source / "preprocessor_config.json").read_text())
+    config.update(dict(case.fields))
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "preprocessor_config.json").write_text(json.dumps(config))
+        try:
+            processor = NaViLImageProcessor.from_pretrained(folder)
+        except ValueError as error:
+            assert any(field in str(error) for field, _ in case.fields), f"the error names no field: {error}"
+            return classify(error)
+    for name in SAVED_BOUNDS:
+        value = getattr(processor, name)
+        assert value is not None and value <= getattr(NaViLImageProcessor, name), f"{name}={value} was loaded"
+    try:
+        outputs = processor(Image.new("RGB", (80, 64), (90, 30, 200)), return_tensors="pt")
+    except ValueError as error:
+        return classify(error)
+    assert len(outputs["pixel_values"]) <= processor.max_patches_per_call
+    return "ok"
+
+
+_SIZE_VALUES = (0, 1, 3, 16, 64, 128, 1000, 1024, 5_000_000, 10**12, -2)
+CONFIG_FILE_FIELDS = (
+    ("llm_config", "vocab_size"),
+    ("llm_config", "hidden_size"),
+    ("llm_config", "intermediate_size"),
+    ("llm_config", "num_hidden_layers"),
+    ("vision_config", "hidden_size"),
+    ("vision_config", "intermediate_size"),
+    ("vision_config", "num_hidden_layers"),
+)
+
+
+@dataclass(frozen=True)
+class ConfigFileCase:
+    section: str
+    field: str
+    value: int
+    strict: bool
+
+
+@st.composite
+def config_file_cases(draw) -> ConfigFileCase:
+    section, field = draw(st.sampled_from(CONFIG_FILE_FIELDS))
+    value, strict = draw(st.sampled_from(_SIZE_VALUES)), draw(st.booleans())
+    # strict=False builds what the config says: sizes of a few GB (5e6-token vocabularies) only with strict
+    return ConfigFileCase(section, field, value, strict or not 2048 < value < 10**12)
+
+
+def check_config_file_case(source: Path, case: ConfigFileCase) -> str:
+    """Loads the checkpoint `source` (an original config, with `llm_config`) with one size of its config.json
+    changed: refused before the model is built, naming the field, or a model of the stated size (only when the
+    weights agree, or `strict=False` within the memory)."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        for path in source.iterdir():
+            if path.is_file():
+                (folder / path.name).symlink_to(path)
+        config = json.loads((source / "config.json").read_text())
+        config[case.section][case.field] = case.value
+        (folder / "config.json").unlink()
+        (folder / "config.json").write_text(json.dumps(config))
+        start = time.perf_counter()
+        try:
+            model = NaViLForConditionalGeneration.from_pretrained(folder, strict=case.strict)
+        except ValueError as error:
+            words = (case.field, *_RELATED_WORDS.get(case.field, ()), "does not match")
+            assert any(word in str(error) for word in words), f"the error names no field: {error}"
+            return classify(error)
+    section = model.config.text_config if case.section == "llm_config" else model.config.vision_config
+    assert getattr(section, case.field) == case.value
+    assert case.strict is False or time.perf_counter() - start < 10
     return "ok"

@@ -388,5 +388,7 @@ def test_config_sizes_that_the_weight_headers_contradict_are_refused_before_allo
 
 def test_a_config_too_large_for_the_memory_is_refused_naming_the_field_even_when_not_strict(tmp_path):
     folder = folder_with_config(tmp_path, "text_config", hidden_size=10**12, head_dim=16)
-    with pytest.raises(ValueError, match="more than the .* GiB of memory available.*text_config.hidden_size = 10{12}"):
+    with pytest.raises(
+        ValueError, match="more than the .* GiB of memory available.*text_config: .*hidden_size = 1000000000000"
+    ):
         NaViLForConditionalGeneration.from_pretrained(folder, strict=False)
