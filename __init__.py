@@ -4,7 +4,7 @@ The files of this package double as Hub remote code: `configuration_navil.py`, `
 `image_processing_navil.py` and `processing_navil.py` are copied next to a checkpoint by `save_pretrained`.
 """
 
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoImageProcessor
 
 from .configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
 from .image_processing_navil import NaViLImageProcessor
@@ -16,6 +16,9 @@ __version__ = "0.1.0"
 # `AutoTokenizer.from_pretrained(folder)` reads the folder's config.json (transformers 5); with the config class known it
 # needs no remote code for it and does not stop to ask for trust_remote_code.
 AutoConfig.register(NaViLConfig.model_type, NaViLConfig, exist_ok=True)
+# `NaViLProcessor.from_pretrained(folder)` loads its image processor through AutoImageProcessor, which takes this class
+# for a NaViL config instead of asking to run the folder's own image_processing_navil.py.
+AutoImageProcessor.register(NaViLConfig, slow_image_processor_class=NaViLImageProcessor, exist_ok=True)
 
 __all__ = [
     "NaViLConfig",

@@ -104,15 +104,8 @@ def load_navil_processor(pretrained_model_name_or_path, trust_remote_code: bool 
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(pretrained_model_name_or_path, trust_remote_code=True)
-    from transformers import AutoImageProcessor
+    from .processing_navil import NaViLProcessor  # its image processor class is registered by navil/__init__.py
 
-    from .configuration_navil import NaViLConfig
-    from .image_processing_navil import NaViLImageProcessor
-    from .processing_navil import NaViLProcessor
-
-    # the processor loads its image processor through AutoImageProcessor, which then takes this class for a NaViL
-    # config instead of the folder's own (with trust_remote_code=False it would refuse the folder)
-    AutoImageProcessor.register(NaViLConfig, slow_image_processor_class=NaViLImageProcessor, exist_ok=True)
     return NaViLProcessor.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False)
 
 
