@@ -12,6 +12,7 @@ navil build-tokenizer tokenizer                         # rebuild the tiny model
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Optional
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / "navil-tiny"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRUST_HELP = "run the model folder's own Python files (auto_map) instead of navil's; never files outside the folder"
 
 
 def _device(name: str) -> str:
@@ -37,17 +39,17 @@ def _dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto"):
-    """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat."""
-    from .modeling_navil import NaViLForConditionalGeneration
-    from .processing_navil import load_navil_tokenizer
+def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+    """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat: with
+    the installed package's code, or with the folder's own code only with `trust_remote_code` (see loading_navil)."""
+    from .loading_navil import load_navil_model, load_navil_tokenizer_safely
 
     path = str(model) if model else str(EMBEDDED_MODEL_DIR)
     if not model and not EMBEDDED_MODEL_DIR.is_dir():
         raise SystemExit(f"The embedded model is missing ({EMBEDDED_MODEL_DIR}); train it with `navil train`.")
     device = _device(device)
-    tokenizer = load_navil_tokenizer(path)
-    navil = NaViLForConditionalGeneration.from_pretrained(path, dtype=_dtype(dtype, device)).eval().to(device)
+    tokenizer = load_navil_tokenizer_safely(path, trust_remote_code)
+    navil = load_navil_model(path, trust_remote_code, dtype=_dtype(dtype, device)).eval().to(device)
     navil.init_special_token_ids(tokenizer)
     return navil, tokenizer
 
@@ -71,7 +73,7 @@ def _answer(model, tokenizer, image, question: str, args) -> None:
 def run_chat(args) -> int:
     import torch
 
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     image = args.image
     if image is not None and not str(image).startswith(("http://", "https://")) and not Path(image).is_file():
         raise SystemExit(f"No image at {image}.")
@@ -148,6 +150,7 @@ def run_finetune(args) -> int:
         logging_steps=args.logging_steps,
         seed=args.seed,
         disable_tqdm=args.quiet,
+        trust_remote_code=args.trust_remote_code,
     )
     close_process_group()  # under `accelerate launch`; the trainer (and its model) went with finetune's frame
     print(f"saved the fine-tuned model to {args.output_dir}")
@@ -165,7 +168,7 @@ def run_eval(args) -> int:
     if args.drawn:
         # built before the model loads, so that a type the drawn set cannot ask (ocr) fails at once
         data = DrawnShapesDataset(seed=args.seed, question_types=args.types or DRAWN_QUESTION_TYPES)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     processor = navil_processor(model.config, tokenizer)
     size_range = OUT_OF_RANGE_SIZES if args.out_of_range else TRAIN_SIZE_RANGE
     types = args.types or list(QUESTION_TYPES)
@@ -199,7 +202,9 @@ def run_eval(args) -> int:
 def run_convert(args) -> int:
     from .convert_navil import convert_checkpoint
 
-    convert_checkpoint(args.src_dir, args.out_dir, tokenizer_dir=args.tokenizer)
+    convert_checkpoint(
+        args.src_dir, args.out_dir, tokenizer_dir=args.tokenizer, trust_remote_code=args.trust_remote_code
+    )
     print(f"converted {args.src_dir} -> {args.out_dir}")
     return 0
 
@@ -259,16 +264,77 @@ def serve_defaults(
 
 
 def run_serve(args) -> int:
+    import importlib.util
     import os
 
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit("navil serve needs vLLM, which is not installed: pip install navil[vllm]")
+    from .loading_navil import auto_map_modules
     from .vllm_navil import memory_and_platform, serve
 
-    on_cpu, available_memory = memory_and_platform()
+    model = args.model or str(EMBEDDED_MODEL_DIR)
     vllm_args = list(args.vllm_args)
+    if "--trust-remote-code" in vllm_args:
+        auto_map_modules(model)  # the folder's own code: never code outside it
+    on_cpu, available_memory = memory_and_platform()
     added, reasons = serve_defaults(vllm_args, on_cpu, available_memory, dict(os.environ))
     for reason in reasons:
         print(f"navil serve (CPU): {reason}", file=sys.stderr, flush=True)
-    return serve([args.model or str(EMBEDDED_MODEL_DIR), *vllm_args, *added])
+    return serve([model, *vllm_args, *added])
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 would give an empty result, e.g. a table of 0.0 %)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (not nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: `auto` or a torch device that holds values and exists on this machine (not `meta`, not
+    `cuda` without a GPU)."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("meta holds no values, so the model cannot run there; use auto, cpu or cuda")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise argparse.ArgumentTypeError(f"{text} is not available (this machine has {found}); use auto or cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return text
 
 
 def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
@@ -279,8 +345,14 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
 
     def model_flags(sub):
         sub.add_argument("--model", help="model folder or Hub id (default: the embedded tiny model)")
-        sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: cuda if available)")
+        sub.add_argument(
+            "--device", default="auto", type=device_name, help="cpu, cuda, cuda:1, … (default: cuda if available)"
+        )
         sub.add_argument("--dtype", default="auto", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+        trust_flag(sub)
+
+    def trust_flag(sub):
+        sub.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     chat = commands.add_parser("chat", help="answer questions about an image")
     chat.add_argument("question", nargs="*", help="the question; interactive when omitted")
@@ -309,22 +381,25 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     tune.add_argument("--stage", default="2", choices=["1", "2", "vision_frozen"], help="what trains (default: all)")
     tune.add_argument("--lora", choices=["text", "visual", "both"], help="train LoRA adapters on these experts")
     tune.add_argument("--lora-rank", type=int, default=8)
-    tune.add_argument("--epochs", type=float, default=3.0)
+    tune.add_argument("--epochs", type=positive_float, default=3.0)
     tune.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: --epochs)")
-    tune.add_argument("--batch-size", type=int, default=4, help="examples per step and process")
+    tune.add_argument("--batch-size", type=positive_int, default=4, help="examples per step and process")
     tune.add_argument("--learning-rate", type=float, default=1e-4)
-    tune.add_argument("--eval-fraction", type=float, default=0.1, help="examples held out for evaluation")
+    tune.add_argument("--eval-fraction", type=fraction, default=0.1, help="examples held out for evaluation")
     tune.add_argument("--max-length", type=int, help="longest sequence in tokens (longer examples are cut or dropped)")
     tune.add_argument("--no-multiscale", action="store_true", help="encode images at full size only")
     tune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     tune.add_argument("--logging-steps", type=int, default=1)
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    trust_flag(tune)
     tune.set_defaults(run=run_finetune)
 
     evaluation = commands.add_parser("eval", help="exact-match accuracy per question type on fresh synthetic data")
     model_flags(evaluation)
-    evaluation.add_argument("--num-questions", type=int, default=600, help="questions in all, cycling through types")
+    evaluation.add_argument(
+        "--num-questions", type=positive_int, default=600, help="questions in all, cycling through types"
+    )
     evaluation.add_argument("--seed", type=int, default=1234, help="data seed (training used 0)")
     held_out = evaluation.add_mutually_exclusive_group()
     held_out.add_argument("--out-of-range", action="store_true", help="image sizes outside the training range")
@@ -334,7 +409,7 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--types", nargs="+", help="question types to ask (default: all; with --drawn all but ocr)"
     )
-    evaluation.add_argument("--batch-size", type=int, default=32)
+    evaluation.add_argument("--batch-size", type=positive_int, default=32)
     evaluation.add_argument("--no-multiscale", action="store_true", help="encode images at full size only")
     evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluation.set_defaults(run=run_eval)
@@ -343,10 +418,11 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     convert.add_argument("src_dir", help="folder of the original checkpoint")
     convert.add_argument("out_dir", help="folder to write")
     convert.add_argument("--tokenizer", help="folder of the tokenizer, if not in src_dir")
+    trust_flag(convert)
     convert.set_defaults(run=run_convert)
 
     serve = commands.add_parser(
-        "serve", help="serve a model with vLLM's OpenAI-compatible server: `vllm serve MODEL --trust-remote-code ...`"
+        "serve", help="serve a model with vLLM's OpenAI-compatible server: `vllm serve MODEL ...` (navil's code)"
     )
     serve.add_argument("model", nargs="?", help="model folder (default: the embedded tiny model)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="further `vllm serve` arguments, after the model")

@@ -131,6 +131,26 @@ def check_fields(owner: str, kind: str, **fields) -> None:
             raise ValueError(f"{owner}.{name} must be {description}, got {value!r:.60}.")
 
 
+def check_range(owner: str, name: str, value, low: float, high: float, hint: str) -> None:
+    """Raises a `ValueError` naming `owner.name` unless `low < value < high` (a value already checked as a number):
+    finite but absurd values (a RoPE base of 1e-300, an epsilon of 5) build a model that answers garbage."""
+    if not low < value < high:
+        raise ValueError(f"{owner}.{name} must lie between {low} and {high} {hint}, got {value!r:.40}.")
+
+
+def check_dtype_field(owner: str, kwargs: dict) -> None:
+    """Raises a `ValueError` naming `owner.dtype` (or `torch_dtype`) unless it is None, "auto" or a floating-point
+    torch dtype (or its name), before transformers looks the name up in torch."""
+    for name in ("dtype", "torch_dtype"):
+        value = kwargs.get(name)
+        dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+        if value is not None and value != "auto" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(
+                f"{owner}.{name} must be a floating-point dtype such as 'float32', 'bfloat16' or 'float16' (or null), "
+                f"got {value!r:.40}."
+            )
+
+
 def check_activation(owner: str, hidden_act) -> None:
     if not isinstance(hidden_act, str) or hidden_act not in ACT2FN:
         raise ValueError(
@@ -318,6 +338,7 @@ class NaViLVisionConfig(PretrainedConfig):
             )
         self.fullatt_block_indexes = None if fullatt_block_indexes is None else list(fullatt_block_indexes)
         self.downsample_ratio = downsample_ratio
+        check_dtype_field("vision_config", kwargs)
         super().__init__(**kwargs)
         self.validate_vision()
         # the layer scales are filled with it: an int (e.g. `1` in a JSON file) would make them integer tensors
@@ -335,6 +356,7 @@ class NaViLVisionConfig(PretrainedConfig):
         check_fields(
             "vision_config", "positive", layer_norm_eps=self.layer_norm_eps, downsample_ratio=self.downsample_ratio
         )
+        check_range("vision_config", "layer_norm_eps", self.layer_norm_eps, 0, 1, "(1e-6 in practice)")
         check_fields(
             "vision_config",
             "non-negative",
@@ -448,6 +470,13 @@ class NaViLTextConfig(PretrainedConfig):
             raise ValueError(
                 f"llm_config.architectures[0] must be one of {sorted(BACKBONES)}, got {self.architectures[0]!r}."
             )
+        backbone = kwargs.pop("backbone", None)  # derived from architectures; an equal value is redundant
+        if backbone is not None and backbone != self.backbone:
+            raise ValueError(
+                f"text_config.backbone is {backbone!r:.40} but architectures[0] = {self.architectures[0]!r} gives "
+                f"{self.backbone!r}; the backbone follows from architectures, so remove the backbone key."
+            )
+        check_dtype_field("text_config", kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -456,6 +485,7 @@ class NaViLTextConfig(PretrainedConfig):
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         check_fields("text_config", "size", hidden_size=hidden_size, num_attention_heads=num_attention_heads)
         check_fields("text_config", "positive", rope_theta=rope_theta)
+        check_range("text_config", "rope_theta", rope_theta, 1, math.inf, "(the RoPE base; 1e4 to 1e6 in practice)")
         if self.backbone == "internlm2" or head_dim is None:
             head_dim = hidden_size // num_attention_heads
         self.head_dim = head_dim
@@ -485,6 +515,7 @@ class NaViLTextConfig(PretrainedConfig):
         sizes += ("num_key_value_heads", "head_dim", "max_position_embeddings")
         check_fields("text_config", "size", **{name: getattr(self, name) for name in sizes})
         check_fields("text_config", "positive", rms_norm_eps=self.rms_norm_eps)
+        check_range("text_config", "rms_norm_eps", self.rms_norm_eps, 0, 1, "(1e-6 in practice)")
         check_fields("text_config", "non-negative", initializer_range=self.initializer_range)
         check_fields(
             "text_config", "flag", use_sliding_window=self.use_sliding_window, modality_experts=self.modality_experts
@@ -522,8 +553,8 @@ def parse_rope_scaling(rope_scaling, rope_type="default", rope_factor=1.0):
         rope_factor = rope_scaling.get("factor", 1.0)
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}.")
-    if not isinstance(rope_factor, (int, float)) or rope_factor < 1.0:
-        raise ValueError(f"rope scaling factor must be a number >= 1, got {rope_factor!r}.")
+    if isinstance(rope_factor, bool) or not isinstance(rope_factor, (int, float)) or not 1.0 <= rope_factor < math.inf:
+        raise ValueError(f"rope scaling factor (rope_factor) must be a finite number >= 1, got {rope_factor!r}.")
     return rope_type, float(rope_factor)
 
 
@@ -590,6 +621,7 @@ class NaViLConfig(PretrainedConfig):
         self.special_token_ids = dict(special_token_ids or {})
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        check_dtype_field("NaViLConfig", kwargs)
         super().__init__(**kwargs)
         self.validate_navil()
 

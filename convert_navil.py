@@ -2,9 +2,11 @@
 
 The weights are copied byte for byte (the original state-dict names are ours), the config gains `auto_map` and the
 special-token ids, and the code files, the image processor and processor configs are added next to them. The
-original tokenizer files are kept as they are.
+original tokenizer files are kept as they are, except their code: none of the source's Python files runs or is copied
+unless `trust_remote_code` (then only the tokenizer's own `tokenization_*.py`, named by its `auto_map`).
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -29,7 +31,6 @@ TOKENIZER_PATTERNS = (
     "vocab*",
     "merges.txt",
     "*.model",
-    "tokenization_*.py",
     "chat_template*",
 )
 
@@ -44,17 +45,31 @@ def _copy_matching(src: Path, dst: Path, patterns) -> list:
     return copied
 
 
-def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True) -> Path:
+def _drop_tokenizer_auto_map(out: Path) -> None:
+    """Removes the `AutoTokenizer` entry of the copied tokenizer config: its code files were not copied."""
+    path = out / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map:
+        del auto_map["AutoTokenizer"]
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True, trust_remote_code=False) -> Path:
     """Writes a loadable copy of the original checkpoint `src_dir` to `out_dir` and returns `out_dir`.
 
     `tokenizer_dir` defaults to `src_dir` (original NaViL repos ship their tokenizer next to the weights). With
     `verify`, the result is loaded through `AutoModel`/`AutoProcessor` (`trust_remote_code=True`) and its logits on a
     short prompt are compared with the original folder loaded directly.
-    """
-    from transformers import AutoTokenizer
 
+    The tokenizer loads without running its folder's code unless `trust_remote_code` (an original tokenizer that
+    needs its `tokenization_*.py` is then refused, naming the flag); with it, that code must lie in the folder.
+    """
     from .compat_navil import make_saved_processor_portable
     from .configuration_navil import hub_repo_id_of, write_model_card
+    from .loading_navil import auto_map_modules, load_navil_tokenizer_safely
     from .modeling_navil import NaViLForConditionalGeneration
     from .processing_navil import NaViLProcessor
 
@@ -71,7 +86,7 @@ def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True) -> Pat
         raise ValueError("out_dir must differ from src_dir: the original folder is left untouched.")
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_src, trust_remote_code=True)
+    tokenizer = load_navil_tokenizer_safely(tokenizer_src, trust_remote_code)
     # loaded once to validate the config and weights and to fill the special-token ids; the weight files
     # themselves are copied unchanged
     probe = NaViLForConditionalGeneration.from_pretrained(src)
@@ -88,6 +103,11 @@ def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True) -> Pat
     )
     processor.save_pretrained(out)
     _copy_matching(tokenizer_src, out, TOKENIZER_PATTERNS)
+    if trust_remote_code:
+        tokenizer_code = [name for name in auto_map_modules(tokenizer_src) if name.startswith("tokenization_")]
+        _copy_matching(tokenizer_src, out, tokenizer_code)
+    else:
+        _drop_tokenizer_auto_map(out)
     make_saved_processor_portable(out)  # the copied tokenizer config, in the form every transformers release reads
     write_model_card(out, base_model=hub_repo_id_of(src))
     code_dir = Path(__file__).parent

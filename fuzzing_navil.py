@@ -20,10 +20,13 @@ outputs fail an assertion, and any other exception (or a `ValueError` with an un
   header, changed in its data, or missing / reshaping / adding / retyping a tensor; loaded with and without `strict`.
 """
 
+import contextlib
 import io
+import json
 import math
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .configuration_navil import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_START_TOKEN, NaViLConfig
+from .image_processing_navil import SAVED_BOUNDS, NaViLImageProcessor
 from .modeling_navil import NaViLForConditionalGeneration
 from .training.configs import tiny_config
 
@@ -55,6 +59,30 @@ EXPECTED_ERRORS = {
     "too many patches": r"more than max_patches_per_(scale|call)=",
     "unreadable safetensors file": "is not a readable safetensors file",
     "checkpoint does not match the model": r"does not match NaViLForConditionalGeneration \(",
+    "image tokens without images": "tokens but no pixel_values were given",
+    "generation setting out of range": r"generation_config\['\w+'\] must be",
+    "generation key that chat owns": "which chat sets itself",
+    "generation length": r"(max_new_tokens|max_length) must be a whole number|more than the model's \d+ positions|leaves no room for a reply|"
+    r"max_new_tokens=0 asks for no reply",
+    "JSONL file not UTF-8": r"is not UTF-8 \(byte|looks like UTF-16",
+    "JSONL line not JSON": r"is not valid JSON \(|is nested too deeply",
+    "JSONL file without examples": "holds no examples",
+    "images is not a list of images": r"'images' must be a list of images|'images' entry \d+ is null",
+    "malformed chat example": (
+        r"A training example must be a dict|user/assistant messages|should be a (user|assistant) message|has content "
+        r"of type|has the content block|only user messages hold images"
+    ),
+    "images do not match image blocks": r"more image blocks than the \d+ images|images under 'images' but \d+ image",
+    "image placeholders do not match images": r"placeholders than its \d+ images|images but \d+ image blocks",
+    "empty batch": "The collator got an empty batch",
+    "example longer than max_length": "Every example of the batch was dropped",
+    "image file not found": "Image file not found",
+    "saved bound removed or raised": "a saved file may only lower it",
+    "image above max_image_pixels": "more than max_image_pixels=",
+    "image processor setting": r"must be a positive whole number or None|must be a number of pixels",
+    "config contradicts the weights": r"config.json says \w+\.\w+ = .*, but",
+    "config too large for the memory": "GiB of memory available",
+    "invalid config value": r"must be a positive whole number|must be divisible by|must be a multiple of|are outside the",
 }
 
 # Small budgets for CI: deterministic, no example database written next to the tests.
@@ -562,6 +590,7 @@ def check_config_case(case: ConfigCase) -> str:
     model = NaViLForConditionalGeneration(config).eval()
     vocab_size = config.text_config.vocab_size
     input_ids = torch.randint(0, vocab_size, (1, 5), generator=torch.Generator().manual_seed(case.seed))
+    input_ids[input_ids == config.special_token_ids.get(IMG_CONTEXT_TOKEN)] = 0  # image tokens need images
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
         assert logits.shape == (1, 5, vocab_size)
@@ -587,4 +616,318 @@ def check_weight_case(source: Path, case: WeightCase) -> str:
             assert case.strict or outcome != "checkpoint does not match the model", error
             return outcome
     assert not (case.strict and case.corruption in ("missing tensor", "reshaped tensor", "extra tensor"))
+    return "ok"
+
+
+# -- chat generation settings ---------------------------------------------------------------------------------------
+
+# Values a generation setting may be given: valid ones, and out-of-range, non-finite or mistyped ones.
+_SETTING_VALUES = (0, 1, 2, 3, -1, -5, 0.0, 0.5, 1.0, 2.0, 1e-30, 1e30, math.nan, math.inf, -math.inf, True, False)
+_SETTING_VALUES += (None, "8", "0.5", [], [1], [2, -1], 2**40)
+GENERATION_SETTINGS = (
+    "temperature top_p top_k min_p typical_p repetition_penalty length_penalty num_beams num_return_sequences "
+    "no_repeat_ngram_size do_sample use_cache eos_token_id pad_token_id bos_token_id max_new_tokens max_length "
+    "return_dict_in_generate streamer input_ids pixel_values attention_mask".split()
+)
+
+
+@dataclass(frozen=True)
+class ChatSettingsCase:
+    settings: tuple  # (name, value) pairs
+    with_image: bool
+    seed: int
+
+
+@st.composite
+def chat_settings_cases(draw) -> ChatSettingsCase:
+    names = draw(st.lists(st.sampled_from(GENERATION_SETTINGS), min_size=1, max_size=3, unique=True))
+    values = st.one_of(st.sampled_from(_SETTING_VALUES), st.floats(allow_nan=True), st.integers(-10, 2000))
+    settings = tuple((name, draw(values)) for name in names)
+    return ChatSettingsCase(settings, draw(st.booleans()), draw(st.integers(0, 99)))
+
+
+def check_chat_settings_case(model, tokenizer, case: ChatSettingsCase) -> str:
+    """`chat` with hostile generation settings (at most 3 new tokens unless the case sets the length): a reply string,
+    or a documented error before anything is generated."""
+    settings = {"max_new_tokens": 3, **dict(case.settings)}
+    if isinstance(settings.get("max_new_tokens"), int) and not isinstance(settings["max_new_tokens"], bool):
+        settings["max_new_tokens"] = min(settings["max_new_tokens"], 8)  # a valid length, kept short
+    if isinstance(settings.get("max_length"), int) and not isinstance(settings["max_length"], bool):
+        settings.pop("max_new_tokens")
+    if isinstance(settings.get("num_beams"), int) and not isinstance(settings["num_beams"], bool):
+        settings["num_beams"] = min(settings["num_beams"], 3)
+    image = small_image(case.seed) if case.with_image else None
+    torch.manual_seed(case.seed)
+    try:
+        with torch.no_grad():
+            reply = model.chat(tokenizer, image, "What is it?", settings)
+    except ValueError as error:
+        return classify(error)
+    assert isinstance(reply, str)
+    return "ok"
+
+
+# -- JSONL files and collator inputs --------------------------------------------------------------------------------
+
+_JSONL_TEXTS = ("Hi", "<image>\nWhat?", "a\u2028b", "\ud800", "caf\u00e9", "", "\u0085x\u000c")
+_JSONL_IMAGES = (None, None, None, [], ["a.png"], ["a.png"], ["sub/b.png", "https://example.com/c.png"])
+_JSONL_IMAGES += (5, "a.png", {"x": 1}, [None])
+
+
+@dataclass(frozen=True)
+class ExampleCase:
+    kind: str  # "chat", "image blocks", "no messages", "odd messages", "bad content", "deep", "not json", "blank"
+    text: str
+    images: object
+    seed: int
+
+
+@st.composite
+def example_cases(draw) -> ExampleCase:
+    kinds = ("chat",) * 8 + ("image blocks", "no messages", "odd messages", "bad content", "deep", "not json")
+    return ExampleCase(
+        draw(st.sampled_from((*kinds, "blank"))),
+        draw(st.one_of(st.sampled_from(_JSONL_TEXTS), st.text(max_size=6))),
+        draw(st.sampled_from(_JSONL_IMAGES)),
+        draw(st.integers(0, 99)),
+    )
+
+
+def make_example(case: ExampleCase):
+    """The example of `case` as a Python object (None for a line that is not a JSON object)."""
+    user = {"role": "user", "content": case.text}
+    if case.kind == "image blocks":
+        user["content"] = [{"type": "image", "image": "x.png"}, {"type": "text", "text": case.text}]
+    elif isinstance(case.images, list) and case.images and case.seed % 4:  # one image block per image
+        user["content"] = [{"type": "image"}] * len(case.images) + [{"type": "text", "text": case.text}]
+    messages = [user, {"role": "assistant", "content": "A circle."}]
+    if case.kind == "odd messages":
+        messages = messages[:1]
+    if case.kind == "bad content":
+        messages[0]["content"] = [None, 5, {"type": "video"}][case.seed % 3]
+    example = {"messages": messages}
+    if case.kind == "no messages":
+        example = {"images": []}
+    if case.images is not None:
+        example["images"] = case.images
+    return example
+
+
+def _jsonl_line(case: ExampleCase) -> str:
+    if case.kind == "blank":
+        return " "
+    if case.kind == "deep":
+        return "[" * (200 + 1000 * case.seed) + "]" * (200 + 1000 * case.seed)
+    line = json.dumps(make_example(case), ensure_ascii=case.seed % 2 == 0)
+    return line[: len(line) // 2] if case.kind == "not json" else line
+
+
+@dataclass(frozen=True)
+class JsonlCase:
+    examples: tuple  # ExampleCase per line
+    encoding: str
+    line_end: str
+
+
+@st.composite
+def jsonl_cases(draw) -> JsonlCase:
+    examples = tuple(draw(st.lists(example_cases(), max_size=4)))
+    encoding = draw(st.sampled_from(("utf-8", "utf-8", "utf-8-sig", "latin-1", "utf-16")))
+    return JsonlCase(examples, encoding, draw(st.sampled_from(("\n", "\r\n"))))
+
+
+def check_jsonl_case(case: JsonlCase) -> str:
+    """Reads a JSONL file of hostile lines with `navil.training.load_jsonl`: one example per non-blank line, relative
+    images resolved against the file's folder; or a documented error naming the file."""
+    from .training.finetune import load_jsonl
+
+    text = case.line_end.join(_jsonl_line(example) for example in case.examples)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "train.jsonl"
+        try:
+            path.write_bytes(text.encode(case.encoding))
+        except UnicodeEncodeError:  # a lone surrogate or a character the encoding lacks: write it as UTF-8
+            path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        try:
+            examples = load_jsonl(path)
+        except ValueError as error:
+            assert str(path) in str(error), f"the error does not name the file: {error}"
+            return classify(error)
+    assert len(examples) == sum(example.kind != "blank" for example in case.examples)
+    for example in examples:
+        for image in example["images"]:
+            assert not isinstance(image, str) or image.startswith(("https://", folder)), image
+    return "ok"
+
+
+@dataclass(frozen=True)
+class CollatorCase:
+    examples: tuple  # ExampleCase per example of the batch
+    max_length: object
+    with_pixels: bool  # images as arrays (else as the case's paths, which do not exist)
+
+
+@st.composite
+def collator_cases(draw) -> CollatorCase:
+    examples = tuple(draw(st.lists(example_cases().filter(lambda c: c.kind not in ("deep", "not json")), max_size=3)))
+    max_length = draw(st.one_of(st.none(), st.integers(1, 400)))
+    return CollatorCase(examples, max_length, draw(st.booleans()))
+
+
+def check_collator_case(processor, case: CollatorCase) -> str:
+    """Runs `NaViLDataCollator` on a batch of hostile examples: a batch whose tensors agree, or a documented error."""
+    from .training.finetune import NaViLDataCollator
+
+    examples = []
+    for example_case in case.examples:
+        example = make_example(example_case)
+        if case.with_pixels and isinstance(example.get("images"), list):
+            example["images"] = [small_image(example_case.seed) for _ in example["images"]]
+        examples.append(example)
+    try:
+        batch = NaViLDataCollator(processor, max_length=case.max_length)(examples)
+    except ValueError as error:
+        return classify(error)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert 1 <= batch["input_ids"].shape[0] <= len(examples)
+    assert case.max_length is None or batch["input_ids"].shape[1] <= case.max_length
+    return "ok"
+
+
+# -- CLI flags, saved preprocessor and config files (issue 33, items 1, 4, 5) -----------------------------------------
+
+_FLAG_VALUES = ("0", "-1", "1", "2", "nan", "inf", "0.99", "1e12", "", "x", "meta", "cpu", "cuda", "float32", "bogus")
+CLI_FLAGS = {
+    "chat": ("--device", "--dtype", "--max-new-tokens", "--image", "--model", "--trust-remote-code", "--stream"),
+    "eval": ("--device", "--dtype", "--num-questions", "--batch-size", "--seed", "--types", "--trust-remote-code"),
+    "finetune": ("--epochs", "--batch-size", "--eval-fraction", "--max-length", "--stage", "--lora", "--lora-rank"),
+    "convert": ("--tokenizer", "--trust-remote-code"),
+}
+_SWITCHES = ("--trust-remote-code", "--stream")
+
+
+@dataclass(frozen=True)
+class CliCase:
+    command: str
+    flags: tuple  # (flag, value) pairs; switches take no value
+
+
+@st.composite
+def cli_cases(draw) -> CliCase:
+    command = draw(st.sampled_from(sorted(CLI_FLAGS)))
+    flags = draw(st.lists(st.tuples(st.sampled_from(CLI_FLAGS[command]), st.sampled_from(_FLAG_VALUES)), max_size=4))
+    return CliCase(command, tuple(flags))
+
+
+def check_cli_case(case: CliCase) -> str:
+    """Parses a `navil` command line of hostile flag values: it parses, or argparse refuses it with a message that
+    names the flag (exit status 2); nothing else may escape."""
+    from .cli import build_parser
+
+    argv = [case.command]
+    for flag, value in case.flags:
+        argv += [flag] if flag in _SWITCHES else [flag, value]
+    argv += {"finetune": ["--data", "d.jsonl", "--output-dir", "out"], "convert": ["src", "out"]}.get(case.command, [])
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        message = errors.getvalue()
+        assert exit_.code == 2, f"argparse exited with {exit_.code}: {message}"
+        assert re.search(r"argument -|unrecognized arguments|the following arguments are required", message), message
+        return "flag refused by argparse"
+    return "ok (parsed)"
+
+
+_BOUND_VALUES = (None, 0, 1, -5, 64, 10**4, 10**6, 10**9, 10**18, 1.5, 4e8, math.inf, "100", True)
+PREPROCESSOR_FIELDS = ("min_pixels", "max_pixels", *SAVED_BOUNDS)
+
+
+@dataclass(frozen=True)
+class PreprocessorFileCase:
+    fields: tuple  # (field, value) pairs written over the embedded model's preprocessor_config.json
+
+
+@st.composite
+def preprocessor_file_cases(draw) -> PreprocessorFileCase:
+    pairs = st.tuples(st.sampled_from(PREPROCESSOR_FIELDS), st.sampled_from(_BOUND_VALUES))
+    return PreprocessorFileCase(tuple(draw(st.lists(pairs, min_size=1, max_size=4))))
+
+
+def check_preprocessor_file_case(source: Path, case: PreprocessorFileCase) -> str:
+    """Loads an image processor from a copy of `source`'s preprocessor_config.json with hostile bounds: a documented
+    error naming a field, or a processor whose bounds are navil's or tighter, which processes an 80x64 image within
+    them."""
+    config = json.loads((source / "preprocessor_config.json").read_text())
+    config.update(dict(case.fields))
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "preprocessor_config.json").write_text(json.dumps(config))
+        try:
+            processor = NaViLImageProcessor.from_pretrained(folder)
+        except ValueError as error:
+            assert any(field in str(error) for field, _ in case.fields), f"the error names no field: {error}"
+            return classify(error)
+    for name in SAVED_BOUNDS:
+        value = getattr(processor, name)
+        assert value is not None and value <= getattr(NaViLImageProcessor, name), f"{name}={value} was loaded"
+    try:
+        outputs = processor(Image.new("RGB", (80, 64), (90, 30, 200)), return_tensors="pt")
+    except ValueError as error:
+        return classify(error)
+    assert len(outputs["pixel_values"]) <= processor.max_patches_per_call
+    return "ok"
+
+
+_SIZE_VALUES = (0, 1, 3, 16, 64, 128, 1000, 1024, 5_000_000, 10**12, -2)
+CONFIG_FILE_FIELDS = (
+    ("llm_config", "vocab_size"),
+    ("llm_config", "hidden_size"),
+    ("llm_config", "intermediate_size"),
+    ("llm_config", "num_hidden_layers"),
+    ("vision_config", "hidden_size"),
+    ("vision_config", "intermediate_size"),
+    ("vision_config", "num_hidden_layers"),
+)
+
+
+@dataclass(frozen=True)
+class ConfigFileCase:
+    section: str
+    field: str
+    value: int
+    strict: bool
+
+
+@st.composite
+def config_file_cases(draw) -> ConfigFileCase:
+    section, field = draw(st.sampled_from(CONFIG_FILE_FIELDS))
+    value, strict = draw(st.sampled_from(_SIZE_VALUES)), draw(st.booleans())
+    # strict=False builds what the config says: sizes of a few GB (5e6-token vocabularies) only with strict
+    return ConfigFileCase(section, field, value, strict or not 2048 < value < 10**12)
+
+
+def check_config_file_case(source: Path, case: ConfigFileCase) -> str:
+    """Loads the checkpoint `source` (an original config, with `llm_config`) with one size of its config.json
+    changed: refused before the model is built, naming the field, or a model of the stated size (only when the
+    weights agree, or `strict=False` within the memory)."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        for path in source.iterdir():
+            if path.is_file():
+                (folder / path.name).symlink_to(path)
+        config = json.loads((source / "config.json").read_text())
+        config[case.section][case.field] = case.value
+        (folder / "config.json").unlink()
+        (folder / "config.json").write_text(json.dumps(config))
+        start = time.perf_counter()
+        try:
+            model = NaViLForConditionalGeneration.from_pretrained(folder, strict=case.strict)
+        except ValueError as error:
+            words = (case.field, *_RELATED_WORDS.get(case.field, ()), "does not match")
+            assert any(word in str(error) for word in words), f"the error names no field: {error}"
+            return classify(error)
+    section = model.config.text_config if case.section == "llm_config" else model.config.vision_config
+    assert getattr(section, case.field) == case.value
+    assert case.strict is False or time.perf_counter() - start < 10
     return "ok"

@@ -14,6 +14,9 @@ Read top to bottom:
 Parameter names equal those of the original NaViL checkpoints, so they load without conversion.
 """
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
@@ -35,13 +38,18 @@ from transformers.utils.generic import can_return_tuple
 from .attention_navil import AttentionBlocks, attention_interface, block_diagonal_attention
 from .chat_navil import NaViLChatMixin
 from .checks_navil import (
+    check_config_against_weights,
     check_generation_length,
     check_image_tokens,
     check_loading_info,
     check_local_checkpoint,
+    check_model_folder,
+    check_no_image_tokens,
     check_num_scales,
     check_pixel_values,
     check_prompt,
+    check_torchao_loading,
+    check_weight_dtypes,
     with_quantization_config,
 )
 from .compat_navil import (
@@ -71,6 +79,22 @@ from .configuration_navil import (
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file here.
 from .image_processing_navil import NaViLImageProcessor  # noqa: F401
 from .processing_navil import NaViLProcessor  # noqa: F401
+
+
+def move_saved_files(staging: Path, target: Path) -> None:
+    """Moves the files of a complete save from `staging` into `target` (renamed into place when `target` does not
+    exist), removing weight files of an earlier save in `target` that the new one does not have (old shards)."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    saved = {path.name for path in staging.iterdir()}
+    for old in target.glob("*"):
+        weights = old.name.startswith(("model", "pytorch_model")) and old.suffix in (".safetensors", ".bin", ".json")
+        if weights and old.is_file() and old.name not in saved:
+            old.unlink()
+    for path in staging.iterdir():
+        os.replace(path, target / path.name)
+    staging.rmdir()
 
 
 class NaViLRMSNorm(nn.Module):
@@ -260,12 +284,17 @@ class NaViLPreTrainedModel(PreTrainedModel):
         naming them instead of silently initialising them at random. A local folder without `config.json` (and no
         `config=`) and unreadable safetensors files are refused before the model is built.
         """
+        check_model_folder(pretrained_model_name_or_path)
         folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         if folder.is_dir():
             check_local_checkpoint(folder, has_config="config" in kwargs, allow_pickle=allow_pickle)
+            check_weight_dtypes(folder)
         if not allow_pickle:
             kwargs.setdefault("use_safetensors", True)
         kwargs = with_quantization_config(with_dtype_kwarg(kwargs), cls._modules_to_not_quantize)
+        check_torchao_loading(cls, pretrained_model_name_or_path, kwargs)
+        if folder.is_dir():
+            check_config_against_weights(folder, cls.config_class, kwargs, strict)
         wants_info = kwargs.pop("output_loading_info", False)
         # strict: mismatched shapes are reported below, naming the tensors, instead of transformers' error;
         # strict=False loads such checkpoints, as documented, unless the caller says otherwise
@@ -275,9 +304,32 @@ class NaViLPreTrainedModel(PreTrainedModel):
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus a model card (README.md) unless the folder has one."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        write_model_card(save_directory, source=self.name_or_path)
+        """`PreTrainedModel.save_pretrained`, plus a model card (README.md) unless the folder has one.
+
+        Everything is written to a temporary folder next to `save_directory` first and moved there only once every
+        file is complete, so that a full disk leaves no config without its weights: it raises an `OSError` naming
+        the folder, and `save_directory` stays as it was."""
+        if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+            super().save_pretrained(save_directory, *args, **kwargs)
+            write_model_card(save_directory, source=self.name_or_path)
+            return
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+        try:
+            if (target / "README.md").is_file():
+                shutil.copy2(target / "README.md", staging / "README.md")  # a card of the folder is kept
+            super().save_pretrained(staging, *args, **kwargs)
+            write_model_card(staging, source=self.name_or_path)
+        except Exception as error:  # safetensors' own SafetensorError wraps a full disk (not importable everywhere)
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":
+                raise OSError(
+                    f"Could not save the model to {target} ({error}); nothing was written there. Free some disk space "
+                    "or choose another folder."
+                ) from error
+            raise
+        move_saved_files(staging, target)
 
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         # `push_to_hub` has just put transformers' generic card (or the repo's) there; the card names the repo
@@ -1110,12 +1162,13 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         rows = self.special_token_rows(input_ids, inputs_embeds)  # [batch, seq], -1 for other tokens
         special = self.special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
         inputs_embeds = torch.where((rows >= 0)[..., None], special, inputs_embeds)
+        context_mask = rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
         if pixel_values is None:
+            check_no_image_tokens(context_mask)
             return MergedInputs(inputs_embeds, None, None)
         if image_grid_thw is None:
             raise ValueError("pixel_values were given without image_grid_thw; pass both from the image processor.")
         image_grid_thw = check_image_grid(image_grid_thw, self.config.vision_config.merge_size)
-        context_mask = rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
         self.special_token_id(IMG_CONTEXT_TOKEN)  # a clear error when the ids were never read from a tokenizer
         check_image_tokens(self.config, input_ids, context_mask, image_grid_thw)
         image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True, **vision_kwargs)

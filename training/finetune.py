@@ -18,7 +18,6 @@ import gc
 import json
 import math
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +28,15 @@ import torch
 from ..compat_navil import with_checkpointing_names
 from ..configuration_navil import IMAGE_PLACEHOLDER, IMG_END_TOKEN, hub_repo_id_of, write_model_card
 from ..processing_navil import NaViLProcessor
-from .collators import encode_turns, pad_batch
+from .collators import (
+    check_batch,
+    check_example_fields,
+    check_finetune_setup,
+    check_split,
+    encode_turns,
+    pad_batch,
+    read_jsonl,
+)
 from .loop import freeze
 
 # Layers of the language model that LoRA adapts, per backbone: the attention projections (with their visual-expert twins
@@ -168,6 +175,7 @@ def conversation_turns(example: Mapping) -> tuple[Optional[str], list[tuple[str,
             "A training example must be a dict with a list under 'messages' (and its images under 'images'), got "
             f"{example!r:.80}."
         )
+    check_example_fields(example)
     messages = list(example["messages"])
     supplied = list(example.get("images") or [])
     system = None
@@ -273,6 +281,7 @@ class NaViLDataCollator:
             sequences.append((ids, labels))
             images += image_inputs
         if not sequences:
+            check_batch(examples)
             raise ValueError(
                 f"Every example of the batch was dropped: max_length={self.max_length} cuts through their images. "
                 "Raise max_length, or use smaller images (the image processor's max_pixels)."
@@ -283,24 +292,7 @@ class NaViLDataCollator:
 def load_jsonl(path: Union[str, Path]) -> list[dict]:
     """The examples of a JSONL file, one `{"messages": [...], "images": [...]}` per line (blank lines skipped), with
     relative image paths resolved against the file's folder."""
-    path = Path(path)
-    examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            example = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}); write one example per line.") from None
-        conversation_turns(example)  # a clear error now rather than in the middle of training
-        example["images"] = [
-            str(path.parent / image) if isinstance(image, str) and not re.match(r"^[a-z]+://", image) else image
-            for image in example.get("images") or []
-        ]
-        examples.append(example)
-    if not examples:
-        raise ValueError(f"{path} holds no examples; write one JSON example per line.")
-    return examples
+    return read_jsonl(path, conversation_turns)  # a clear error now rather than in the middle of training
 
 
 def split_examples(examples: list, eval_fraction: float, seed: int = 0) -> tuple[list, list]:
@@ -309,6 +301,7 @@ def split_examples(examples: list, eval_fraction: float, seed: int = 0) -> tuple
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must lie in [0, 1), got {eval_fraction}.")
     size = math.ceil(eval_fraction * len(examples)) if len(examples) > 1 else 0
+    check_split(len(examples), size, eval_fraction)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     held_out = set(order[:size])
     train = [example for index, example in enumerate(examples) if index not in held_out]
@@ -325,6 +318,7 @@ def finetune(
     eval_fraction: float = 0.1,
     max_length: Optional[int] = None,
     multiscale: Optional[bool] = None,
+    trust_remote_code: bool = False,
     **training_arguments,
 ):
     """Fine-tunes the model in `model_dir` on the JSONL file `data` with `transformers.Trainer` and
@@ -334,15 +328,19 @@ def finetune(
     `stage` chooses the trainable parameters (`freeze`); `lora` ("text", "visual" or "both") trains LoRA adapters of
     rank `lora_rank` on those experts instead, merged into the weights before saving. A random `eval_fraction` of the
     examples is held out and evaluated after training. `max_length` and `multiscale` go to the collator, further
-    keyword arguments to `TrainingArguments`. Runs as it is under `accelerate launch` (DDP or FSDP).
+    keyword arguments to `TrainingArguments`. Runs as it is under `accelerate launch` (DDP or FSDP). The installed
+    navil code loads `model_dir`; its own Python files run only with `trust_remote_code` (`navil.loading_navil`).
     """
-    from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
+
+    from ..loading_navil import load_navil_model, load_navil_processor
 
     check_launch()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    processor = load_navil_processor(model_dir, trust_remote_code)
+    model = load_navil_model(model_dir, trust_remote_code, dtype=torch.float32)
     if not model.config.special_token_ids:
         model.init_special_token_ids(processor.tokenizer)
+    check_finetune_setup(model.config, processor.tokenizer, stage, lora)
     train, held_out = split_examples(load_jsonl(data), eval_fraction)
     if lora is not None:
         from peft import LoraConfig, get_peft_model

@@ -94,7 +94,7 @@ def freeze(model: NaViLForConditionalGeneration, stage) -> NaViLForConditionalGe
     (`text_config.modality_experts=False`) stage 1 has no visual experts to train: the vision encoder, connector and
     `special_token_embedding` learn to feed the frozen LLM (the usual alignment stage of a dense VLM).
     """
-    if stage not in FREEZING_STAGES:
+    if isinstance(stage, bool) or stage not in FREEZING_STAGES:  # True == 1 would act as stage 1
         raise ValueError(f"Unknown training stage {stage!r}; use one of {list(FREEZING_STAGES)}.")
     for name, parameter in model.named_parameters():
         if stage == 1:
