@@ -39,10 +39,13 @@ def _dtype(name: str, device: str):
 
 def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto"):
     """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat."""
+    from .checks_navil import check_save_complete
     from .modeling_navil import NaViLForConditionalGeneration
     from .processing_navil import load_navil_tokenizer
 
     path = str(model) if model else str(EMBEDDED_MODEL_DIR)
+    if Path(path).is_dir():
+        check_save_complete(Path(path))  # before the tokenizer, which an unfinished save may lack
     if not model and not EMBEDDED_MODEL_DIR.is_dir():
         raise SystemExit(f"The embedded model is missing ({EMBEDDED_MODEL_DIR}); train it with `navil train`.")
     device = _device(device)
@@ -148,6 +151,11 @@ def run_finetune(args) -> int:
         logging_steps=args.logging_steps,
         seed=args.seed,
         disable_tqdm=args.quiet,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        resume=args.resume_from_checkpoint or args.resume,
+        overwrite=args.overwrite,
+        skip_bad_examples=args.skip_bad_examples,
     )
     close_process_group()  # under `accelerate launch`; the trainer (and its model) went with finetune's frame
     print(f"saved the fine-tuned model to {args.output_dir}")
@@ -264,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--logging-steps", type=int, default=1)
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    tune.add_argument("--save-steps", type=int, help="write a complete, loadable checkpoint-N every N steps")
+    tune.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
+    resume = tune.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint"
+    )
+    resume.add_argument("--resume-from-checkpoint", metavar="DIR", help="continue the run from this checkpoint-N")
+    resume.add_argument("--overwrite", action="store_true", help="delete what --output-dir holds before training")
+    tune.add_argument("--skip-bad-examples", action="store_true", help="leave out examples that cannot be encoded")
     tune.set_defaults(run=run_finetune)
 
     evaluation = commands.add_parser("eval", help="exact-match accuracy per question type on fresh synthetic data")

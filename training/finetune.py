@@ -26,8 +26,16 @@ from typing import Optional, Union
 
 import torch
 
+from ..checks_navil import check_save_complete
 from ..configuration_navil import IMAGE_PLACEHOLDER, IMG_END_TOKEN
 from ..processing_navil import NaViLProcessor
+from .checkpointing import (
+    NaViLTrainer,
+    check_free_space,
+    latest_checkpoint,
+    needed_space,
+    prepare_output_dir,
+)
 from .collators import encode_turns, pad_batch
 from .loop import freeze
 
@@ -253,13 +261,17 @@ class NaViLDataCollator:
         answers = [answer for _, answer in turns]
         return encode_turns(self.processor, prompts, answers, images, self.multiscale)
 
+    def cuts_an_image(self, ids: list[int]) -> bool:
+        """Whether cutting `ids` to `max_length` tokens would cut through an image (the example is then dropped)."""
+        last_image_end = max((i for i, token in enumerate(ids) if token == self.image_end_id), default=-1)
+        return self.max_length is not None and last_image_end >= self.max_length
+
     def __call__(self, examples: list[Mapping]) -> dict[str, torch.Tensor]:
         sequences, images = [], []
         for example in examples:
             ids, labels, image_inputs = self.encode(example)
             if self.max_length is not None and len(ids) > self.max_length:
-                last_image_end = max((i for i, token in enumerate(ids) if token == self.image_end_id), default=-1)
-                if last_image_end >= self.max_length:
+                if self.cuts_an_image(ids):
                     self.num_dropped += 1
                     warnings.warn(
                         f"Dropped a training example of {len(ids)} tokens: max_length={self.max_length} would cut "
@@ -314,9 +326,71 @@ def split_examples(examples: list, eval_fraction: float, seed: int = 0) -> tuple
     return train, [examples[index] for index in sorted(held_out)]
 
 
+def bad_examples(examples: list, collator: NaViLDataCollator) -> list[tuple[int, str]]:
+    """`(index, problem)` of each example the collator cannot use: an image that cannot be opened or decoded, image
+    blocks that do not match the images, or (with the collator's `max_length`) an image cut by the length limit.
+    Every example is encoded once, so that a bad one is found before the first step rather than at step 9."""
+    problems = []
+    for index, example in enumerate(examples):
+        try:
+            ids, _, _ = collator.encode(example)
+        except (ValueError, TypeError, OSError) as error:  # PIL's UnidentifiedImageError is an OSError
+            problems.append((index, f"{type(error).__name__}: {error}"))
+            continue
+        if collator.max_length is not None and len(ids) > collator.max_length and collator.cuts_an_image(ids):
+            problems.append((index, f"{len(ids)} tokens: max_length={collator.max_length} would cut through an image"))
+    return problems
+
+
+def check_combination(model, lora: Optional[str], training_arguments: Mapping) -> None:
+    """Refuses, before the first step, the settings that would fail later or train nothing useful: a quantized model
+    (torchao, bitsandbytes) with LoRA, whose adapters are merged into the weights before saving, or without it, whose
+    integer weights cannot be trained; and a learning rate that is not a positive finite number."""
+    rate = training_arguments.get("learning_rate")
+    if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+        raise ValueError(f"learning_rate must be a positive finite number, got {rate!r}.")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None and not getattr(model, "is_quantized", False):
+        return
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "quantized")
+    method = getattr(method, "value", method)
+    if lora is not None:
+        raise ValueError(
+            f"LoRA on a {method} model cannot be saved: navil finetune merges the adapters into the weights, which "
+            "the quantized weights cannot hold. Fine-tune the full-precision checkpoint (with or without --lora) and "
+            "quantize the result."
+        )
+    raise ValueError(
+        f"The model's weights are {method}-quantized integers, which the optimizer cannot update. Fine-tune the "
+        "full-precision checkpoint and quantize the result."
+    )
+
+
+def _is_stream(dataset) -> bool:
+    return isinstance(dataset, torch.utils.data.IterableDataset) and all(
+        callable(getattr(dataset, name, None)) for name in ("state_dict", "load_state_dict")
+    )
+
+
+def _checkpoints_kept(num_examples: Optional[int], save_steps: Optional[int], limit, settings: Mapping) -> int:
+    """How many checkpoints a run holds at most at once (for the free-space check)."""
+    if not save_steps:
+        return 0
+    steps = settings.get("max_steps", -1)
+    if steps is None or steps <= 0:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = settings.get("per_device_train_batch_size", 8) * world
+        batches = math.ceil((num_examples or 0) / per_step)
+        steps = math.ceil(
+            settings.get("num_train_epochs", 3.0) * batches / settings.get("gradient_accumulation_steps", 1)
+        )
+    saved = max(steps // save_steps, 1)
+    return min(saved, limit + 1) if limit else saved
+
+
 def finetune(
     model_dir: str,
-    data: Union[str, Path],
+    data: Optional[Union[str, Path]],
     output_dir: str,
     stage: Union[int, str] = 2,
     lora: Optional[str] = None,
@@ -324,6 +398,12 @@ def finetune(
     eval_fraction: float = 0.1,
     max_length: Optional[int] = None,
     multiscale: Optional[bool] = None,
+    train_dataset=None,
+    save_steps: Optional[int] = None,
+    save_total_limit: Optional[int] = None,
+    resume: Union[bool, str, Path] = False,
+    overwrite: bool = False,
+    skip_bad_examples: bool = False,
     **training_arguments,
 ):
     """Fine-tunes the model in `model_dir` on the JSONL file `data` with `transformers.Trainer` and
@@ -334,46 +414,109 @@ def finetune(
     rank `lora_rank` on those experts instead, merged into the weights before saving. A random `eval_fraction` of the
     examples is held out and evaluated after training. `max_length` and `multiscale` go to the collator, further
     keyword arguments to `TrainingArguments`. Runs as it is under `accelerate launch` (DDP or FSDP).
+
+    Instead of `data`, `train_dataset` gives the training examples directly: a list, a map-style dataset, or an
+    `IterableDataset` (a stream); a stream with `state_dict()` / `load_state_dict()` has its position saved in each
+    checkpoint (`data_state-rank{R}.json`) and restored on resume. Nothing is held out then.
+
+    Output safety (`checkpointing`): `output_dir` is locked for this run and checked for writability and free space
+    before training; a folder holding files is refused unless `overwrite` (which deletes them) or `resume`. Every
+    `save_steps` steps a complete checkpoint (weights, optimizer, scheduler, RNG, data position, processor,
+    tokenizer, code) appears atomically as `output_dir/checkpoint-N`; the newest `save_total_limit` are kept.
+    `resume=True` continues from the newest checkpoint, `resume=<folder>` from that one. The map-style examples are
+    all encoded before step 1: bad ones raise a `ValueError` listing them, or are dropped with `skip_bad_examples`.
+    A non-finite loss, gradient or weight stops the run with `checkpointing.NonFiniteError` naming the step.
     """
-    from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
+    from transformers import AutoModel, AutoProcessor, TrainingArguments
 
     check_launch()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
-    if not model.config.special_token_ids:
-        model.init_special_token_ids(processor.tokenizer)
-    train, held_out = split_examples(load_jsonl(data), eval_fraction)
-    if lora is not None:
-        from peft import LoraConfig, get_peft_model
+    if (data is None) == (train_dataset is None):
+        raise ValueError("Pass the training examples either as data (a JSONL file) or as train_dataset, not both.")
+    if save_total_limit is not None and not save_steps:
+        raise ValueError("save_total_limit keeps the newest checkpoints, which only save_steps writes; pass both.")
+    lock = prepare_output_dir(output_dir, overwrite, bool(resume), protected=(model_dir, *([data] if data else [])))
+    try:
+        checkpoint = None
+        if resume:
+            checkpoint = latest_checkpoint(output_dir) if resume is True else Path(resume)
+            check_save_complete(checkpoint)
+            if not (checkpoint / "trainer_state.json").is_file():
+                raise ValueError(f"{checkpoint} is not a checkpoint of a run (it has no trainer_state.json).")
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+        model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+        check_combination(model, lora, training_arguments)
+        if not model.config.special_token_ids:
+            model.init_special_token_ids(processor.tokenizer)
+        collator = NaViLDataCollator(processor, max_length=max_length, multiscale=multiscale)
+        held_out = []
+        if train_dataset is None:
+            examples = load_jsonl(data)
+            problems = bad_examples(examples, collator)
+            if problems and not skip_bad_examples:
+                listed = "; ".join(f"example {index + 1}: {problem}" for index, problem in problems[:5])
+                raise ValueError(
+                    f"{len(problems)} of the {len(examples)} examples of {data} cannot be trained on ({listed}). "
+                    "Fix them, or pass --skip-bad-examples to leave them out."
+                )
+            if problems:
+                warnings.warn(f"Left out {len(problems)} bad examples of {data}.", stacklevel=2)
+                dropped = {index for index, _ in problems}
+                examples = [example for index, example in enumerate(examples) if index not in dropped]
+            train_dataset, held_out = split_examples(examples, eval_fraction)
+        elif not isinstance(train_dataset, torch.utils.data.IterableDataset):
+            problems = bad_examples(train_dataset, collator)
+            if problems:
+                listed = "; ".join(f"example {index}: {problem}" for index, problem in problems[:5])
+                raise ValueError(f"{len(problems)} examples of train_dataset cannot be trained on ({listed}).")
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
 
-        target = lora_target_modules(model.config, lora)
-        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=target))
-    else:
-        freeze(model, stage)
-    settings = dict(
-        output_dir=output_dir,
-        remove_unused_columns=False,  # the collator reads "messages" and "images"
-        report_to="none",
-        save_strategy="no",
-        use_cpu=not torch.cuda.is_available(),
-    )
-    settings.update(training_arguments)
-    trainer = Trainer(
-        model=model,
-        args=TrainingArguments(**settings),
-        train_dataset=train,
-        eval_dataset=held_out or None,
-        data_collator=NaViLDataCollator(processor, max_length=max_length, multiscale=multiscale),
-        compute_loss_func=causal_lm_loss,
-    )
-    trainer.train()
-    if held_out:
-        trainer.evaluate()
-    if lora is not None:
-        trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    trainer.save_model(output_dir)  # the full state dict, gathered from every process under FSDP
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(output_dir)
-        history = Path(output_dir) / "log_history.json"
-        history.write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+            target = lora_target_modules(model.config, lora)
+            model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=target))
+        else:
+            freeze(model, stage)
+        stream = train_dataset if _is_stream(train_dataset) else None
+        settings = dict(
+            output_dir=output_dir,
+            remove_unused_columns=False,  # the collator reads "messages" and "images"
+            report_to="none",
+            save_strategy="steps" if save_steps else "no",
+            use_cpu=not torch.cuda.is_available(),
+            logging_nan_inf_filter=False,  # a NaN loss stops the run (NaViLTrainer) rather than being logged as 0
+        )
+        if save_steps:
+            settings.update(save_steps=save_steps, save_total_limit=save_total_limit)
+        if stream is not None:
+            settings["ignore_data_skip"] = True  # the stream resumes from its saved position instead
+        settings.update(training_arguments)
+        if stream is not None and settings.get("dataloader_num_workers", 0):
+            raise ValueError(
+                "A stream whose position is checkpointed is read in the training process: set "
+                "dataloader_num_workers=0 (the stream may use its own workers)."
+            )
+        if lock is not None:
+            num_examples = None if isinstance(train_dataset, torch.utils.data.IterableDataset) else len(train_dataset)
+            kept = _checkpoints_kept(num_examples, save_steps, save_total_limit, settings)
+            check_free_space(output_dir, needed_space(model, kept))
+        trainer = NaViLTrainer(
+            model=model,
+            args=TrainingArguments(**settings),
+            train_dataset=train_dataset,
+            eval_dataset=held_out or None,
+            data_collator=collator,
+            processing_class=processor,  # saved with its tokenizer into every checkpoint and the final folder
+            compute_loss_func=causal_lm_loss,
+            stream=stream,
+        )
+        if checkpoint is not None and stream is not None:
+            trainer.resume_stream(checkpoint)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        if held_out:
+            trainer.evaluate()
+        if lora is not None:
+            trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        trainer.save_final(output_dir)
+    finally:
+        if lock is not None:
+            lock.release()
     return trainer
