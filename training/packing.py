@@ -28,7 +28,7 @@ default of transformers 5).
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -170,6 +170,13 @@ class PackedDataset(torch.utils.data.Dataset, _Packer):
     def __len__(self) -> int:
         return len(self.packs)
 
+    def as_index_dataset(self):
+        """A `datasets.Dataset` of `{"pack_index": i}` rows, for trainers that take only `datasets` datasets (TRL's
+        `SFTTrainer`); `PackingCollator(..., packs=self)` reads each pack through its index."""
+        import datasets
+
+        return datasets.Dataset.from_dict({"pack_index": list(range(len(self)))})
+
     def __getitem__(self, index: int) -> list[EncodedExample]:
         return [self.encoded(self.examples[i]) for i in self.packs[index]]
 
@@ -246,18 +253,34 @@ class PackingCollator:
         processor ([`NaViLProcessor`]): The model's processor (for the padding and image-context ids).
         loss_reduction (`str`): "token", "sample" or "square".
         pad_to_multiple_of (`int`, *optional*): Pads the row to a multiple of this many tokens.
+        packs ([`PackedDataset`], *optional*): Where items `{"pack_index": i}` (`PackedDataset.as_index_dataset`)
+            take their pack.
     """
 
-    def __init__(self, processor, loss_reduction: str = "token", pad_to_multiple_of: Optional[int] = None):
+    def __init__(
+        self,
+        processor,
+        loss_reduction: str = "token",
+        pad_to_multiple_of: Optional[int] = None,
+        packs: Optional[PackedDataset] = None,
+    ):
         _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         if pad_to_multiple_of is not None:
             _check_budget(pad_to_multiple_of)
         self.loss_reduction = loss_reduction
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packs = packs
         self.pad_id = _pad_id(processor.tokenizer, end_of_turn_id(processor))
         self.image_context_id = processor.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
 
-    def __call__(self, packs: list[list[EncodedExample]]) -> dict[str, torch.Tensor]:
+    def __call__(self, packs: list) -> dict[str, torch.Tensor]:
+        if any(isinstance(pack, Mapping) for pack in packs):
+            if self.packs is None:
+                raise ValueError(
+                    "The batch holds {'pack_index': i} rows but the collator has no packs to read them from; pass "
+                    "PackingCollator(..., packs=packed_dataset)."
+                )
+            packs = [self.packs[pack["pack_index"]] if isinstance(pack, Mapping) else pack for pack in packs]
         examples = [example for pack in packs for example in pack]
         if not examples:
             raise ValueError("The batch holds no examples; every pack is empty.")

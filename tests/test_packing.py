@@ -1,0 +1,273 @@
+"""Packed training batches (navil.training.packing): whole examples in a token budget, each computed exactly as alone."""
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, Trainer, TrainingArguments
+
+import navil.compat_navil as compat
+from navil.configuration_navil import IMG_END_TOKEN, IMG_START_TOKEN
+from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.training import NaViLDataCollator, tiny_config
+from navil.training.packing import (
+    LOSS_REDUCTIONS,
+    PackedDataset,
+    PackedIterableDataset,
+    PackingCollator,
+    packed_loss,
+    packing_trainer_class,
+    plan_packs,
+    split_model_inputs,
+    token_losses,
+)
+from navil.training.synthetic_data import ShapesDataset
+
+TINY = Path(__file__).resolve().parents[1] / "checkpoints" / "navil-tiny"
+BACKBONES = ("qwen3", "internlm2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return AutoProcessor.from_pretrained(TINY, trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    """Six chats: four images of different sizes (multi-scale), two text-only, answers of different lengths."""
+    data = ShapesDataset(seed=5, size_range=((40, 80), (160, 330)))
+    chats = []
+    for index, (image, words) in enumerate([(True, 1), (False, 6), (True, 9), (True, 2), (False, 1), (True, 4)]):
+        sample = data.caption(index)
+        user = [{"type": "image"}] * image + [{"type": "text", "text": "Describe" + " it" * words}]
+        chats.append(
+            {
+                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": sample.answer}],
+                "images": [sample.image] * image,
+            }
+        )
+    return chats
+
+
+@pytest.fixture(scope="module")
+def encode(processor):
+    return NaViLDataCollator(processor, multiscale=True).encode
+
+
+def tiny_model(processor, backbone, **text):
+    torch.manual_seed(0)
+    model = NaViLForConditionalGeneration(tiny_config(backbone, vocab_size=len(processor.tokenizer), text=text))
+    model.init_special_token_ids(processor.tokenizer)
+    return model.float()
+
+
+def packed_batch(processor, encode, examples, loss_reduction="token"):
+    pack = [PackedDataset(examples, encode, 10**6)[0]]
+    return PackingCollator(processor, loss_reduction)(pack)
+
+
+def spans(batch):
+    """The token slice of each example of a packed row."""
+    owner = batch["example_index"][0]
+    return [slice(int(i[0]), int(i[-1]) + 1) for i in (torch.nonzero(owner == e).flatten() for e in owner.unique())]
+
+
+def alone(processor, example):
+    """An example's batch as the plain (unpacked) collator builds it."""
+    batch = NaViLDataCollator(processor, multiscale=True)([example])
+    return batch.pop("labels"), batch
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("loss_reduction", LOSS_REDUCTIONS)
+def test_packed_loss_and_every_gradient_equal_the_per_example_computation_with_the_same_reduction(
+    processor, encode, examples, backbone, loss_reduction
+):
+    model = tiny_model(processor, backbone)
+    inputs, packing = split_model_inputs(packed_batch(processor, encode, examples, loss_reduction))
+    assert inputs["input_ids"].shape[0] == 1 and "attention_mask" not in inputs
+    loss, _ = packed_loss(model(**inputs).logits, packing)
+    loss.backward()
+    packed_gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    model.zero_grad()
+
+    sums, counts = [], []
+    for example in examples:
+        labels, batch = alone(processor, example)
+        targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        targets = targets.masked_fill(batch["input_ids"] == model.special_token_id("<IMG_CONTEXT>"), -100)
+        sums.append(token_losses(model(**batch).logits, targets).sum())
+        counts.append(int((targets != -100).sum()))
+    sums, counts = torch.stack(sums), torch.tensor(counts, dtype=torch.float32)
+    weights = {"token": torch.ones_like(counts), "sample": 1 / counts, "square": counts.rsqrt()}[loss_reduction]
+    expected = (sums * weights).sum() / (counts * weights).sum()
+    expected.backward()
+
+    assert torch.allclose(loss, expected, atol=1e-5, rtol=0)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(packed_gradients[name], parameter.grad, atol=1e-5, rtol=0), name
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_changing_a_token_or_a_pixel_of_one_example_changes_no_logit_of_another(processor, encode, examples, backbone):
+    model = tiny_model(processor, backbone).eval()
+    batch = packed_batch(processor, encode, examples)
+    inputs, _ = split_model_inputs(batch)
+    example_spans = spans(batch)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+        # a text token of example 1 (text-only), then a pixel of example 2's image (the second image)
+        token = dict(inputs, input_ids=inputs["input_ids"].clone())
+        token["input_ids"][0, example_spans[1].start + 3] += 1
+        pixel = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+        first_image_patches = int(encode(examples[0])[2][0]["pixel_values"].shape[0])
+        pixel["pixel_values"][first_image_patches + 5] += 1.0
+        for changed, example in ((token, 1), (pixel, 2)):
+            changed_logits = model(**changed).logits[0]
+            for other, span in enumerate(example_spans):
+                assert torch.equal(changed_logits[span], logits[span]) == (other != example), (example, other)
+
+
+def test_position_ids_restart_per_example_and_no_image_block_is_split(processor, encode, examples):
+    batch = packed_batch(processor, encode, examples)
+    tokenizer = processor.tokenizer
+    start, end = (tokenizer.convert_tokens_to_ids(token) for token in (IMG_START_TOKEN, IMG_END_TOKEN))
+    example_spans = spans(batch)
+    assert len(example_spans) == len(examples)
+    for example, span in zip(examples, example_spans):
+        ids = batch["input_ids"][0, span]
+        assert torch.equal(batch["position_ids"][0, span], torch.arange(ids.shape[0]))
+        assert ids.tolist() == encode(example)[0]
+        opened = torch.cumsum((ids == start).long() - (ids == end).long(), 0)
+        assert opened.min() >= 0 and opened[-1] == 0  # every <img> … </img> block inside its example
+        assert int((ids == start).sum()) >= len(example["images"])
+
+
+def test_greedy_and_best_fit_keep_every_example_once_within_the_budget():
+    lengths = torch.randint(1, 50, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    greedy, best_fit = (plan_packs(lengths, 60, strategy) for strategy in ("greedy", "best_fit"))
+    for packs in (greedy, best_fit):
+        assert sorted(index for pack in packs for index in pack) == list(range(200))
+        assert max(sum(lengths[index] for index in pack) for pack in packs) <= 60
+    assert [index for pack in greedy for index in pack] == list(range(200))  # greedy keeps the order
+    assert len(best_fit) < len(greedy)
+    assert len(best_fit) <= math.ceil(sum(lengths) / 60) + 2
+
+    streamed = list(PackedIterableDataset(lengths, lambda n: ([0] * n, [0] * n, []), 60, "best_fit", buffer_size=8))
+    assert sorted(len(example.input_ids) for pack in streamed for example in pack) == sorted(lengths)
+    assert max(sum(len(example.input_ids) for example in pack) for pack in streamed) <= 60
+    assert len(streamed) < len(greedy)
+
+
+def test_an_example_longer_than_the_budget_is_an_error_naming_it_or_skipped_with_a_logged_warning(caplog):
+    def encode(n):
+        return [0] * n, [0] * n, []
+
+    with pytest.raises(ValueError, match=r"Example 2 has 90 tokens, more than max_packed_tokens=60.*too_long='skip'"):
+        PackedDataset([10, 20, 90, 30], encode, 60)
+    with pytest.raises(ValueError, match="position 1 of the stream has 90 tokens"):
+        list(PackedIterableDataset([10, 90], encode, 60))
+    with caplog.at_level(logging.WARNING, logger="navil.training.packing"):
+        dataset = PackedDataset([10, 20, 90, 30], encode, 60, too_long="skip")
+    assert dataset.num_skipped == 1 and "Example 2 has 90 tokens" in caplog.text
+    assert [[len(example.input_ids) for example in dataset[i]] for i in range(len(dataset))] == [[10, 20, 30]]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_navil_per_example_masks_equal_transformers_packed_masks_and_per_example_sdpa(
+    processor, encode, examples, backbone, monkeypatch
+):
+    """The transformers 4.51 path (navil's own per-example masks) gives the logits of transformers 5's packed-sequence
+    masks and of sdpa run on each example alone, with sliding windows too."""
+    text = {"use_sliding_window": True, "sliding_window": 40, "max_window_layers": 1} if backbone == "qwen3" else {}
+    model = tiny_model(processor, backbone, **text).eval()
+    inputs, _ = split_model_inputs(packed_batch(processor, encode, examples))
+    with torch.no_grad():
+        sdpa = model(**inputs).logits
+        model.set_attn_implementation("eager")
+        transformers_masks = model(**inputs).logits
+        monkeypatch.setattr(compat, "MASKS_DETECT_PACKED_SEQUENCES", False)
+        navil_masks = model(**inputs).logits
+        monkeypatch.setattr(compat, "create_causal_mask", None)
+        without_masking_utils = model(**inputs).logits
+    assert compat.create_causal_mask is None or torch.allclose(transformers_masks, sdpa, atol=1e-5, rtol=0)
+    assert torch.allclose(navil_masks, sdpa, atol=1e-5, rtol=0)
+    assert torch.equal(without_masking_utils, navil_masks)
+
+
+def test_packing_trainer_normalises_over_the_accumulated_batch_and_logs_tokens_padding_and_loss_per_modality(
+    processor, encode, examples, tmp_path
+):
+    dataset = PackedDataset(examples, encode, 400, strategy="best_fit")
+    collator = PackingCollator(processor, "sample")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=len(dataset),
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    model = tiny_model(processor, "qwen3")
+    # the gradient of one accumulated step is the gradient of the whole batch's loss, computed in one piece
+    whole_inputs, whole_packing = split_model_inputs(collator([dataset[i] for i in range(len(dataset))]))
+    packed_loss(model(**whole_inputs).logits, whole_packing)[0].backward()
+    expected = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    model.zero_grad()
+    trainer = packing_trainer_class(Trainer)(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    batches, total = trainer.get_batch_samples(iter([collator([dataset[i]]) for i in range(len(dataset))]), 9, None)
+    assert torch.allclose(total, whole_packing["loss_weights"].sum())
+    for batch in batches:
+        trainer.compute_loss(model, batch).backward()
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, expected[name], atol=1e-6, rtol=0), name
+    model.zero_grad()
+
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["tokens_per_s"] > 0 and entry["padding_share"] == 0
+        assert math.isfinite(entry["loss_image"]) and math.isfinite(entry["loss_text"])
+
+
+def test_sft_trainer_trains_on_packed_batches(processor, encode, examples, tmp_path):
+    trl = pytest.importorskip("trl")
+    dataset = PackedDataset(examples, encode, 400)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        max_length=None,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    trainer = packing_trainer_class(trl.SFTTrainer)(
+        model=tiny_model(processor, "internlm2"),
+        args=args,
+        train_dataset=dataset.as_index_dataset(),  # SFTTrainer takes `datasets` datasets only
+        processing_class=processor,
+        data_collator=PackingCollator(processor, "square", packs=dataset),
+    )
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
