@@ -261,6 +261,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
     def __init__(
         self,
         data,
+        *,
         processor: Optional[NaViLProcessor] = None,
         max_length: Optional[int] = None,
         multiscale: Optional[bool] = None,
@@ -344,29 +345,32 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             if block % self.world_size == self.rank and (block // self.world_size) % num_workers == worker:
                 yield record
 
-    def _start(self, worker: int, num_workers: int) -> tuple[int, int, int]:
-        """(epoch, items to pass over, bad ones skipped so far) where this worker starts."""
+    def _start(self, worker: int, num_workers: int) -> tuple[int, int, int, int]:
+        """(role, epoch, items to pass over, bad ones skipped so far) where DataLoader worker `worker` starts. Its
+        role is the worker of the interrupted run whose stream it continues: the DataLoader asks worker 0 first, and
+        that is the worker whose turn came next."""
         if self._resume is None:
-            return 0, 0, 0
+            return worker, 0, 0, 0
         if len(self._resume["workers"]) != num_workers:
             raise ValueError(
                 f"The saved data position is of {len(self._resume['workers'])} DataLoader workers but this run has "
                 f"{num_workers}; resume with the same dataloader_num_workers (0 counts as 1)."
             )
-        start = self._resume["workers"][worker]
-        return start["epoch"], start["position"], start["skipped"]
+        role = (worker + self._resume["next_worker"]) % num_workers
+        start = self._resume["workers"][role]
+        return role, start["epoch"], start["position"], start["skipped"]
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if num_workers > self.MAX_WORKERS:
             raise ValueError(f"StreamingDataset follows at most {self.MAX_WORKERS} DataLoader workers per process.")
-        epoch, passed, skipped = self._start(worker, num_workers)
+        role, epoch, passed, skipped = self._start(worker, num_workers)
         progress, history = self._progress[worker], self._progress.shape[1]
         count = 0
         while True:
             yielded = False
-            for position, record in enumerate(self._stream(epoch, worker, num_workers), start=1):
+            for position, record in enumerate(self._stream(epoch, role, num_workers), start=1):
                 if position <= passed:
                     continue
                 try:
@@ -385,7 +389,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 return
             if not yielded and passed == 0:
                 raise ValueError(
-                    f"Worker {worker} of rank {self.rank} got no trainable example in epoch {epoch}: the data hold "
+                    f"Worker {role} of rank {self.rank} got no trainable example in epoch {epoch}: the data hold "
                     f"fewer blocks of batch_size={self.batch_size} than ranks x workers, or only bad examples."
                 )
             epoch, passed = epoch + 1, 0
@@ -400,10 +404,10 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             raise ValueError(
                 f"{examples_consumed} examples consumed is not a whole number of batches of {self.batch_size}."
             )
-        states = []
+        states = [None] * workers
         for worker in range(workers):
             delivered = len(range(worker, batches, workers)) * self.batch_size + (rest if workers == 1 else 0)
-            epoch, passed, skipped = self._start(worker, workers)
+            role, epoch, passed, skipped = self._start(worker, workers)
             if delivered:
                 history = self._progress.shape[1]
                 number, epoch, passed, skipped = self._progress[worker, (delivered - 1) % history].tolist()
@@ -412,8 +416,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                         f"Worker {worker} has no record of its example {delivered - 1} (it remembers {history}); "
                         "raise the dataset's history above what the DataLoader reads ahead."
                     )
-            states.append({"epoch": epoch, "position": passed, "skipped": skipped})
-        return {"format": 1, **self._fingerprint(), "workers": states}
+            states[role] = {"epoch": epoch, "position": passed, "skipped": skipped}
+        next_worker = ((self._resume or {}).get("next_worker", 0) + batches) % workers
+        return {"format": 1, **self._fingerprint(), "workers": states, "next_worker": next_worker}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Makes the next iteration continue right after the position `state` (from `state_dict`) describes."""
@@ -425,7 +430,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 f"The saved data position is of another data stream (saved, now: {mismatched}); resume with the "
                 "same shards, shuffle_buffer, seed, ranks and batch size."
             )
-        self._resume = {"workers": [dict(worker) for worker in state["workers"]]}
+        self._resume = {"workers": [dict(worker) for worker in state["workers"]], "next_worker": state["next_worker"]}
 
 
 class StreamingStateCallback(TrainerCallback):
