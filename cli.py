@@ -125,17 +125,40 @@ def run_train(args) -> int:
     return 0
 
 
+def _streaming_dataset(args, model: str):
+    """The `StreamingDataset` of `navil finetune --streaming`: the shards of --data, checked with the model's
+    processor, shuffled with --seed; every process reads the whole stream and keeps its part (accelerate)."""
+    from transformers import AutoProcessor
+
+    from .training.streaming import StreamingDataset
+
+    if args.max_steps <= 0:
+        raise SystemExit("--streaming reads a stream without a known length; give the run's length with --max-steps.")
+    processor = AutoProcessor.from_pretrained(model, trust_remote_code=True)
+    multiscale = False if args.no_multiscale else None
+    return StreamingDataset(
+        args.data,
+        processor=processor,
+        max_length=args.max_length,
+        multiscale=multiscale,
+        shuffle_buffer=args.shuffle_buffer,
+        seed=args.seed,
+    )
+
+
 def run_finetune(args) -> int:
     from .training import close_process_group, finetune
 
     model = args.model or str(EMBEDDED_MODEL_DIR)
-    if not Path(args.data).is_file():
+    streamed = _streaming_dataset(args, model) if args.streaming else None
+    if streamed is None and not Path(args.data).is_file():
         raise SystemExit(f"No data file at {args.data}; pass a JSONL file (see the README's Fine-tuning section).")
     stage = int(args.stage) if args.stage.isdigit() else args.stage
     finetune(
         model,
-        args.data,
+        None if streamed is not None else args.data,
         args.output_dir,
+        train_dataset=streamed,
         stage=stage,
         lora=args.lora,
         lora_rank=args.lora_rank,
@@ -281,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--resume-from-checkpoint", metavar="DIR", help="continue the run from this checkpoint-N")
     resume.add_argument("--overwrite", action="store_true", help="delete what --output-dir holds before training")
     tune.add_argument("--skip-bad-examples", action="store_true", help="leave out examples that cannot be encoded")
+    # streaming and stage configs (navil.training.streaming, configs/stages)
+    tune.add_argument("--streaming", action="store_true", help="stream --data: a .jsonl/.tar shard, folder or glob")
+    tune.add_argument("--shuffle-buffer", type=int, default=1000, help="with --streaming: examples mixed at a time")
+    tune.add_argument("--config", help="a stage config (stage1, stage2, sft, smoke or a JSON file); flags override it")
     tune.set_defaults(run=run_finetune)
 
     evaluation = commands.add_parser("eval", help="exact-match accuracy per question type on fresh synthetic data")
@@ -321,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the `navil` console script."""
-    args = build_parser().parse_args(argv)
+    from .training.stage_configs import with_stage_config
+
+    args = build_parser().parse_args(with_stage_config(sys.argv[1:] if argv is None else list(argv)))
     return args.run(args)
 
 

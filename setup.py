@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.9",
     packages=["navil", "navil.training"],
     package_dir={"navil": ".", "navil.training": "training"},
-    package_data={"navil": ["tokenizer/*", "checkpoints/*/*", "examples/*"]},
+    package_data={"navil": ["tokenizer/*", "checkpoints/*/*", "examples/*", "configs/*/*"]},
     install_requires=[
         # Tested from 4.51.0 (the release the original NaViL model card pins) to the newest 5.x: .ci/compat.
         "transformers>=4.51.0",
