@@ -178,7 +178,6 @@ def run_finetune(args) -> int:
         save_total_limit=args.save_total_limit,
         resume=args.resume_from_checkpoint or args.resume,
         overwrite=args.overwrite,
-        skip_bad_examples=args.skip_bad_examples,
     )
     close_process_group()  # under `accelerate launch`; the trainer (and its model) went with finetune's frame
     print(f"saved the fine-tuned model to {args.output_dir}")
@@ -303,7 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("--resume-from-checkpoint", metavar="DIR", help="continue the run from this checkpoint-N")
     resume.add_argument("--overwrite", action="store_true", help="delete what --output-dir holds before training")
-    tune.add_argument("--skip-bad-examples", action="store_true", help="leave out examples that cannot be encoded")
     # streaming and stage configs (navil.training.streaming, configs/stages)
     tune.add_argument("--streaming", action="store_true", help="stream --data: a .jsonl/.tar shard, folder or glob")
     tune.add_argument("--shuffle-buffer", type=int, default=1000, help="with --streaming: examples mixed at a time")

@@ -7,8 +7,8 @@
   the final model is in place, so that loaders (`checks_navil.check_save_complete`) refuse it meanwhile.
 - `check_free_space`: the space the final model and the kept checkpoints need, before step 1.
 - `NaViLTrainer`: `transformers.Trainer` that writes each checkpoint under `.tmp-save/` and renames it into place
-  once complete (weights, optimizer, scheduler, RNG, trainer state, processor, tokenizer, code and the data position
-  of a stateful stream), keeps the newest `save_total_limit`, and stops with `NonFiniteError` naming the step at the
+  once complete (weights, optimizer, scheduler, RNG, trainer state, processor, tokenizer, code and a stream's data
+  position), keeps the newest `save_total_limit`, and stops with `NonFiniteError` naming the step at the
   first non-finite loss or gradient; no folder with a non-finite weight is ever written.
 - `publish_final`: the final model goes to the output folder the same way.
 """
@@ -294,60 +294,16 @@ def _barrier() -> None:
 class NaViLTrainer(Trainer):
     """`transformers.Trainer` whose checkpoints cannot be half-written, hold NaN, or lack what loading needs.
 
-    Each checkpoint is written to `<output_dir>/.tmp-save/checkpoint-N` (marked incomplete), completed with the data
-    position of a stateful stream (`data_state-rank{R}.json`), marked complete and renamed to
-    `<output_dir>/checkpoint-N`; only then are old checkpoints beyond `save_total_limit` deleted. Pass the processor
+    Each checkpoint is written to `<output_dir>/.tmp-save/checkpoint-N` (marked incomplete), marked complete once
+    written and renamed to `<output_dir>/checkpoint-N`; only then are old checkpoints beyond `save_total_limit` deleted. Pass the processor
     as `processing_class` so that each checkpoint holds it with its tokenizer (and chats on its own).
 
     Every training step checks its loss and gradients, and every save the weights: the first non-finite value
     raises `NonFiniteError` naming the step.
 
-    `stream`: a training dataset with `state_dict()` / `load_state_dict()` whose position goes into checkpoints.
+    Callbacks with a `save(folder, args, state)` method (`streaming.StreamingStateCallback`, which saves the data
+    position of a stream, `data_state_rank{N}.json`) write into the staged checkpoint before it is marked complete.
     """
-
-    def __init__(self, *args, stream=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.stream = stream
-        self._stream_states = {}  # batches consumed -> stream state after them (until saved)
-        self._batches_at_start = 0
-
-    # -- the data position of a stateful stream -----------------------------------------------------------------------
-    def get_train_dataloader(self):
-        if self.stream is None:
-            return super().get_train_dataloader()
-        collator = self.data_collator
-
-        def collate_and_note_position(examples):
-            batch = collator(examples)
-            self._batches_at_start += 1
-            self._stream_states[self._batches_at_start] = self.stream.state_dict()
-            return batch
-
-        self.data_collator = collate_and_note_position  # only the training loader records positions
-        try:
-            return super().get_train_dataloader()
-        finally:
-            self.data_collator = collator
-
-    def resume_stream(self, checkpoint: Path) -> None:
-        """Restores this rank's stream position from `checkpoint` (call before `train(resume_from_checkpoint=...)`)."""
-        state_file = Path(checkpoint, f"data_state-rank{self.args.process_index}.json")
-        if not state_file.is_file():
-            raise ValueError(f"{checkpoint} holds no {state_file.name}, so the stream's position is unknown.")
-        saved = json.loads(state_file.read_text())
-        self.stream.load_state_dict(saved["state"])
-        self._batches_at_start = saved["batches"]
-
-    def _save_stream_state(self, folder: Path) -> None:
-        batches = self.state.global_step * self.args.gradient_accumulation_steps
-        if batches not in self._stream_states:
-            raise RuntimeError(
-                f"The stream's position after {batches} batches was not recorded; the training loader must use "
-                "dataloader_num_workers=0 with a stateful stream."
-            )
-        state = {"batches": batches, "state": self._stream_states[batches]}
-        Path(folder, f"data_state-rank{self.args.process_index}.json").write_text(json.dumps(state))
-        self._stream_states = {key: value for key, value in self._stream_states.items() if key > batches}
 
     # -- non-finite values --------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, *args, **kwargs):
@@ -387,8 +343,9 @@ class NaViLTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
-        if self.stream is not None:
-            self._save_stream_state(staging)
+        for callback in self.callback_handler.callbacks:
+            if callable(getattr(callback, "save", None)):
+                callback.save(staging, self.args, self.state)
         _barrier()
         if self.args.should_save:
             write_status(staging, complete=True, step=self.state.global_step)

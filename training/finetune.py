@@ -326,22 +326,6 @@ def split_examples(examples: list, eval_fraction: float, seed: int = 0) -> tuple
     return train, [examples[index] for index in sorted(held_out)]
 
 
-def bad_examples(examples: list, collator: NaViLDataCollator) -> list[tuple[int, str]]:
-    """`(index, problem)` of each example the collator cannot use: an image that cannot be opened or decoded, image
-    blocks that do not match the images, or (with the collator's `max_length`) an image cut by the length limit.
-    Every example is encoded once, so that a bad one is found before the first step rather than at step 9."""
-    problems = []
-    for index, example in enumerate(examples):
-        try:
-            ids, _, _ = collator.encode(example)
-        except (ValueError, TypeError, OSError) as error:  # PIL's UnidentifiedImageError is an OSError
-            problems.append((index, f"{type(error).__name__}: {error}"))
-            continue
-        if collator.max_length is not None and len(ids) > collator.max_length and collator.cuts_an_image(ids):
-            problems.append((index, f"{len(ids)} tokens: max_length={collator.max_length} would cut through an image"))
-    return problems
-
-
 def check_combination(model, lora: Optional[str], training_arguments: Mapping) -> None:
     """Refuses, before the first step, the settings that would fail later or train nothing useful: a quantized model
     (torchao, bitsandbytes) with LoRA, whose adapters are merged into the weights before saving, or without it, whose
@@ -363,12 +347,6 @@ def check_combination(model, lora: Optional[str], training_arguments: Mapping) -
     raise ValueError(
         f"The model's weights are {method}-quantized integers, which the optimizer cannot update. Fine-tune the "
         "full-precision checkpoint and quantize the result."
-    )
-
-
-def _is_stream(dataset) -> bool:
-    return isinstance(dataset, torch.utils.data.IterableDataset) and all(
-        callable(getattr(dataset, name, None)) for name in ("state_dict", "load_state_dict")
     )
 
 
@@ -403,7 +381,6 @@ def finetune(
     save_total_limit: Optional[int] = None,
     resume: Union[bool, str, Path] = False,
     overwrite: bool = False,
-    skip_bad_examples: bool = False,
     **training_arguments,
 ):
     """Fine-tunes the model in `model_dir` on the JSONL file `data` with `transformers.Trainer` and
@@ -416,15 +393,15 @@ def finetune(
     keyword arguments to `TrainingArguments`. Runs as it is under `accelerate launch` (DDP or FSDP).
 
     Instead of `data`, `train_dataset` gives the training examples directly: a list, a map-style dataset, or an
-    `IterableDataset` (a stream); a stream with `state_dict()` / `load_state_dict()` has its position saved in each
-    checkpoint (`data_state-rank{R}.json`) and restored on resume. Nothing is held out then.
+    `IterableDataset`; a `streaming.StreamingDataset` has its position saved in each checkpoint
+    (`StreamingStateCallback`) and restored on resume. Nothing is held out then.
 
     Output safety (`checkpointing`): `output_dir` is locked for this run and checked for writability and free space
     before training; a folder holding files is refused unless `overwrite` (which deletes them) or `resume`. Every
     `save_steps` steps a complete checkpoint (weights, optimizer, scheduler, RNG, data position, processor,
     tokenizer, code) appears atomically as `output_dir/checkpoint-N`; the newest `save_total_limit` are kept.
-    `resume=True` continues from the newest checkpoint, `resume=<folder>` from that one. The map-style examples are
-    all encoded before step 1: bad ones raise a `ValueError` listing them, or are dropped with `skip_bad_examples`.
+    `resume=True` continues from the newest checkpoint, `resume=<folder>` from that one. Map-style examples are all
+    checked before step 1 (`streaming.check_examples`): bad ones are left out, counted and logged.
     A non-finite loss, gradient or weight stops the run with `checkpointing.NonFiniteError` naming the step.
     """
     from transformers import AutoModel, AutoProcessor, TrainingArguments
@@ -448,26 +425,28 @@ def finetune(
         if not model.config.special_token_ids:
             model.init_special_token_ids(processor.tokenizer)
         collator = NaViLDataCollator(processor, max_length=max_length, multiscale=multiscale)
-        held_out = []
-        if train_dataset is None:
-            examples = load_jsonl(data)
-            problems = bad_examples(examples, collator)
-            if problems and not skip_bad_examples:
-                listed = "; ".join(f"example {index + 1}: {problem}" for index, problem in problems[:5])
-                raise ValueError(
-                    f"{len(problems)} of the {len(examples)} examples of {data} cannot be trained on ({listed}). "
-                    "Fix them, or pass --skip-bad-examples to leave them out."
+        held_out, callbacks, settings = [], [], {}
+        if train_dataset is None or not isinstance(train_dataset, torch.utils.data.IterableDataset):
+            from .streaming import check_examples
+
+            examples = load_jsonl(data) if train_dataset is None else list(train_dataset)
+            checked = check_examples(examples, processor, max_length, multiscale)
+            if checked.skipped:
+                warnings.warn(
+                    f"Left out {len(checked.skipped)} of {len(examples)} training examples that cannot be trained on "
+                    f"(the first: {checked.skipped[0][0]}, {checked.skipped[0][1]}); the log names each.",
+                    stacklevel=2,
                 )
-            if problems:
-                warnings.warn(f"Left out {len(problems)} bad examples of {data}.", stacklevel=2)
-                dropped = {index for index, _ in problems}
-                examples = [example for index, example in enumerate(examples) if index not in dropped]
-            train_dataset, held_out = split_examples(examples, eval_fraction)
-        elif not isinstance(train_dataset, torch.utils.data.IterableDataset):
-            problems = bad_examples(train_dataset, collator)
-            if problems:
-                listed = "; ".join(f"example {index}: {problem}" for index, problem in problems[:5])
-                raise ValueError(f"{len(problems)} examples of train_dataset cannot be trained on ({listed}).")
+            if train_dataset is None:
+                train_dataset, held_out = split_examples(checked.examples, eval_fraction)
+            else:
+                train_dataset = checked.examples
+        else:
+            from .streaming import STREAMING_TRAINING_ARGUMENTS, StreamingDataset, StreamingStateCallback
+
+            if isinstance(train_dataset, StreamingDataset):
+                callbacks.append(StreamingStateCallback(train_dataset, resume_from_checkpoint=checkpoint))
+                settings.update(STREAMING_TRAINING_ARGUMENTS)
         if lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -475,8 +454,7 @@ def finetune(
             model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=target))
         else:
             freeze(model, stage)
-        stream = train_dataset if _is_stream(train_dataset) else None
-        settings = dict(
+        settings.update(
             output_dir=output_dir,
             remove_unused_columns=False,  # the collator reads "messages" and "images"
             report_to="none",
@@ -486,14 +464,7 @@ def finetune(
         )
         if save_steps:
             settings.update(save_steps=save_steps, save_total_limit=save_total_limit)
-        if stream is not None:
-            settings["ignore_data_skip"] = True  # the stream resumes from its saved position instead
         settings.update(training_arguments)
-        if stream is not None and settings.get("dataloader_num_workers", 0):
-            raise ValueError(
-                "A stream whose position is checkpointed is read in the training process: set "
-                "dataloader_num_workers=0 (the stream may use its own workers)."
-            )
         if lock is not None:
             num_examples = None if isinstance(train_dataset, torch.utils.data.IterableDataset) else len(train_dataset)
             kept = _checkpoints_kept(num_examples, save_steps, save_total_limit, settings)
@@ -506,10 +477,8 @@ def finetune(
             data_collator=collator,
             processing_class=processor,  # saved with its tokenizer into every checkpoint and the final folder
             compute_loss_func=causal_lm_loss,
-            stream=stream,
+            callbacks=callbacks,
         )
-        if checkpoint is not None and stream is not None:
-            trainer.resume_stream(checkpoint)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         if held_out:
             trainer.evaluate()
