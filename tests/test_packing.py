@@ -1,5 +1,7 @@
 """Packed training batches (navil.training.packing): whole examples in a token budget, each computed exactly as alone."""
 
+import importlib.util
+import json
 import logging
 import math
 from pathlib import Path
@@ -25,7 +27,8 @@ from navil.training.packing import (
 )
 from navil.training.synthetic_data import ShapesDataset
 
-TINY = Path(__file__).resolve().parents[1] / "checkpoints" / "navil-tiny"
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "checkpoints" / "navil-tiny"
 BACKBONES = ("qwen3", "internlm2")
 
 
@@ -271,3 +274,16 @@ def test_sft_trainer_trains_on_packed_batches(processor, encode, examples, tmp_p
     )
     trainer.train()
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_train_bench_smoke_run_prints_the_json_keys_and_packing_removes_the_padding(capsys):
+    spec = importlib.util.spec_from_file_location("train_bench", ROOT / "benchmarks" / "train_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--json", "--examples", "4", "--max-side", "256", "--budget", "2048"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = ("padding_share_padded", "padding_share_packed", "real_tokens_per_s_padded", "real_tokens_per_s_packed")
+    for key in (*keys, "flops_per_s_share_of_gemm_peak"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    assert result["padding_share_packed"] < result["padding_share_padded"]
+    assert 0 < result["flops_per_s_share_of_gemm_peak"] < 1

@@ -281,7 +281,7 @@ class PackingCollator:
                     "PackingCollator(..., packs=packed_dataset)."
                 )
             packs = [self.packs[pack["pack_index"]] if isinstance(pack, Mapping) else pack for pack in packs]
-        examples = [example for pack in packs for example in pack]
+        examples = [EncodedExample(*example) for pack in packs for example in pack]
         if not examples:
             raise ValueError("The batch holds no examples; every pack is empty.")
         ids, labels, positions, targets, weights, owner, images = [], [], [], [], [], [], []
