@@ -165,7 +165,9 @@ def prepare_output_dir(
         ) from None
     lock = RunLock(folder).acquire()
     try:
-        contents = [entry for entry in folder.iterdir() if entry.name != LOCK_FILE]
+        # what a run that stopped before its first checkpoint leaves (its status and staging folder) counts as empty
+        leftovers = {LOCK_FILE, STAGING_DIR} | ({RUN_STATUS_FILE} if not is_complete(folder) else set())
+        contents = [entry for entry in folder.iterdir() if entry.name not in leftovers]
         if contents and resume:
             pass
         elif contents and not overwrite:
