@@ -13,13 +13,15 @@ from transformers import AutoProcessor, Trainer, TrainingArguments
 import navil.compat_navil as compat
 from navil.configuration_navil import IMG_END_TOKEN, IMG_START_TOKEN
 from navil.modeling_navil import NaViLForConditionalGeneration
-from navil.training import NaViLDataCollator, tiny_config
+from navil.training import NaViLDataCollator, tiny_config, train_loop
 from navil.training.packing import (
     LOSS_REDUCTIONS,
     PackedDataset,
     PackedIterableDataset,
     PackingCollator,
+    packed_batches,
     packed_loss,
+    packed_loss_fn,
     packing_trainer_class,
     plan_packs,
     split_model_inputs,
@@ -244,6 +246,7 @@ def test_packing_trainer_normalises_over_the_accumulated_batch_and_logs_tokens_p
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2
+    assert math.isfinite(trainer.evaluate(dataset)["eval_loss"])
     for entry in logs:
         assert entry["tokens_per_s"] > 0 and entry["padding_share"] == 0
         assert math.isfinite(entry["loss_image"]) and math.isfinite(entry["loss_text"])
@@ -287,3 +290,10 @@ def test_train_bench_smoke_run_prints_the_json_keys_and_packing_removes_the_padd
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
     assert result["padding_share_packed"] < result["padding_share_padded"]
     assert 0 < result["flops_per_s_share_of_gemm_peak"] < 1
+
+
+def test_the_recipe_loop_trains_on_packed_batches(processor, encode, examples):
+    model = tiny_model(processor, "qwen3")
+    batches = packed_batches(PackedDataset(examples, encode, 400), PackingCollator(processor, "square"))
+    losses = train_loop(model, batches, 12, 3e-3, loss_fn=packed_loss_fn, progress=False)
+    assert sum(losses[-3:]) < sum(losses[:3])

@@ -353,6 +353,18 @@ def packed_loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return packed_loss(model(**inputs).logits, packing)[0]
 
 
+def packed_batches(dataset: PackedDataset, collator: PackingCollator, packs_per_step: int = 1) -> Callable:
+    """Step -> packed batch, for the recipe's `train_loop(packed_batches(...), steps, ..., loss_fn=packed_loss_fn)`:
+    step `s` trains on packs `s * packs_per_step` onwards, going round `dataset` again when it runs out."""
+    _check_budget(packs_per_step)
+
+    def batch(step: int) -> dict:
+        first = step * packs_per_step
+        return collator([dataset[index % len(dataset)] for index in range(first, first + packs_per_step)])
+
+    return batch
+
+
 class PackingTrainerMixin:
     """`Trainer` (or TRL `SFTTrainer`) for `PackingCollator` batches: the loss of the collator's reduction over the
     whole global batch (see the module docstring), and in the logs `tokens_per_s` (real tokens of the training steps
