@@ -185,6 +185,14 @@ def test_the_final_folder_is_marked_unfinished_until_the_whole_model_is_in_place
     load_model(str(output_dir))
 
 
+def test_a_resume_that_finds_no_checkpoint_leaves_the_finished_folder_complete_and_loadable(tmp_path):
+    finetune_tiny(tmp_path / "run")
+    with pytest.raises(ValueError, match="--resume found no complete checkpoint-N folder"):
+        finetune_tiny(tmp_path / "run", resume=True)
+    assert json.loads((tmp_path / "run" / RUN_STATUS_FILE).read_text())["complete"] is True
+    load_model(str(tmp_path / "run"))
+
+
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_no_nan_weight_is_saved(tmp_path):
     # a learning rate of 1e10 blows the weights up at step 1's update; step 2's loss is NaN
     with pytest.raises(NonFiniteError, match="The loss of step 2 is nan"):

@@ -411,14 +411,14 @@ def finetune(
         raise ValueError("Pass the training examples either as data (a JSONL file) or as train_dataset, not both.")
     if save_total_limit is not None and not save_steps:
         raise ValueError("save_total_limit keeps the newest checkpoints, which only save_steps writes; pass both.")
+    checkpoint = None
+    if resume and not overwrite:  # found before the folder is touched: a finished run's folder stays complete
+        checkpoint = latest_checkpoint(output_dir) if resume is True else Path(resume)
+        check_save_complete(checkpoint)
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise ValueError(f"{checkpoint} is not a checkpoint of a run (it has no trainer_state.json).")
     lock = prepare_output_dir(output_dir, overwrite, bool(resume), protected=(model_dir, *([data] if data else [])))
     try:
-        checkpoint = None
-        if resume:
-            checkpoint = latest_checkpoint(output_dir) if resume is True else Path(resume)
-            check_save_complete(checkpoint)
-            if not (checkpoint / "trainer_state.json").is_file():
-                raise ValueError(f"{checkpoint} is not a checkpoint of a run (it has no trainer_state.json).")
         processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
         model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
         check_combination(model, lora, training_arguments)
