@@ -80,3 +80,18 @@ def test_the_stage_configs_ship_in_the_wheel():
     )
     files = [path.relative_to(ROOT).as_posix() for path in (ROOT / "configs").rglob("*") if path.is_file()]
     assert files and all(any(fnmatch.fnmatch(file, pattern) for pattern in package_data["navil"]) for file in files)
+
+
+def test_the_multinode_accelerate_config_is_fsdp2_wrapping_the_models_blocks_and_saving_loadable_weights():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from transformers import AutoModel
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / "fsdp2_multinode.yaml"))
+    assert config.distributed_type == "FSDP" and config.num_machines == 2 and config.num_processes == 16
+    fsdp = config.fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # every checkpoint loads with AutoModel
+    # TRANSFORMER_BASED_WRAP without a class list wraps the model's _no_split_modules: one unit per block
+    model = AutoModel.from_pretrained(ROOT / "checkpoints" / "navil-tiny", trust_remote_code=True)
+    wrapped = [module for module in model.modules() if type(module).__name__ in model._no_split_modules]
+    assert len(wrapped) == model.config.vision_config.num_hidden_layers + model.config.text_config.num_hidden_layers

@@ -5,6 +5,9 @@ import io
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -281,3 +284,63 @@ def test_a_trainer_without_the_streaming_arguments_is_refused_before_the_first_s
     )
     with pytest.raises(ValueError, match="STREAMING_TRAINING_ARGUMENTS"):
         trainer.train()
+
+
+# `navil finetune` that also writes the numbers of the examples of every batch its collator builds to SEEN_LOG (one
+# line per batch), and can kill itself with SIGKILL after a step (test_resume.py's launcher).
+RECORDING_LAUNCHER = """
+import json, os
+from navil.training import NaViLDataCollator
+
+collate = NaViLDataCollator.__call__
+
+
+def recording_collate(self, examples):
+    with open(os.environ["SEEN_LOG"], "a") as log:
+        log.write(json.dumps([example["messages"][0]["content"] for example in examples]) + "\\n")
+    return collate(self, examples)
+
+
+NaViLDataCollator.__call__ = recording_collate
+"""
+
+
+def streamed_finetune(launcher, shards, output_dir, seen_log, *flags, kill_after=None):
+    """`navil finetune --streaming` over `shards` for 10 steps of 2, a checkpoint every 3 steps; returns the process
+    and the batches its collator built (accelerate reads one batch ahead: the last one built is not trained on)."""
+    command = [
+        sys.executable,
+        str(launcher),
+        "finetune",
+        "--streaming",
+        "--data",
+        str(shards),
+        "--shuffle-buffer",
+        "4",
+    ]
+    command += ["--max-steps", "10", "--save-steps", "3", "--batch-size", "2", "--learning-rate", "5e-4"]
+    command += ["--output-dir", str(output_dir), "--quiet", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEEN_LOG": str(seen_log), "KILL_AFTER_STEP": str(kill_after or -1)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/")
+    batches = [json.loads(line) for line in seen_log.read_text().splitlines()] if seen_log.exists() else []
+    return result, batches
+
+
+@pytest.mark.multiprocess
+def test_a_streamed_navil_finetune_killed_and_resumed_sees_every_example_once_and_ends_with_the_same_weights(tmp_path):
+    from test_resume import KILLING_LAUNCHER, assert_same_weights
+
+    shards = write_jsonl_shards(tmp_path / "data", 15, 5)  # 20 examples per run: the stream wraps into epoch 2
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(RECORDING_LAUNCHER + KILLING_LAUNCHER)
+    whole, expected = streamed_finetune(launcher, shards, tmp_path / "whole", tmp_path / "whole.log")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = expected[:10]  # the batch read ahead of step 10 was never trained on
+    assert sorted(sum(expected, [])[:15]) == sorted(f"q {n}" for n in range(15))
+    killed, before = streamed_finetune(launcher, shards, tmp_path / "run", tmp_path / "killed.log", kill_after=7)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert before[:7] == expected[:7]
+    resumed, after = streamed_finetune(launcher, shards, tmp_path / "run", tmp_path / "resumed.log", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert after[:4] == expected[6:]  # from checkpoint-6: steps 7-10, nothing seen twice or skipped
+    assert_same_weights(tmp_path / "run", tmp_path / "whole")
