@@ -220,6 +220,7 @@ def test_packing_trainer_normalises_over_the_accumulated_batch_and_logs_tokens_p
         max_steps=2,
         per_device_train_batch_size=1,
         gradient_accumulation_steps=len(dataset),
+        gradient_checkpointing=True,
         learning_rate=1e-3,
         logging_steps=1,
         report_to="none",
