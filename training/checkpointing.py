@@ -27,6 +27,7 @@ from transformers import Trainer
 from ..checks_navil import RUN_STATUS_FILE
 
 LOCK_FILE = ".navil.lock"
+WRITE_PROBE = ".navil-write-test-"
 STAGING_DIR = ".tmp-save"  # checkpoints and the final model are written here, then renamed into place
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -156,9 +157,9 @@ def prepare_output_dir(
     folder = Path(output_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".navil-write-test-{os.getpid()}"
+        probe = folder / f"{WRITE_PROBE}{os.getpid()}"
         probe.write_bytes(b"0")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as error:
         raise OutputFolderError(
             f"The output folder {folder} is not writable ({error.strerror or error}); choose a folder you can write to."
@@ -167,16 +168,19 @@ def prepare_output_dir(
     try:
         # what a run that stopped before its first checkpoint leaves (its status and staging folder) counts as empty
         leftovers = {LOCK_FILE, STAGING_DIR} | ({RUN_STATUS_FILE} if not is_complete(folder) else set())
-        contents = [entry for entry in folder.iterdir() if entry.name not in leftovers]
-        if contents and resume:
-            pass
-        elif contents and not overwrite:
+        # (another run's writability probe may come and go while it waits for the lock)
+        contents = [
+            entry
+            for entry in folder.iterdir()
+            if entry.name not in leftovers and not entry.name.startswith(WRITE_PROBE)
+        ]
+        if contents and not resume and not overwrite:
             raise OutputFolderError(
                 f"The output folder {folder} already holds {len(contents)} files or folders (e.g. {contents[0].name}); "
                 "a new run would mix its files with them. Choose an empty folder, pass --overwrite to delete its "
                 "contents, or --resume to continue the run saved there."
             )
-        elif contents:
+        if contents and overwrite:
             resolved = folder.resolve()
             for path in protected:
                 path = Path(path).resolve()
