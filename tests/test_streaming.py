@@ -205,6 +205,8 @@ def test_a_datasets_iterable_dataset_streams_through_the_same_checks(processor):
     dataset = StreamingDataset(stream, processor=processor, shuffle_buffer=3, seed=0, repeat=False)
     assert sorted(number_of(example) for example in dataset) == list(range(6))
     assert dataset.skipped == {"malformed conversation": 1}
+    # with DataLoader workers the dataset deals the examples out itself: none is lost to datasets' own worker split
+    assert sorted(numbers(dataset, batch_size=2, num_workers=2)) == list(range(6))
 
 
 def test_a_map_style_dataset_is_checked_completely_before_the_first_step(processor, caplog):

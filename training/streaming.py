@@ -126,6 +126,11 @@ def _read_tar(path: Path) -> Iterator[Record]:
 
 
 def _read_examples(name: str, examples: Iterable) -> Iterator[Record]:
+    """The examples of an iterable, each one. A `datasets.IterableDataset` is read through its `iter` (rows of one),
+    since iterating it in a DataLoader worker would give the worker only its own share of the dataset's shards, and
+    `StreamingDataset` deals the examples out to its workers itself."""
+    if type(examples).__module__.startswith("datasets.") and hasattr(examples, "iter"):
+        examples = ({key: values[0] for key, values in row.items()} for row in examples.iter(batch_size=1))
     for index, example in enumerate(examples):
         yield Record(f"{name}[{index}]", "example", example)
 
