@@ -172,6 +172,11 @@ def test_greedy_and_best_fit_keep_every_example_once_within_the_budget():
     assert sorted(len(example.input_ids) for pack in streamed for example in pack) == sorted(lengths)
     assert max(sum(len(example.input_ids) for example in pack) for pack in streamed) <= 60
     assert len(streamed) < len(greedy)
+    # every data-loader worker packs its own share of a plain iterable: each example once in all
+    loader = torch.utils.data.DataLoader(
+        PackedIterableDataset(lengths, lambda n: ([0] * n, [0] * n, []), 60), batch_size=None, num_workers=2
+    )
+    assert sorted(len(example.input_ids) for pack in loader for example in pack) == sorted(lengths)
 
 
 def test_an_example_longer_than_the_budget_is_an_error_naming_it_or_skipped_with_a_logged_warning(caplog):

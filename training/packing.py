@@ -25,6 +25,7 @@ therefore train exactly as one process with the same global batch (with `average
 default of transformers 5).
 """
 
+import itertools
 import logging
 import math
 import time
@@ -189,7 +190,8 @@ class PackedIterableDataset(torch.utils.data.IterableDataset, _Packer):
     packs, places each example in the fullest one it fits in, and emits the fullest pack when a new one must be
     opened beyond `buffer_size`. An example longer than `max_packed_tokens` raises an error naming its position in
     the stream (`too_long="error"`) or is skipped with a logged warning and counted in `num_skipped` (`"skip"`).
-    Arguments as `PackedDataset`, with the examples given as any iterable.
+    Arguments as `PackedDataset`, with the examples given as any iterable. With several data-loader workers, each
+    packs every `num_workers`-th example of a plain iterable; an `IterableDataset` source shards itself.
     """
 
     def __init__(
@@ -208,8 +210,13 @@ class PackedIterableDataset(torch.utils.data.IterableDataset, _Packer):
         self.buffer_size = buffer_size if strategy == "best_fit" else 1
 
     def __iter__(self):
+        examples = enumerate(self.examples)
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and not isinstance(self.examples, torch.utils.data.IterableDataset):
+            # a plain iterable is read whole by every data-loader worker: each keeps its share
+            examples = itertools.islice(examples, worker.id, None, worker.num_workers)
         packs, free = [], []  # open packs, and the budget each has left
-        for position, example in enumerate(self.examples):
+        for position, example in examples:
             encoded = self.encoded(example)
             length = len(encoded.input_ids)
             if not self.fits(length, f"The example at position {position} of the stream"):
@@ -310,7 +317,7 @@ class PackingCollator:
             "position_ids": torch.tensor([positions + list(range(padding))]),
             "labels": torch.tensor([labels + [-100] * padding]),
             "shift_labels": torch.tensor([targets + [-100] * padding]),
-            "loss_weights": torch.tensor([weights + [0.0] * padding], dtype=torch.float64),
+            "loss_weights": torch.tensor([weights + [0.0] * padding]),
             "example_index": torch.tensor([owner + [-1] * padding]),
             "example_num_images": torch.tensor([len(example.image_inputs) for example in examples]),
         }
@@ -343,8 +350,7 @@ def packed_loss(
     losses = token_losses(logits, packing["shift_labels"])
     weights = packing["loss_weights"].to(losses.device)
     total = weights.sum() if total_weight is None else torch.as_tensor(total_weight, device=losses.device)
-    loss = (losses.double() * weights).sum() / total.double().clamp(min=torch.finfo(torch.float32).tiny)
-    return loss.to(losses.dtype), losses
+    return (losses * weights).sum() / total.clamp(min=torch.finfo(torch.float32).tiny), losses
 
 
 def packed_loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
