@@ -233,17 +233,18 @@ class RecordingCollator(NaViLDataCollator):
         return super().__call__(examples)
 
 
-def train_streaming(processor, shards, output_dir, resume=None, max_steps=6):
+def train_streaming(processor, shards, output_dir, resume=None, accumulation=1):
     torch.manual_seed(0)
     model = AutoModel.from_pretrained(TINY, trust_remote_code=True)
     dataset = StreamingDataset(shards, processor=processor, shuffle_buffer=4, seed=0)
     args = TrainingArguments(
         output_dir=str(output_dir),
-        max_steps=max_steps,
+        max_steps=6 // accumulation,
         per_device_train_batch_size=2,
+        gradient_accumulation_steps=accumulation,
         learning_rate=5e-4,
         save_strategy="steps",
-        save_steps=3,
+        save_steps=3 // accumulation,
         report_to="none",
         remove_unused_columns=False,
         use_cpu=True,
@@ -264,12 +265,16 @@ def train_streaming(processor, shards, output_dir, resume=None, max_steps=6):
     return collator.seen, model
 
 
-def test_a_trainer_resumed_from_a_checkpoint_continues_the_stream_and_ends_with_the_same_weights(processor, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_a_trainer_resumed_from_a_checkpoint_continues_the_stream_and_ends_with_the_same_weights(
+    processor, tmp_path, accumulation
+):
     shards = write_jsonl_shards(tmp_path / "data", 9, 4)  # 12 examples per run: the stream wraps into epoch 2
-    seen, model = train_streaming(processor, shards, tmp_path / "whole")
-    assert (tmp_path / "whole" / "checkpoint-3" / "data_state_rank0.json").is_file()
-    resumed_seen, resumed = train_streaming(processor, shards, tmp_path / "whole", tmp_path / "whole" / "checkpoint-3")
-    assert resumed_seen == seen[6:]
+    seen, model = train_streaming(processor, shards, tmp_path / "whole", accumulation=accumulation)
+    checkpoint = tmp_path / "whole" / f"checkpoint-{3 // accumulation}"
+    assert (checkpoint / "data_state_rank0.json").is_file()
+    resumed_seen, resumed = train_streaming(processor, shards, tmp_path / "whole", checkpoint, accumulation)
+    assert resumed_seen[:6] == seen[6:12]  # after the 6 examples of the first half (the DataLoader reads ahead)
     for (name, weight), (_, expected) in zip(resumed.state_dict().items(), model.state_dict().items()):
         torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=name)
 
