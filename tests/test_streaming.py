@@ -293,6 +293,27 @@ def test_a_trainer_without_the_streaming_arguments_is_refused_before_the_first_s
         trainer.train()
 
 
+def test_a_trainer_reading_the_stream_through_a_wrapper_is_refused_rather_than_resumed_at_a_wrong_position(
+    processor, tmp_path
+):
+    from navil.training.packing import PackedIterableDataset, PackingCollator
+
+    dataset = StreamingDataset(write_jsonl_shards(tmp_path / "data", 4, 4), processor=processor)
+    packs = PackedIterableDataset(dataset, NaViLDataCollator(processor).encode, max_packed_tokens=256)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True, **STREAMING_TRAINING_ARGUMENTS
+    )
+    trainer = Trainer(
+        model=AutoModel.from_pretrained(TINY, trust_remote_code=True),
+        args=args,
+        train_dataset=packs,
+        data_collator=PackingCollator(processor),
+        callbacks=[StreamingStateCallback(dataset)],
+    )
+    with pytest.raises(ValueError, match="reads a PackedIterableDataset"):
+        trainer.train()
+
+
 # `navil finetune` that also writes the numbers of the examples of every batch its collator builds to SEEN_LOG (one
 # line per batch), and can kill itself with SIGKILL after a step (test_resume.py's launcher).
 RECORDING_LAUNCHER = """

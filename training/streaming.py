@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
 import torch
+from accelerate.data_loader import IterableDatasetShard
 from PIL import Image
 from transformers import TrainerCallback
 
@@ -473,6 +474,15 @@ class StreamingStateCallback(TrainerCallback):
                 "{'dispatch_batches': False}): pass **STREAMING_TRAINING_ARGUMENTS."
             )
         self._examples_per_step(args)
+        read = getattr(kwargs.get("train_dataloader"), "dataset", None)
+        if isinstance(read, IterableDatasetShard):  # accelerate's split of the stream between processes
+            read = read.dataset
+        if read is not None and read is not self.dataset:
+            raise ValueError(
+                f"The trainer reads a {type(read).__name__}, not the StreamingDataset whose position this callback "
+                "saves: the position counts one example of the dataset per DataLoader item, which a wrapper (packs, "
+                "for one) breaks. Train on the StreamingDataset itself for an exact resume."
+            )
         self.first_step = state.global_step
         if state.global_step == 0:
             return
