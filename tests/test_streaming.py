@@ -372,3 +372,15 @@ def test_a_streamed_navil_finetune_killed_and_resumed_sees_every_example_once_an
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert after[:4] == expected[6:]  # from checkpoint-6: steps 7-10, nothing seen twice or skipped
     assert_same_weights(tmp_path / "run", tmp_path / "whole")
+
+
+def test_navil_finetune_streaming_asks_for_max_steps_and_names_a_data_path_without_shards(tmp_path, capsys):
+    from navil.cli import main
+
+    with pytest.raises(SystemExit, match="give the run's length with --max-steps"):
+        main(["finetune", "--streaming", "--data", str(tmp_path), "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match=r"No \.jsonl or \.tar shard at .*empty"):
+        StreamingDataset(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("not a shard")
+    with pytest.raises(FileNotFoundError, match="a folder of shards or a glob"):
+        StreamingDataset(str(tmp_path / "*.txt"))
