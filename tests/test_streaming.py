@@ -221,6 +221,13 @@ def test_a_map_style_dataset_is_checked_completely_before_the_first_step(process
         check_examples(examples[2:])
 
 
+def test_a_list_of_examples_streams_like_a_dataset_and_a_list_of_paths_as_shards(tmp_path):
+    examples = [text_example(n) for n in range(5)]
+    assert numbers(StreamingDataset(examples, repeat=False)) == list(range(5))
+    shards = write_jsonl_shards(tmp_path / "data", 6, 3)
+    assert numbers(StreamingDataset(sorted(shards.iterdir())[::-1], repeat=False)) == [3, 4, 5, 0, 1, 2]
+
+
 class RecordingCollator(NaViLDataCollator):
     """Remembers the numbers of the examples of every batch it builds."""
 

@@ -6,7 +6,8 @@ its images, in name order) and `datasets` iterable datasets. Every pass over the
 an order drawn from the seed, mixes the examples through a seeded shuffle buffer and deals the resulting stream out
 in blocks of `batch_size` examples: block `q` goes to rank `q % world_size` and, on that rank, to DataLoader worker
 `(q // world_size) % num_workers`. The DataLoader takes one batch from each worker in turn, so every example is
-read by exactly one rank and worker, and the batches come in the same order whatever the number of workers.
+decoded and trained on by exactly one rank and worker (each reads the raw records, cheaply, to keep the order), and
+the batches come in the same order whatever the number of workers.
 
 Bad examples (invalid JSON, a malformed conversation, an undecodable image, a placeholder count that differs from the
 images, an example whose images `max_length` would cut) are skipped, counted and logged with their source: the
@@ -287,7 +288,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 raise ValueError(f"{name} must be a positive whole number, got {value!r}.")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank!r}.")
-        if isinstance(data, (str, Path, list, tuple)):
+        paths = data if isinstance(data, (list, tuple)) else [data]
+        if all(isinstance(item, (str, Path)) for item in paths):
             self.shards, self.examples = find_shards(data), None
         else:
             if not isinstance(data, Iterable):
