@@ -303,3 +303,63 @@ def test_the_recipe_loop_trains_on_packed_batches(processor, encode, examples):
     batches = packed_batches(PackedDataset(examples, encode, 400), PackingCollator(processor, "square"))
     losses = train_loop(model, batches, 12, 3e-3, loss_fn=packed_loss_fn, progress=False)
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+# One packed training run, for a single process and for two under `accelerate launch` (gloo on the CPU).
+PACKED_RUN = """
+import json, sys
+import torch
+from transformers import AutoProcessor, Trainer, TrainingArguments
+from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.training import NaViLDataCollator, tiny_config
+from navil.training.packing import PackedDataset, PackingCollator, packing_trainer_class
+from navil.training.synthetic_data import ShapesDataset
+
+output_dir, batch_size = sys.argv[1], int(sys.argv[2])
+processor = AutoProcessor.from_pretrained(sys.argv[3], trust_remote_code=True)
+data = ShapesDataset(seed=7, size_range=((40, 80), (160, 330)))
+examples = []
+for index in range(16):
+    sample = data.caption(index)
+    image = index % 3 != 1
+    user = [{"type": "image"}] * image + [{"type": "text", "text": "Describe" + " it" * (index % 5)}]
+    examples.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": sample.answer}],
+                     "images": [sample.image] * image})
+encode = NaViLDataCollator(processor, multiscale=True).encode
+dataset = PackedDataset(examples, encode, 300)
+torch.manual_seed(0)
+model = NaViLForConditionalGeneration(tiny_config("qwen3", vocab_size=len(processor.tokenizer)))
+model.init_special_token_ids(processor.tokenizer)
+args = TrainingArguments(output_dir=output_dir, max_steps=4, per_device_train_batch_size=batch_size,
+                         gradient_accumulation_steps=2, learning_rate=2e-3, logging_steps=1, report_to="none",
+                         save_strategy="no", remove_unused_columns=False, use_cpu=True, seed=0, disable_tqdm=True,
+                         dataloader_drop_last=True)
+trainer = packing_trainer_class(Trainer)(model=model, args=args, train_dataset=dataset,
+                                         data_collator=PackingCollator(processor, "sample"))
+trainer.train()
+if trainer.is_world_process_zero():
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    json.dump(losses, open(output_dir + "/losses.json", "w"))
+"""
+
+
+@pytest.mark.multiprocess
+def test_two_process_packed_training_follows_the_single_process_loss_curve_of_the_same_global_batch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "packed_run.py"
+    script.write_text(PACKED_RUN)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    accelerate += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    curves = []
+    for name, launcher, batch_size in (("single", [sys.executable], 2), ("ddp", accelerate, 1)):
+        output_dir = tmp_path / name
+        output_dir.mkdir()
+        command = [*launcher, str(script), str(output_dir), str(batch_size), str(TINY)]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves.append(json.loads((output_dir / "losses.json").read_text()))
+    assert len(curves[0]) == len(curves[1]) == 4
+    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=0, atol=1e-4)
