@@ -158,6 +158,23 @@ def test_position_ids_restart_per_example_and_no_image_block_is_split(processor,
         assert int((ids == start).sum()) >= len(example["images"])
 
 
+def test_padding_to_a_multiple_adds_one_padding_segment_that_changes_no_logit_and_no_loss(processor, encode, examples):
+    model = tiny_model(processor, "internlm2").eval()
+    pack = [PackedDataset(examples, encode, 10**6)[0]]
+    plain, padded = (
+        PackingCollator(processor, "sample", pad_to_multiple_of=multiple)(pack) for multiple in (None, 64)
+    )
+    length = plain["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] - length < 64
+    assert torch.equal(padded["position_ids"][0, length:], torch.arange(padded["input_ids"].shape[1] - length))
+    assert (padded["example_index"][0, length:] == -1).all() and (padded["shift_labels"][0, length:] == -100).all()
+    with torch.no_grad():
+        (plain_inputs, plain_packing), (padded_inputs, padded_packing) = map(split_model_inputs, (plain, padded))
+        plain_logits, padded_logits = model(**plain_inputs).logits, model(**padded_inputs).logits
+        assert torch.equal(padded_logits[:, :length], plain_logits)
+        assert packed_loss(padded_logits, padded_packing)[0] == packed_loss(plain_logits, plain_packing)[0]
+
+
 def test_greedy_and_best_fit_keep_every_example_once_within_the_budget():
     lengths = torch.randint(1, 50, (200,), generator=torch.Generator().manual_seed(0)).tolist()
     greedy, best_fit = (plan_packs(lengths, 60, strategy) for strategy in ("greedy", "best_fit"))
