@@ -17,8 +17,10 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
 from navil.training import NaViLDataCollator, causal_lm_loss
+from navil.training.packing import PackingCollator, packing_trainer_class
 from navil.training.streaming import (
     STREAMING_TRAINING_ARGUMENTS,
+    StreamedPacks,
     StreamingDataset,
     StreamingStateCallback,
     check_examples,
@@ -286,6 +288,66 @@ def test_a_trainer_resumed_from_a_checkpoint_continues_the_stream_and_ends_with_
         torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=name)
 
 
+class RecordingPackingCollator(PackingCollator):
+    """Remembers the token ids of the examples of every batch of packs it builds."""
+
+    def __init__(self, processor):
+        super().__init__(processor)
+        self.seen = []
+
+    def __call__(self, packs):
+        self.seen.append([tuple(example[0]) for pack in packs for example in pack])
+        return super().__call__(packs)
+
+
+def train_packed_stream(processor, shards, output_dir, resume=None):
+    torch.manual_seed(0)
+    model = AutoModel.from_pretrained(TINY, trust_remote_code=True)
+    stream = StreamingDataset(shards, processor=processor, shuffle_buffer=4, seed=0)
+    packs = StreamedPacks(stream, NaViLDataCollator(processor).encode, max_packed_tokens=96)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=6,
+        per_device_train_batch_size=1,
+        learning_rate=5e-4,
+        save_strategy="steps",
+        save_steps=3,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        **STREAMING_TRAINING_ARGUMENTS,
+    )
+    collator = RecordingPackingCollator(processor)
+    trainer = packing_trainer_class(Trainer)(
+        model=model,
+        args=args,
+        train_dataset=packs,
+        data_collator=collator,
+        callbacks=[StreamingStateCallback(packs)],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return collator.seen, model
+
+
+def test_a_packed_stream_resumed_from_a_checkpoint_makes_the_same_packs_and_ends_with_the_same_weights(
+    processor, tmp_path
+):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = [json.dumps({**text_example(n), "messages": text_example(n)["messages"] * (1 + n % 3)}) for n in range(9)]
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n")  # 1 to 3 turns: packs of different sizes
+    seen, model = train_packed_stream(processor, folder, tmp_path / "whole")
+    assert len({len(batch) for batch in seen[:6]}) > 1
+    resumed_seen, resumed = train_packed_stream(
+        processor, folder, tmp_path / "whole", tmp_path / "whole" / "checkpoint-3"
+    )
+    assert resumed_seen[:3] == seen[3:6]
+    for (name, weight), (_, expected) in zip(resumed.state_dict().items(), model.state_dict().items()):
+        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=name)
+
+
 def test_a_trainer_without_the_streaming_arguments_is_refused_before_the_first_step(processor, tmp_path):
     dataset = StreamingDataset(write_jsonl_shards(tmp_path / "data", 4, 4), processor=processor)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True)
@@ -303,7 +365,7 @@ def test_a_trainer_without_the_streaming_arguments_is_refused_before_the_first_s
 def test_a_trainer_reading_the_stream_through_a_wrapper_is_refused_rather_than_resumed_at_a_wrong_position(
     processor, tmp_path
 ):
-    from navil.training.packing import PackedIterableDataset, PackingCollator
+    from navil.training.packing import PackedIterableDataset
 
     dataset = StreamingDataset(write_jsonl_shards(tmp_path / "data", 4, 4), processor=processor)
     packs = PackedIterableDataset(dataset, NaViLDataCollator(processor).encode, max_packed_tokens=256)
@@ -317,7 +379,7 @@ def test_a_trainer_reading_the_stream_through_a_wrapper_is_refused_rather_than_r
         data_collator=PackingCollator(processor),
         callbacks=[StreamingStateCallback(dataset)],
     )
-    with pytest.raises(ValueError, match="reads a PackedIterableDataset"):
+    with pytest.raises(ValueError, match="reads a PackedIterableDataset, not the dataset"):
         trainer.train()
 
 

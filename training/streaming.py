@@ -42,6 +42,7 @@ from transformers import TrainerCallback
 
 from ..processing_navil import NaViLProcessor
 from .finetune import NaViLDataCollator, conversation_turns
+from .packing import PackedIterableDataset
 
 logger = logging.getLogger(__name__)
 
@@ -441,9 +442,48 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self._resume = {"workers": [dict(worker) for worker in state["workers"]], "next_worker": state["next_worker"]}
 
 
+class StreamedPacks(PackedIterableDataset):
+    """Greedy packs of whole examples (`PackedIterableDataset`) of a `StreamingDataset`, whose position
+    `StreamingStateCallback` saves and restores like the stream's own.
+
+    Greedy packing of a stream is exact to resume: a pack is emitted when the next example does not fit, and that
+    example starts the next pack, so packing again from the first example after the consumed packs makes the same
+    packs. Each pack's count of stream examples (its own and those too long for the budget, skipped before it) is
+    remembered for the last `history` packs, as `StreamingDataset` remembers its examples. Read it without DataLoader
+    workers (`dataloader_num_workers=0`; the stream's image decoding then runs in the training process)."""
+
+    def __init__(
+        self, stream: StreamingDataset, encode, max_packed_tokens: int, too_long: str = "error", history=4096
+    ):
+        if not isinstance(stream, StreamingDataset):
+            raise TypeError(f"StreamedPacks packs a StreamingDataset, got {type(stream).__name__}.")
+        super().__init__(stream, encode, max_packed_tokens, strategy="greedy", too_long=too_long)
+        # per remembered pack: (pack number, examples of the stream up to the end of the pack)
+        self._read = torch.full((history, 2), -1, dtype=torch.long)
+
+    def __iter__(self):
+        if torch.utils.data.get_worker_info() is not None:
+            raise ValueError("StreamedPacks keeps its position in the training process; use dataloader_num_workers=0.")
+        skipped_before, read = self.num_skipped, 0
+        for number, pack in enumerate(super().__iter__()):
+            read += len(pack)
+            self._read[number % len(self._read)] = torch.tensor([number, read + self.num_skipped - skipped_before])
+            yield pack
+
+    def examples_read(self, packs_consumed: int) -> int:
+        """Examples of the stream the first `packs_consumed` packs of the current iteration took."""
+        if packs_consumed == 0:
+            return 0
+        number, read = self._read[(packs_consumed - 1) % len(self._read)].tolist()
+        if number != packs_consumed - 1:
+            raise ValueError(f"No record of pack {packs_consumed - 1}; raise StreamedPacks' history.")
+        return read
+
+
 class StreamingStateCallback(TrainerCallback):
-    """Saves the position of a `StreamingDataset` in each `Trainer` checkpoint, as `data_state_rank{N}.json` (one per
-    process), and restores it when the run resumes, so that training continues at the exact next example.
+    """Saves the position of a `StreamingDataset` (or of its `StreamedPacks`) in each `Trainer` checkpoint, as
+    `data_state_rank{N}.json` (one per process), and restores it when the run resumes, so that training continues at
+    the exact next example.
 
     Use it with `TrainingArguments(**STREAMING_TRAINING_ARGUMENTS, ...)`. On resume the position is read from
     `resume_from_checkpoint`, else `args.resume_from_checkpoint`, else the `checkpoint-<step>` folder of the resumed
@@ -451,19 +491,24 @@ class StreamingStateCallback(TrainerCallback):
     args, state)` itself.
     """
 
-    def __init__(self, dataset: StreamingDataset, resume_from_checkpoint: Optional[Union[str, Path]] = None):
+    def __init__(
+        self,
+        dataset: Union[StreamingDataset, StreamedPacks],
+        resume_from_checkpoint: Optional[Union[str, Path]] = None,
+    ):
         self.dataset = dataset
+        self.stream = dataset.examples if isinstance(dataset, StreamedPacks) else dataset
         self.resume_from_checkpoint = resume_from_checkpoint
         self.first_step = 0
 
     def _examples_per_step(self, args) -> int:
-        """Examples this process's dataset delivers per optimizer step."""
-        processes = args.world_size if self.dataset.world_size == 1 else 1
+        """Items (examples, or packs) this process's dataset delivers per optimizer step."""
+        processes = args.world_size if self.stream.world_size == 1 else 1
         per_batch = args.per_device_train_batch_size * processes
-        if args.dataloader_num_workers > 0 and per_batch != self.dataset.batch_size:
+        if args.dataloader_num_workers > 0 and per_batch != self.stream.batch_size:
             raise ValueError(
                 f"The DataLoader takes {per_batch} examples of the dataset per batch but the dataset deals them out in "
-                f"blocks of batch_size={self.dataset.batch_size}; make them equal."
+                f"blocks of batch_size={self.stream.batch_size}; make them equal."
             )
         return per_batch * args.gradient_accumulation_steps
 
@@ -481,9 +526,9 @@ class StreamingStateCallback(TrainerCallback):
             read = read.dataset
         if read is not None and read is not self.dataset:
             raise ValueError(
-                f"The trainer reads a {type(read).__name__}, not the StreamingDataset whose position this callback "
-                "saves: the position counts one example of the dataset per DataLoader item, which a wrapper (packs, "
-                "for one) breaks. Train on the StreamingDataset itself for an exact resume."
+                f"The trainer reads a {type(read).__name__}, not the dataset whose position this callback saves: the "
+                "position counts one item of the dataset per DataLoader item, which another wrapper breaks. Train on "
+                "the StreamingDataset itself, or on its StreamedPacks, for an exact resume."
             )
         self.first_step = state.global_step
         if state.global_step == 0:
@@ -496,12 +541,14 @@ class StreamingStateCallback(TrainerCallback):
                 f"No data position at {path}: the checkpoint was saved without StreamingStateCallback, so the run "
                 "cannot continue at the next example. Resume from a checkpoint of a streaming run."
             )
-        self.dataset.load_state_dict(json.loads(path.read_text()))
+        self.stream.load_state_dict(json.loads(path.read_text()))
 
     def save(self, folder: Union[str, Path], args, state) -> None:
         """Writes this process's data position after `state.global_step` steps into the checkpoint `folder`."""
         consumed = (state.global_step - self.first_step) * self._examples_per_step(args)
-        data_state = self.dataset.state_dict(consumed, args.dataloader_num_workers)
+        if isinstance(self.dataset, StreamedPacks):
+            consumed = self.dataset.examples_read(consumed)
+        data_state = self.stream.state_dict(consumed, args.dataloader_num_workers)
         path = Path(folder) / DATA_STATE_FILE.format(rank=args.process_index)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(data_state) + "\n")
