@@ -19,7 +19,8 @@ its stream read up to the last example the trainer consumed (the DataLoader and 
 shared-memory log of each worker's progress per example undoes that); `load_state_dict` makes the next iteration
 continue at the exact next example. Resuming re-reads the raw records of the current epoch up to that point (no
 image is decoded, no example tokenised) to rebuild the shuffle buffer. `StreamingStateCallback` saves the position
-into every `Trainer` checkpoint (`data_state_rank{N}.json`) and restores it when a run resumes.
+into every `Trainer` checkpoint (`data_state_rank{N}.json`) and restores it when a run resumes; `StreamedPacks` packs
+a stream greedily and keeps that position exact.
 """
 
 import glob
