@@ -115,6 +115,28 @@ def _past_length(cache: Optional[Cache]):
     return cache.get_seq_length() if cache is not None else 0
 
 
+try:
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    # varlen flash attention reads a packed row's boundaries from these keyword arguments (else from position ids)
+    _FLASH_TAKES_VARLEN_KWARGS = "cu_seq_lens_q" in inspect.signature(_flash_attention_forward).parameters
+except ImportError:
+    _FLASH_TAKES_VARLEN_KWARGS = False
+
+
+def flash_packed_kwargs(packed: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """The keyword arguments with which transformers' flash attention runs the examples of one packed row
+    (`packed_sequence_ids` [1, seq]) as separate sequences: the position ids and, where it takes them, the examples'
+    boundaries (`cu_seq_lens_q/k`) and longest length (`max_length_q/k`), computed once for all layers."""
+    kwargs = {"position_ids": position_ids}
+    if _FLASH_TAKES_VARLEN_KWARGS:
+        lengths = torch.bincount(packed[0])
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(lengths.max())
+        kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest)
+    return kwargs
+
+
 def packed_sequence_ids(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """[batch, seq]: the index of the packed example each token belongs to, where the position ids restart (a new
     example starts wherever a position is not its predecessor + 1); None when every row is one sequence."""

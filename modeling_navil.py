@@ -50,6 +50,7 @@ from .compat_navil import (
     GradientCheckpointingLayer,
     cache_of,
     causal_masks,
+    flash_packed_kwargs,
     generation_step_is_decode,
     new_dynamic_cache,
     output_with_cache,
@@ -793,7 +794,7 @@ def packed_attention_kwargs(implementation: str, packed: torch.Tensor, position_
 
     sdpa: `packed_segments`, each row's example spans, which `ModalityExpertAttention` runs one at a time (causal
     attention within the example: cost and memory grow with each example's length, not the row's). Flash attention:
-    the `position_ids`, from which transformers' varlen flash attention finds the examples of a single row. Other
+    what transformers' varlen flash attention reads the examples of a single row from (`flash_packed_kwargs`). Other
     implementations (eager, flex) take the per-example masks of `causal_masks`.
     """
     if implementation.startswith("flash"):
@@ -802,7 +803,7 @@ def packed_attention_kwargs(implementation: str, packed: torch.Tensor, position_
                 f"Packed sequences under {implementation} take one row, got {packed.shape[0]}; lay the packed examples "
                 "one after another in a single row (navil.training.PackingCollator does)."
             )
-        return {"position_ids": position_ids}
+        return flash_packed_kwargs(packed, position_ids)
     if implementation != "sdpa":
         return {}
     segments = []

@@ -232,6 +232,50 @@ def test_navil_per_example_masks_equal_transformers_packed_masks_and_per_example
     assert torch.equal(without_masking_utils, navil_masks)
 
 
+def test_flash_attention_receives_the_boundaries_of_the_packed_examples(processor, encode, examples, monkeypatch):
+    """Under flash attention the decoder hands transformers' varlen kernel the examples' boundaries; a reference
+    varlen function (what `flash_attn_varlen_func` computes, on the CPU) then gives the logits of sdpa."""
+    import navil.modeling_navil as modeling
+
+    boundaries = []
+
+    def varlen_reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        # query [1, heads, seq, d]; key/value [1, kv_heads, seq, d] -> [1, seq, heads, d]
+        assert attention_mask is None and torch.equal(kwargs["cu_seq_lens_k"], kwargs["cu_seq_lens_q"])
+        key, value = (states.repeat_interleave(module.num_key_value_groups, 1) for states in (key, value))
+        bounds = kwargs["cu_seq_lens_q"].tolist()
+        boundaries.append((bounds, kwargs["max_length_q"]))
+        output = torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], is_causal=True, scale=scaling
+                )
+                for start, end in zip(bounds, bounds[1:])
+            ],
+            dim=2,
+        )
+        return output.transpose(1, 2), None
+
+    interface = modeling.attention_interface
+    monkeypatch.setattr(
+        modeling,
+        "attention_interface",
+        lambda name: varlen_reference if name == "flash_attention_2" else interface(name),
+    )
+    model = tiny_model(processor, "qwen3").eval()
+    batch = packed_batch(processor, encode, examples)
+    inputs, _ = split_model_inputs(batch)
+    with torch.no_grad():
+        sdpa = model(**inputs).logits
+        model.language_model.config._attn_implementation = "flash_attention_2"
+        flash = model(**inputs).logits
+    example_spans = spans(batch)
+    expected = [span.start for span in example_spans] + [example_spans[-1].stop]
+    assert boundaries[0] == (expected, max(span.stop - span.start for span in example_spans))
+    assert len(boundaries) == model.config.text_config.num_hidden_layers
+    assert torch.allclose(flash, sdpa, atol=1e-5, rtol=0)
+
+
 def test_packing_trainer_normalises_over_the_accumulated_batch_and_logs_tokens_padding_and_loss_per_modality(
     processor, encode, examples, tmp_path
 ):
