@@ -521,24 +521,7 @@ class ModalityExpertAttention(nn.Module):
             **kwargs,
         )
         if segments is not None and attention_mask is None:
-            # packed examples, each attending causally to itself only: [batch, seq, heads, head_dim]
-            attn_output, attn_weights = (
-                torch.cat(
-                    [
-                        torch.cat(
-                            [
-                                attention(
-                                    query[row, None, :, span], key[row, None, :, span], value[row, None, :, span], None
-                                )[0]
-                                for span in row_segments
-                            ],
-                            dim=1,
-                        )
-                        for row, row_segments in enumerate(segments)
-                    ]
-                ),
-                None,
-            )
+            attn_output, attn_weights = packed_attention(attention, query, key, value, segments), None
         else:
             attn_output, attn_weights = attention(query, key, value, attention_mask)
         return self.project_out(attn_output.reshape(batch, seq_len, -1), router), attn_weights
@@ -787,6 +770,20 @@ class ModalityExpertModel(NaViLPreTrainedModel):
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
+
+
+def packed_attention(attention: Callable, query, key, value, segments: list[list[slice]]) -> torch.Tensor:
+    """Causal attention within each packed example (`segments`: each row's example spans), one example at a time.
+
+    query [batch, heads, seq, D], key/value [batch, kv_heads, seq, D] -> [batch, seq, heads, D]
+    """
+    rows = []
+    for row, spans in enumerate(segments):
+        outputs = [
+            attention(*(states[row, None, :, span] for states in (query, key, value)), None)[0] for span in spans
+        ]
+        rows.append(torch.cat(outputs, dim=1))
+    return torch.cat(rows)
 
 
 def packed_attention_kwargs(implementation: str, packed: torch.Tensor, position_ids: torch.Tensor) -> dict:
