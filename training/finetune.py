@@ -11,7 +11,8 @@ An example is a conversation in the format TRL and `datasets` use for vision-lan
 on the assistant turns only; `freeze` (in `loop`) sets the trainable parameters of a training stage of the paper;
 `lora_target_modules` names the layers LoRA adapts; `causal_lm_loss` is the token-mean loss over the whole global
 batch (`Trainer(compute_loss_func=causal_lm_loss)`), so that several processes train exactly as one;
-`finetune` is what `navil finetune` runs.
+`check_combination` refuses settings that cannot work; `finetune` is what `navil finetune` runs, with the checkpoints,
+resume and output safety of `checkpointing`.
 """
 
 import gc
