@@ -1,8 +1,8 @@
 """What NaViL refuses, and why: the checks that turn bad inputs into a `ValueError` naming the problem and the fix.
 
-- loading: checkpoint folders (`check_local_checkpoint`, `check_model_folder`, `check_tokenizer_folder`), their
-  weight dtypes (`check_weight_dtypes`), torchao settings (`check_torchao_loading`) and the original model card's
-  quantization flags (`with_quantization_config`);
+- loading: checkpoint folders (`check_local_checkpoint`, unfinished saves with `check_save_complete`,
+  `check_model_folder`, `check_tokenizer_folder`), their weight dtypes (`check_weight_dtypes`), torchao settings
+  (`check_torchao_loading`) and the original model card's quantization flags (`with_quantization_config`);
 - running: images (`check_pixel_values`, `check_image_tokens`, `check_no_image_tokens`), prompts (`check_prompt`),
   generation lengths and settings (`check_generation_length`, `check_generation_settings`) and the special-token ids
   against the tokenizer (`check_special_token_ids`).
@@ -31,11 +31,29 @@ from .configuration_navil import (
     NaViLVisionConfig,
 )
 
+# Written by `navil finetune` into its output folder and each checkpoint: `{"complete": false}` while files are being
+# written, `{"complete": true, ...}` once the folder holds the whole model.
+RUN_STATUS_FILE = "navil_status.json"
+
+
+def check_save_complete(folder: Path) -> None:
+    """Refuses a folder whose `navil_status.json` says its save did not finish (a run still writing it, or one that
+    was killed while writing): its files may mix two runs or miss some. Folders without the file pass."""
+    status = Path(folder, RUN_STATUS_FILE)
+    if status.is_file() and json.loads(status.read_text() or "{}").get("complete") is not True:
+        raise ValueError(
+            f"{folder} is an unfinished save ({RUN_STATUS_FILE} says incomplete): the run writing it is still running "
+            "or stopped before it finished. Load one of its complete checkpoint-N folders, or finish the run with "
+            "`navil finetune ... --resume`."
+        )
+
 
 def check_local_checkpoint(folder: Path, has_config: bool, allow_pickle: bool = False) -> None:
     """Refuses a local checkpoint folder before any model is built: no `config.json` (unless a config is passed),
     only pickled weights (`*.bin`, which can run code when loaded) unless `allow_pickle`, or a `*.safetensors` file
-    whose header cannot be read (empty, truncated, not safetensors, oversized header)."""
+    whose header cannot be read (empty, truncated, not safetensors, oversized header), or an unfinished save
+    (`check_save_complete`)."""
+    check_save_complete(folder)
     if not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
         raise ValueError(
             f"{folder} holds only pickled weights (*.bin), which can run code when loaded. Convert them to "

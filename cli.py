@@ -42,9 +42,12 @@ def _dtype(name: str, device: str):
 def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
     """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat: with
     the installed package's code, or with the folder's own code only with `trust_remote_code` (see loading_navil)."""
+    from .checks_navil import check_save_complete
     from .loading_navil import load_navil_model, load_navil_tokenizer_safely
 
     path = str(model) if model else str(EMBEDDED_MODEL_DIR)
+    if Path(path).is_dir():
+        check_save_complete(Path(path))  # before the tokenizer, which an unfinished save may lack
     if not model and not EMBEDDED_MODEL_DIR.is_dir():
         raise SystemExit(f"The embedded model is missing ({EMBEDDED_MODEL_DIR}); train it with `navil train`.")
     device = _device(device)
@@ -124,17 +127,39 @@ def run_train(args) -> int:
     return 0
 
 
+def _streaming_dataset(args, model: str):
+    """The `StreamingDataset` of `navil finetune --streaming`: the shards of --data, checked with the model's
+    processor, shuffled with --seed; every process reads the whole stream and keeps its part (accelerate)."""
+    from .loading_navil import load_navil_processor
+    from .training.streaming import StreamingDataset
+
+    if args.max_steps <= 0:
+        raise SystemExit("--streaming reads a stream without a known length; give the run's length with --max-steps.")
+    processor = load_navil_processor(model, args.trust_remote_code)
+    multiscale = False if args.no_multiscale else None
+    return StreamingDataset(
+        args.data,
+        processor=processor,
+        max_length=args.max_length,
+        multiscale=multiscale,
+        shuffle_buffer=args.shuffle_buffer,
+        seed=args.seed,
+    )
+
+
 def run_finetune(args) -> int:
     from .training import close_process_group, finetune
 
     model = args.model or str(EMBEDDED_MODEL_DIR)
-    if not Path(args.data).is_file():
+    streamed = _streaming_dataset(args, model) if args.streaming else None
+    if streamed is None and not Path(args.data).is_file():
         raise SystemExit(f"No data file at {args.data}; pass a JSONL file (see the README's Fine-tuning section).")
     stage = int(args.stage) if args.stage.isdigit() else args.stage
     finetune(
         model,
-        args.data,
+        None if streamed is not None else args.data,
         args.output_dir,
+        train_dataset=streamed,
         stage=stage,
         lora=args.lora,
         lora_rank=args.lora_rank,
@@ -151,6 +176,10 @@ def run_finetune(args) -> int:
         seed=args.seed,
         disable_tqdm=args.quiet,
         trust_remote_code=args.trust_remote_code,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        resume=args.resume_from_checkpoint or args.resume,
+        overwrite=args.overwrite,
     )
     close_process_group()  # under `accelerate launch`; the trainer (and its model) went with finetune's frame
     print(f"saved the fine-tuned model to {args.output_dir}")
@@ -393,6 +422,18 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
     trust_flag(tune)
+    tune.add_argument("--save-steps", type=int, help="write a complete, loadable checkpoint-N every N steps")
+    tune.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
+    resume = tune.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint"
+    )
+    resume.add_argument("--resume-from-checkpoint", metavar="DIR", help="continue the run from this checkpoint-N")
+    resume.add_argument("--overwrite", action="store_true", help="delete what --output-dir holds before training")
+    # streaming and stage configs (navil.training.streaming, configs/stages)
+    tune.add_argument("--streaming", action="store_true", help="stream --data: a .jsonl/.tar shard, folder or glob")
+    tune.add_argument("--shuffle-buffer", type=int, default=1000, help="with --streaming: examples mixed at a time")
+    tune.add_argument("--config", help="a stage config (stage1, stage2, sft, smoke or a JSON file); flags override it")
     tune.set_defaults(run=run_finetune)
 
     evaluation = commands.add_parser("eval", help="exact-match accuracy per question type on fresh synthetic data")
@@ -436,7 +477,9 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the `navil` console script."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from .training.stage_configs import with_stage_config
+
+    argv = with_stage_config(sys.argv[1:] if argv is None else list(argv))
     args = build_parser(training_flags=argv[:1] == ["train"]).parse_args(argv)
     return args.run(args)
 

@@ -21,9 +21,14 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import ModelOutput
 
 try:  # 4.53+
+    from transformers import masking_utils
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 except ImportError:
-    create_causal_mask = create_sliding_window_causal_mask = None
+    masking_utils = create_causal_mask = create_sliding_window_causal_mask = None
+
+# transformers 5 masks packed sequences itself (several examples in a row, their position ids restarting at 0) when
+# no 2-D attention mask is given; navil builds the per-example masks elsewhere.
+MASKS_DETECT_PACKED_SEQUENCES = hasattr(masking_utils, "find_packed_sequence_indices")
 
 try:  # 4.52+
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -113,14 +118,47 @@ def _past_length(cache: Optional[Cache]):
     return cache.get_seq_length() if cache is not None else 0
 
 
-def causal_masks(config, inputs_embeds, attention_mask, cache, position_ids, sliding_window: bool):
+try:
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    # varlen flash attention reads a packed row's boundaries from these keyword arguments (else from position ids)
+    _FLASH_TAKES_VARLEN_KWARGS = "cu_seq_lens_q" in inspect.signature(_flash_attention_forward).parameters
+except ImportError:
+    _FLASH_TAKES_VARLEN_KWARGS = False
+
+
+def flash_packed_kwargs(packed: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """The keyword arguments with which transformers' flash attention runs the examples of one packed row
+    (`packed_sequence_ids` [1, seq]) as separate sequences: the position ids and, where it takes them, the examples'
+    boundaries (`cu_seq_lens_q/k`) and longest length (`max_length_q/k`), computed once for all layers."""
+    kwargs = {"position_ids": position_ids}
+    if _FLASH_TAKES_VARLEN_KWARGS:
+        lengths = torch.bincount(packed[0])
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(lengths.max())
+        kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest)
+    return kwargs
+
+
+def packed_sequence_ids(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[batch, seq]: the index of the packed example each token belongs to, where the position ids restart (a new
+    example starts wherever a position is not its predecessor + 1); None when every row is one sequence."""
+    if position_ids is None or position_ids.ndim != 2 or position_ids.shape[1] < 2:
+        return None
+    steps = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
+    sequence_ids = (steps != 1).cumsum(-1)
+    return sequence_ids if bool(sequence_ids[:, -1].any()) else None
+
+
+def causal_masks(config, inputs_embeds, attention_mask, cache, position_ids, sliding_window: bool, packed=None):
     """(full-attention mask, sliding-window mask or None) in the form the configured attention implementation takes.
 
     `attention_mask` is the 2-D padding mask [batch, kv_len] (or None); masks are sized to the cache's keys (the
-    maximum length for static caches).
+    maximum length for static caches). `packed` (`packed_sequence_ids`, without mask or cache) makes the masks
+    per-example: transformers' own where it detects packed sequences, navil's otherwise.
     """
-    if create_causal_mask is None:
-        return _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding_window)
+    if create_causal_mask is None or (packed is not None and not MASKS_DETECT_PACKED_SEQUENCES):
+        return _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding_window, packed)
     mask_kwargs = {
         "config": config,
         _MASK_EMBEDS_NAME: inputs_embeds,
@@ -136,10 +174,11 @@ def causal_masks(config, inputs_embeds, attention_mask, cache, position_ids, sli
     return full_mask, window_mask
 
 
-def _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding_window: bool):
-    """`causal_masks` for releases without `masking_utils` (4.51, 4.52), built as those releases' attention functions
-    take them: eager an additive float mask [batch, 1, q, kv], sdpa a boolean one (None where `is_causal` suffices),
-    flash attention the 2-D padding mask."""
+def _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding_window: bool, packed=None):
+    """`causal_masks` for releases without `masking_utils` (4.51, 4.52) or without its packed sequences, built as
+    those releases' attention functions take them: eager an additive float mask [batch, 1, q, kv], sdpa a boolean one
+    (None where `is_causal` suffices), flash attention the 2-D padding mask (None for packed rows, which it reads
+    from the position ids). `packed` (`packed_sequence_ids`) keeps each token within its example."""
     if attention_mask is not None and attention_mask.ndim == 4:  # already a mask in the implementation's form
         return attention_mask, attention_mask if sliding_window else None
     batch, seq_len = inputs_embeds.shape[:2]
@@ -166,10 +205,12 @@ def _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding
             allowed = allowed & padding[:, None, None, :]
         if implementation.startswith("flash"):
             return None if padding is None or bool(padding.all()) else attention_mask
+        if packed is not None:  # no cache: queries and keys are the same tokens
+            allowed = allowed & (packed[:, None, :, None] == packed[:, None, None, :])
         if implementation == "eager":
             dtype = inputs_embeds.dtype
             return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        no_padding = padding is None or bool(padding.all())
+        no_padding = packed is None and (padding is None or bool(padding.all()))
         fits_window = window is None or kv_length < window
         if no_padding and fits_window and (seq_len == 1 or seq_len == kv_length):
             return None  # sdpa's own causal masking

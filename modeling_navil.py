@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -57,9 +58,11 @@ from .compat_navil import (
     GradientCheckpointingLayer,
     cache_of,
     causal_masks,
+    flash_packed_kwargs,
     generation_step_is_decode,
     new_dynamic_cache,
     output_with_cache,
+    packed_sequence_ids,
     pop_cache,
     with_dtype_kwarg,
 )
@@ -320,7 +323,7 @@ class NaViLPreTrainedModel(PreTrainedModel):
             if (target / "README.md").is_file():
                 shutil.copy2(target / "README.md", staging / "README.md")  # a card of the folder is kept
             super().save_pretrained(staging, *args, **kwargs)
-            write_model_card(staging, source=self.name_or_path)
+            write_model_card(staging, name=target.resolve().name, source=self.name_or_path)
         except Exception as error:  # safetensors' own SafetensorError wraps a full disk (not importable everywhere)
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":
@@ -557,21 +560,23 @@ class ModalityExpertAttention(nn.Module):
 
     def forward(self, hidden_states, router, position_embeddings, attention_mask, cache=None, **kwargs):
         batch, seq_len, _ = hidden_states.shape
+        segments = kwargs.pop("packed_segments", None)
         query, key, value = (states.transpose(1, 2) for states in self.project_qkv(hidden_states, router))
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        attn_output, attn_weights = attention_interface(self.config._attn_implementation or "sdpa")(
+        attention = partial(
+            attention_interface(self.config._attn_implementation or "sdpa"),
             self,
-            query,
-            key,
-            value,
-            attention_mask,
             dropout=0.0,
             scaling=self.scaling,
             sliding_window=self.sliding_window,
             **kwargs,
         )
+        if segments is not None and attention_mask is None:
+            attn_output, attn_weights = packed_attention(attention, query, key, value, segments), None
+        else:
+            attn_output, attn_weights = attention(query, key, value, attention_mask)
         return self.project_out(attn_output.reshape(batch, seq_len, -1), router), attn_weights
 
     @property
@@ -771,7 +776,9 @@ class ModalityExpertModel(NaViLPreTrainedModel):
         )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         cache = pop_cache(past_key_values, kwargs)
-        if use_cache and cache is None:
+        # several examples packed in each row (their positions restart at 0), when no padding mask or cache is given
+        packed = packed_sequence_ids(position_ids) if attention_mask is None and cache is None else None
+        if use_cache and cache is None and packed is None:
             cache = new_dynamic_cache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -779,11 +786,19 @@ class ModalityExpertModel(NaViLPreTrainedModel):
                 attention_mask, inputs_embeds.shape[1], past_length, inputs_embeds.device
             ).to(inputs_embeds.device)
 
+        implementation = self.config._attn_implementation or "sdpa"
+        if packed is not None:
+            kwargs.update(packed_attention_kwargs(implementation, packed, position_ids))
         if isinstance(attention_mask, dict):
             full_mask, window_mask = attention_mask.get("full_attention"), attention_mask.get("sliding_attention")
+        elif "packed_segments" in kwargs:  # sdpa runs each example alone; only sliding windows need a mask
+            full_mask = None
+            window_mask = None
+            if self.config.use_sliding_window:
+                window_mask = causal_masks(self.config, inputs_embeds, None, None, position_ids, True, packed)[1]
         else:
             full_mask, window_mask = causal_masks(
-                self.config, inputs_embeds, attention_mask, cache, position_ids, self.config.use_sliding_window
+                self.config, inputs_embeds, attention_mask, cache, position_ids, self.config.use_sliding_window, packed
             )
 
         router = ModalityRouter.build(visual_token_mask) if self.config.modality_experts else None
@@ -808,6 +823,44 @@ class ModalityExpertModel(NaViLPreTrainedModel):
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
+
+
+def packed_attention(attention: Callable, query, key, value, segments: list[list[slice]]) -> torch.Tensor:
+    """Causal attention within each packed example (`segments`: each row's example spans), one example at a time.
+
+    query [batch, heads, seq, D], key/value [batch, kv_heads, seq, D] -> [batch, seq, heads, D]
+    """
+    rows = []
+    for row, spans in enumerate(segments):
+        outputs = [
+            attention(*(states[row, None, :, span] for states in (query, key, value)), None)[0] for span in spans
+        ]
+        rows.append(torch.cat(outputs, dim=1))
+    return torch.cat(rows)
+
+
+def packed_attention_kwargs(implementation: str, packed: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """What the attention functions need to keep packed examples (`packed_sequence_ids` [batch, seq]) apart.
+
+    sdpa: `packed_segments`, each row's example spans, which `ModalityExpertAttention` runs one at a time (causal
+    attention within the example: cost and memory grow with each example's length, not the row's). Flash attention:
+    what transformers' varlen flash attention reads the examples of a single row from (`flash_packed_kwargs`). Other
+    implementations (eager, flex) take the per-example masks of `causal_masks`.
+    """
+    if implementation.startswith("flash"):
+        if packed.shape[0] != 1:
+            raise ValueError(
+                f"Packed sequences under {implementation} take one row, got {packed.shape[0]}; lay the packed examples "
+                "one after another in a single row (navil.training.PackingCollator does)."
+            )
+        return flash_packed_kwargs(packed, position_ids)
+    if implementation != "sdpa":
+        return {}
+    segments = []
+    for row in packed:
+        starts = [0, *((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist(), row.shape[0]]
+        segments.append([slice(start, end) for start, end in zip(starts, starts[1:])])
+    return {"packed_segments": segments}
 
 
 def positions_from_attention_mask(attention_mask, seq_len, past_length, device):

@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.9",
     packages=["navil", "navil.training", "navil.evaluation"],
     package_dir={"navil": ".", "navil.training": "training", "navil.evaluation": "evaluation"},
-    package_data={"navil": ["tokenizer/*", "checkpoints/*/*", "examples/*", "examples/finetune/*"]},
+    package_data={"navil": ["tokenizer/*", "checkpoints/*/*", "examples/*", "examples/finetune/*", "configs/*/*"]},
     install_requires=[
         # Tested from 4.51.0 (the release the original NaViL model card pins) to the newest 5.x: .ci/compat.
         "transformers>=4.51.0",

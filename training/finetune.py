@@ -11,11 +11,11 @@ An example is a conversation in the format TRL and `datasets` use for vision-lan
 on the assistant turns only; `freeze` (in `loop`) sets the trainable parameters of a training stage of the paper;
 `lora_target_modules` names the layers LoRA adapts; `causal_lm_loss` is the token-mean loss over the whole global
 batch (`Trainer(compute_loss_func=causal_lm_loss)`), so that several processes train exactly as one;
-`finetune` is what `navil finetune` runs.
+`check_combination` refuses settings that cannot work; `finetune` is what `navil finetune` runs, with the checkpoints,
+resume and output safety of `checkpointing`.
 """
 
 import gc
-import json
 import math
 import os
 import warnings
@@ -25,9 +25,17 @@ from typing import Optional, Union
 
 import torch
 
+from ..checks_navil import check_save_complete
 from ..compat_navil import with_checkpointing_names
 from ..configuration_navil import IMAGE_PLACEHOLDER, IMG_END_TOKEN, hub_repo_id_of, write_model_card
 from ..processing_navil import NaViLProcessor
+from .checkpointing import (
+    NaViLTrainer,
+    check_free_space,
+    latest_checkpoint,
+    needed_space,
+    prepare_output_dir,
+)
 from .collators import (
     check_batch,
     check_example_fields,
@@ -262,13 +270,17 @@ class NaViLDataCollator:
         answers = [answer for _, answer in turns]
         return encode_turns(self.processor, prompts, answers, images, self.multiscale)
 
+    def cuts_an_image(self, ids: list[int]) -> bool:
+        """Whether cutting `ids` to `max_length` tokens would cut through an image (the example is then dropped)."""
+        last_image_end = max((i for i, token in enumerate(ids) if token == self.image_end_id), default=-1)
+        return self.max_length is not None and last_image_end >= self.max_length
+
     def __call__(self, examples: list[Mapping]) -> dict[str, torch.Tensor]:
         sequences, images = [], []
         for example in examples:
             ids, labels, image_inputs = self.encode(example)
             if self.max_length is not None and len(ids) > self.max_length:
-                last_image_end = max((i for i, token in enumerate(ids) if token == self.image_end_id), default=-1)
-                if last_image_end >= self.max_length:
+                if self.cuts_an_image(ids):
                     self.num_dropped += 1
                     warnings.warn(
                         f"Dropped a training example of {len(ids)} tokens: max_length={self.max_length} would cut "
@@ -308,9 +320,49 @@ def split_examples(examples: list, eval_fraction: float, seed: int = 0) -> tuple
     return train, [examples[index] for index in sorted(held_out)]
 
 
+def check_combination(model, lora: Optional[str], training_arguments: Mapping) -> None:
+    """Refuses, before the first step, the settings that would fail later or train nothing useful: a quantized model
+    (torchao, bitsandbytes) with LoRA, whose adapters are merged into the weights before saving, or without it, whose
+    integer weights cannot be trained; and a learning rate that is not a positive finite number."""
+    rate = training_arguments.get("learning_rate")
+    if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+        raise ValueError(f"learning_rate must be a positive finite number, got {rate!r}.")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None and not getattr(model, "is_quantized", False):
+        return
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "quantized")
+    method = getattr(method, "value", method)
+    if lora is not None:
+        raise ValueError(
+            f"LoRA on a {method} model cannot be saved: navil finetune merges the adapters into the weights, which "
+            "the quantized weights cannot hold. Fine-tune the full-precision checkpoint (with or without --lora) and "
+            "quantize the result."
+        )
+    raise ValueError(
+        f"The model's weights are {method}-quantized integers, which the optimizer cannot update. Fine-tune the "
+        "full-precision checkpoint and quantize the result."
+    )
+
+
+def _checkpoints_kept(num_examples: Optional[int], save_steps: Optional[int], limit, settings: Mapping) -> int:
+    """How many checkpoints a run holds at most at once (for the free-space check)."""
+    if not save_steps:
+        return 0
+    steps = settings.get("max_steps", -1)
+    if steps is None or steps <= 0:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = settings.get("per_device_train_batch_size", 8) * world
+        batches = math.ceil((num_examples or 0) / per_step)
+        steps = math.ceil(
+            settings.get("num_train_epochs", 3.0) * batches / settings.get("gradient_accumulation_steps", 1)
+        )
+    saved = max(steps // save_steps, 1)
+    return min(saved, limit + 1) if limit else saved
+
+
 def finetune(
     model_dir: str,
-    data: Union[str, Path],
+    data: Optional[Union[str, Path]],
     output_dir: str,
     stage: Union[int, str] = 2,
     lora: Optional[str] = None,
@@ -319,6 +371,11 @@ def finetune(
     max_length: Optional[int] = None,
     multiscale: Optional[bool] = None,
     trust_remote_code: bool = False,
+    train_dataset=None,
+    save_steps: Optional[int] = None,
+    save_total_limit: Optional[int] = None,
+    resume: Union[bool, str, Path] = False,
+    overwrite: bool = False,
     **training_arguments,
 ):
     """Fine-tunes the model in `model_dir` on the JSONL file `data` with `transformers.Trainer` and
@@ -330,50 +387,106 @@ def finetune(
     examples is held out and evaluated after training. `max_length` and `multiscale` go to the collator, further
     keyword arguments to `TrainingArguments`. Runs as it is under `accelerate launch` (DDP or FSDP). The installed
     navil code loads `model_dir`; its own Python files run only with `trust_remote_code` (`navil.loading_navil`).
+
+    Instead of `data`, `train_dataset` gives the training examples directly: a list, a map-style dataset, or an
+    `IterableDataset`; a `streaming.StreamingDataset` has its position saved in each checkpoint
+    (`StreamingStateCallback`) and restored on resume. Nothing is held out then.
+
+    Output safety (`checkpointing`): `output_dir` is locked for this run and checked for writability and free space
+    before training; a folder holding files is refused unless `overwrite` (which deletes them) or `resume`. Every
+    `save_steps` steps a complete checkpoint (weights, optimizer, scheduler, RNG, data position, processor,
+    tokenizer, code) appears atomically as `output_dir/checkpoint-N`; the newest `save_total_limit` are kept.
+    `resume=True` continues from the newest checkpoint, `resume=<folder>` from that one. Map-style examples are all
+    checked before step 1 (`streaming.check_examples`): bad ones are left out, counted and logged.
+    A non-finite loss, gradient or weight stops the run with `checkpointing.NonFiniteError` naming the step.
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     from ..loading_navil import load_navil_model, load_navil_processor
 
     check_launch()
-    processor = load_navil_processor(model_dir, trust_remote_code)
-    model = load_navil_model(model_dir, trust_remote_code, dtype=torch.float32)
-    if not model.config.special_token_ids:
-        model.init_special_token_ids(processor.tokenizer)
-    check_finetune_setup(model.config, processor.tokenizer, stage, lora)
-    train, held_out = split_examples(load_jsonl(data), eval_fraction)
-    if lora is not None:
-        from peft import LoraConfig, get_peft_model
+    if (data is None) == (train_dataset is None):
+        raise ValueError("Pass the training examples either as data (a JSONL file) or as train_dataset, not both.")
+    if save_total_limit is not None and not save_steps:
+        raise ValueError("save_total_limit keeps the newest checkpoints, which only save_steps writes; pass both.")
+    checkpoint = None
+    if resume and not overwrite:  # found before the folder is touched: a finished run's folder stays complete
+        checkpoint = latest_checkpoint(output_dir) if resume is True else Path(resume)
+        check_save_complete(checkpoint)
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise ValueError(f"{checkpoint} is not a checkpoint of a run (it has no trainer_state.json).")
+    lock = prepare_output_dir(output_dir, overwrite, bool(resume), protected=(model_dir, *([data] if data else [])))
+    try:
+        processor = load_navil_processor(model_dir, trust_remote_code)
+        model = load_navil_model(model_dir, trust_remote_code, dtype=torch.float32)
+        check_combination(model, lora, training_arguments)
+        if not model.config.special_token_ids:
+            model.init_special_token_ids(processor.tokenizer)
+        check_finetune_setup(model.config, processor.tokenizer, stage, lora)
+        collator = NaViLDataCollator(processor, max_length=max_length, multiscale=multiscale)
+        held_out, callbacks, settings = [], [], {}
+        if train_dataset is None or not isinstance(train_dataset, torch.utils.data.IterableDataset):
+            from .streaming import check_examples
 
-        target = lora_target_modules(model.config, lora)
-        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=target))
-    else:
-        freeze(model, stage)
-    settings = dict(
-        output_dir=output_dir,
-        remove_unused_columns=False,  # the collator reads "messages" and "images"
-        report_to="none",
-        save_strategy="no",
-        use_cpu=not torch.cuda.is_available(),
-    )
-    settings.update(training_arguments)
-    trainer = Trainer(
-        model=model,
-        args=TrainingArguments(**with_checkpointing_names(settings)),
-        train_dataset=train,
-        eval_dataset=held_out or None,
-        data_collator=NaViLDataCollator(processor, max_length=max_length, multiscale=multiscale),
-        compute_loss_func=causal_lm_loss,
-    )
-    trainer.train()
-    if held_out:
-        trainer.evaluate()
-    if lora is not None:
-        trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    trainer.save_model(output_dir)  # the full state dict, gathered from every process under FSDP
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(output_dir)
-        write_model_card(output_dir, base_model=hub_repo_id_of(model_dir))
-        history = Path(output_dir) / "log_history.json"
-        history.write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+            examples = load_jsonl(data) if train_dataset is None else list(train_dataset)
+            checked = check_examples(examples, processor, max_length, multiscale)
+            if checked.skipped:
+                warnings.warn(
+                    f"Left out {len(checked.skipped)} of {len(examples)} training examples that cannot be trained on "
+                    f"(the first: {checked.skipped[0][0]}, {checked.skipped[0][1]}); the log names each.",
+                    stacklevel=2,
+                )
+            if train_dataset is None:
+                train_dataset, held_out = split_examples(checked.examples, eval_fraction)
+            else:
+                train_dataset = checked.examples
+        else:
+            from .streaming import STREAMING_TRAINING_ARGUMENTS, StreamingDataset, StreamingStateCallback
+
+            if isinstance(train_dataset, StreamingDataset):
+                callbacks.append(StreamingStateCallback(train_dataset, resume_from_checkpoint=checkpoint))
+                settings.update(STREAMING_TRAINING_ARGUMENTS)
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            target = lora_target_modules(model.config, lora)
+            model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=target))
+        else:
+            freeze(model, stage)
+        settings.update(
+            output_dir=output_dir,
+            remove_unused_columns=False,  # the collator reads "messages" and "images"
+            report_to="none",
+            save_strategy="steps" if save_steps else "no",
+            use_cpu=not torch.cuda.is_available(),
+            logging_nan_inf_filter=False,  # a NaN loss stops the run (NaViLTrainer) rather than being logged as 0
+        )
+        if save_steps:
+            settings.update(save_steps=save_steps, save_total_limit=save_total_limit)
+        settings.update(training_arguments)
+        if lock is not None:
+            num_examples = None if isinstance(train_dataset, torch.utils.data.IterableDataset) else len(train_dataset)
+            kept = _checkpoints_kept(num_examples, save_steps, save_total_limit, settings)
+            check_free_space(output_dir, needed_space(model, kept))
+        trainer = NaViLTrainer(
+            model=model,
+            args=TrainingArguments(**with_checkpointing_names(settings)),
+            train_dataset=train_dataset,
+            eval_dataset=held_out or None,
+            data_collator=collator,
+            processing_class=processor,  # saved with its tokenizer into every checkpoint and the final folder
+            compute_loss_func=causal_lm_loss,
+            callbacks=callbacks,
+        )
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        if held_out:
+            trainer.evaluate()
+        if lora is not None:
+            trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        trainer.save_final(output_dir)
+        if trainer.is_world_process_zero():
+            write_model_card(output_dir, base_model=hub_repo_id_of(model_dir))
+    finally:
+        if lock is not None:
+            lock.release()
     return trainer

@@ -1,0 +1,186 @@
+"""Checkpoints and resume of `navil finetune` (navil.training.checkpointing): a run killed with SIGKILL and resumed
+ends with the weights of an uninterrupted run, bit for bit; every checkpoint loads and chats on its own."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from navil.checks_navil import RUN_STATUS_FILE
+from navil.cli import load_model, main
+from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.training.checkpointing import STAGING_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "finetune" / "train.jsonl"
+IMAGE = str(DATA.parent / "shapes_0.png")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+# 20 steps of 2 examples (23 examples, 3 held out), a checkpoint every 5 steps, float32 on the CPU
+RUN = ["finetune", "--data", str(DATA), "--max-steps", "20", "--save-steps", "5", "--batch-size", "2"]
+RUN += ["--no-multiscale", "--learning-rate", "5e-4", "--eval-fraction", "0.13", "--quiet"]
+# `navil finetune` in a process that kills itself with SIGKILL at a chosen point: after a training step
+# (KILL_AFTER_STEP) or while writing the checkpoint of a step, once its weights and optimizer are written but before
+# its RNG state (KILL_WHILE_SAVING_STEP). The callback is added to Trainer's default callbacks from outside navil.
+KILLING_LAUNCHER = """
+import os, signal, sys
+from transformers import Trainer, TrainerCallback, trainer
+
+after_step, while_saving = (int(os.environ.get(name, -1)) for name in ("KILL_AFTER_STEP", "KILL_WHILE_SAVING_STEP"))
+
+
+class KillAfterStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == after_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_rng_state_or_die(self, output_dir):
+    if self.state.global_step == while_saving:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_rng_state(self, output_dir)
+
+
+trainer.DEFAULT_CALLBACKS.append(KillAfterStep)
+save_rng_state, Trainer._save_rng_state = Trainer._save_rng_state, save_rng_state_or_die
+from navil.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def navil_finetune(output_dir, *flags, kill=None, tmp=None):
+    """Runs `navil finetune` in a fresh process; with `kill={"KILL_AFTER_STEP": "12"}` (or KILL_WHILE_SAVING_STEP) it
+    dies by SIGKILL there. Returns the finished process."""
+    command = [sys.executable, "-m", "navil.cli"]
+    env = ONE_THREAD
+    if kill is not None:
+        launcher = Path(tmp, "killing_launcher.py")
+        launcher.write_text(KILLING_LAUNCHER)
+        command, env = [sys.executable, str(launcher)], {**ONE_THREAD, **kill}
+    command += [*RUN, "--output-dir", str(output_dir), *flags]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd="/")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = navil_finetune(output_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def losses(output_dir):
+    history = json.loads(Path(output_dir, "log_history.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def assert_same_weights(folder, reference):
+    weights, expected = load_file(Path(folder, "model.safetensors")), load_file(Path(reference, "model.safetensors"))
+    assert weights.keys() == expected.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.multiprocess
+def test_a_run_killed_with_sigkill_after_step_12_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(
+    uninterrupted, tmp_path
+):
+    output_dir = tmp_path / "run"
+    killed = navil_finetune(output_dir, kill={"KILL_AFTER_STEP": "12"}, tmp=tmp_path)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    assert not (output_dir / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="unfinished save"):
+        NaViLForConditionalGeneration.from_pretrained(output_dir)
+    resumed = navil_finetune(output_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # bit for bit: the same data order, RNG, optimizer and scheduler state, and the same float32 kernels
+    assert_same_weights(output_dir, uninterrupted)
+    assert losses(output_dir) == losses(uninterrupted) and len(losses(output_dir)) == 20
+    assert json.loads((output_dir / RUN_STATUS_FILE).read_text())["complete"] is True
+    assert not (output_dir / STAGING_DIR).exists()
+
+
+@pytest.mark.multiprocess
+def test_a_run_killed_while_writing_a_checkpoint_leaves_no_checkpoint_of_that_step_and_resumes_from_the_one_before(
+    uninterrupted, tmp_path
+):
+    output_dir = tmp_path / "run"
+    killed = navil_finetune(output_dir, kill={"KILL_WHILE_SAVING_STEP": "10"}, tmp=tmp_path)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    half_written = output_dir / STAGING_DIR / "checkpoint-10"
+    assert (half_written / "model.safetensors").is_file() and not (half_written / "rng_state.pth").exists()
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-5"]
+    with pytest.raises(ValueError, match="unfinished save"):
+        NaViLForConditionalGeneration.from_pretrained(half_written)
+    resumed = navil_finetune(output_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(output_dir, uninterrupted)
+
+
+def test_every_checkpoint_loads_with_automodel_and_chats_with_navil_chat_like_the_final_model(uninterrupted, capsys):
+    assert sorted(path.name for path in uninterrupted.glob("checkpoint-*")) == [
+        f"checkpoint-{step}" for step in (10, 15, 20, 5)
+    ]
+    checkpoint = uninterrupted / "checkpoint-20"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "tokenizer.json"):
+        assert (checkpoint / name).is_file(), name
+    for name in ("modeling_navil.py", "processing_navil.py", "preprocessor_config.json", "chat_template.jinja"):
+        assert (checkpoint / name).is_file(), name
+    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True)
+    final = AutoModel.from_pretrained(uninterrupted, trust_remote_code=True)
+    for (name, weight), (_, expected) in zip(model.state_dict().items(), final.state_dict().items()):
+        assert torch.equal(weight, expected), name
+    replies = []
+    for folder in (checkpoint, uninterrupted):
+        assert main(["chat", "--model", str(folder), "--image", IMAGE, "--max-new-tokens", "8", "Describe it."]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints_and_resume_from_checkpoint_continues_from_the_one_named(
+    uninterrupted, tmp_path
+):
+    from navil.training import finetune
+
+    output_dir = tmp_path / "run"
+    settings = dict(eval_fraction=0.13, multiscale=False, per_device_train_batch_size=2, learning_rate=5e-4)
+    settings.update(use_cpu=True, disable_tqdm=True, seed=0)
+    finetune(
+        str(ROOT / "checkpoints" / "navil-tiny"),
+        DATA,
+        str(output_dir),
+        max_steps=10,
+        save_steps=2,
+        save_total_limit=2,
+        **settings,
+    )
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-8"]
+    # the uninterrupted run's checkpoint-10 continued to step 20 here gives that run's final weights
+    continued = tmp_path / "continued"
+    finetune(
+        str(ROOT / "checkpoints" / "navil-tiny"),
+        DATA,
+        str(continued),
+        max_steps=20,
+        save_steps=5,
+        resume=uninterrupted / "checkpoint-10",
+        **settings,
+    )
+    assert_same_weights(continued, uninterrupted)
+    model, tokenizer = load_model(str(continued / "checkpoint-20"))
+    assert model.chat(tokenizer, IMAGE, "Describe the image.", {"max_new_tokens": 4})

@@ -1,0 +1,97 @@
+"""The paper's stages as config files (configs/stages, navil.training.stage_configs): each documents the paper's
+hyper-parameters or says it does not state them, `navil finetune --config` reads them under the flags given, the
+smoke config trains on CPU in seconds, and the configs ship in the wheel."""
+
+import ast
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from navil.cli import build_parser
+from navil.training.stage_configs import STAGE_CONFIG_DIR, load_stage_config, with_stage_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "finetune" / "train.jsonl"
+PAPER_STAGES = {"stage1": "1", "stage2": "2", "sft": "2"}
+
+
+@pytest.mark.parametrize("name, stage", PAPER_STAGES.items())
+def test_each_paper_stage_config_documents_the_paper_and_gives_valid_finetune_flags(name, stage):
+    content = json.loads((STAGE_CONFIG_DIR / f"{name}.json").read_text())
+    paper = content["paper"]
+    assert "2510.08565" in paper["source"] and paper["stated_in_the_paper"]["trainable_parameters"]
+    assert {"learning_rate", "global_batch_size"} <= set(paper["not_stated_in_the_paper"]) | set(
+        paper["stated_in_the_paper"]
+    )
+    assert content["description"]
+    args = build_parser().parse_args(
+        with_stage_config(["finetune", "--config", name, "--data", "d", "--output-dir", "o"])
+    )
+    assert args.stage == stage
+    for flag, value in load_stage_config(name).items():
+        assert getattr(args, flag) == value, flag
+
+
+def test_flags_given_on_the_command_line_override_the_config_and_unknown_keys_are_refused(tmp_path):
+    argv = ["finetune", "--data", "d", "--output-dir", "o", "--config", "stage1", "--learning-rate", "3e-3"]
+    args = build_parser().parse_args(with_stage_config(argv))
+    assert args.learning_rate == 3e-3 and args.stage == "1" and args.streaming and args.max_steps == 10000
+    assert with_stage_config(["finetune", "--data", "d"]) == ["finetune", "--data", "d"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"finetune": {"learning_speed": 1e-4}}))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            with_stage_config(["finetune", f"--config={bad}", "--data", "d", "--output-dir", "o"])
+        )
+    bad.write_text(json.dumps({"learning_rate": 1e-4}))
+    with pytest.raises(ValueError, match="no 'finetune' object"):
+        load_stage_config(bad)
+    with pytest.raises(FileNotFoundError, match="smoke, stage1, stage2"):
+        load_stage_config("stage3")
+
+
+def test_the_smoke_config_trains_on_cpu_with_the_flags_over_it_and_saves_a_loadable_model(tmp_path):
+    command = [sys.executable, "-m", "navil.cli", "finetune", "--config", "smoke", "--data", str(DATA)]
+    command += ["--output-dir", str(tmp_path), "--max-steps", "3"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd="/"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "log_history.json").read_text())
+    steps = [entry for entry in history if "loss" in entry]
+    assert len(steps) == 3  # --max-steps 3 over the config's 2
+    assert steps[0]["learning_rate"] == pytest.approx(5e-4)  # the config's, not the flag's default 1e-4
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+
+
+def test_the_stage_configs_ship_in_the_wheel():
+    setup = ast.parse((ROOT / "setup.py").read_text())
+    package_data = next(
+        ast.literal_eval(keyword.value)
+        for node in ast.walk(setup)
+        if isinstance(node, ast.Call)
+        for keyword in node.keywords
+        if keyword.arg == "package_data"
+    )
+    files = [path.relative_to(ROOT).as_posix() for path in (ROOT / "configs").rglob("*") if path.is_file()]
+    assert files and all(any(fnmatch.fnmatch(file, pattern) for pattern in package_data["navil"]) for file in files)
+
+
+def test_the_multinode_accelerate_config_is_fsdp2_wrapping_the_models_blocks_and_saving_loadable_weights():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from transformers import AutoModel
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / "fsdp2_multinode.yaml"))
+    assert config.distributed_type == "FSDP" and config.num_machines == 2 and config.num_processes == 16
+    fsdp = config.fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # every checkpoint loads with AutoModel
+    # TRANSFORMER_BASED_WRAP without a class list wraps the model's _no_split_modules: one unit per block
+    model = AutoModel.from_pretrained(ROOT / "checkpoints" / "navil-tiny", trust_remote_code=True)
+    wrapped = [module for module in model.modules() if type(module).__name__ in model._no_split_modules]
+    assert len(wrapped) == model.config.vision_config.num_hidden_layers + model.config.text_config.num_hidden_layers
