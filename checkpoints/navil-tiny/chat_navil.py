@@ -5,6 +5,7 @@
 processor, which owns the prompt format, and `generate`; the model itself never imports the processing modules.
 """
 
+import atexit
 from collections.abc import Mapping
 from threading import Event, Thread
 from typing import Optional
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .checks_navil import check_generation_length
+from .checks_navil import check_generation_length, check_generation_settings, check_special_token_ids
 from .configuration_navil import (
     END_OF_TURN_TOKEN,
     IMAGE_PLACEHOLDER,
@@ -36,6 +37,20 @@ class StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+# (stop criterion, worker thread) of every stream whose generation may still run.
+_LIVE_STREAMS = set()
+
+
+@atexit.register
+def _stop_live_streams() -> None:
+    """Stops the generations of streams still open when the program ends: their workers are daemon threads, which
+    the interpreter does not wait for, and each stops at its next decode step (waited for, briefly, here)."""
+    for stop, _ in list(_LIVE_STREAMS):
+        stop.event.set()
+    for _, worker in list(_LIVE_STREAMS):
+        worker.join(timeout=5)
+
+
 class NaViLChatMixin:
     """Chat helpers of the original NaViL remote code; needs `config`, `device`, `generate` and the special-token
     methods of `NaViLForConditionalGeneration`."""
@@ -57,6 +72,7 @@ class NaViLChatMixin:
         """A processor with this model's image settings, chat template and system message."""
         if not self.config.special_token_ids:
             self.init_special_token_ids(tokenizer)
+        check_special_token_ids(self.config.special_token_ids, tokenizer)
         processor = NaViLProcessor(
             image_processor=self.image_processor,
             tokenizer=tokenizer,
@@ -75,7 +91,7 @@ class NaViLChatMixin:
                 f"generation_config must be a dict of generate() arguments, e.g. dict(max_new_tokens=64, "
                 f"do_sample=False), got {type(generation_config).__name__}."
             )
-        kwargs = dict(generation_config or {})
+        kwargs = check_generation_settings(dict(generation_config or {}), self.config.text_config.vocab_size)
         if "max_length" not in kwargs:
             kwargs.setdefault("max_new_tokens", 512)
         kwargs.setdefault("do_sample", False)
@@ -234,7 +250,8 @@ class NaViLChatMixin:
                 errors.append(error)
                 streamer.end()
 
-        worker = Thread(target=generate)
+        worker = Thread(target=generate, daemon=True)  # never keeps the program running (see _stop_live_streams)
+        _LIVE_STREAMS.add((stop, worker))
         worker.start()
         text, emitted = "", ""
         try:
@@ -250,6 +267,7 @@ class NaViLChatMixin:
         finally:
             stop.event.set()  # a no-op when generation has ended; otherwise the consumer has gone away
             worker.join()
+            _LIVE_STREAMS.discard((stop, worker))
         if errors:
             raise errors[0]
         final = clean_reply(text)

@@ -1,15 +1,22 @@
 """What NaViL refuses, and why: the checks that turn bad inputs into a `ValueError` naming the problem and the fix.
 
-- loading: checkpoint folders (`check_local_checkpoint`) and the original model card's quantization flags
-  (`with_quantization_config`);
-- running: images (`check_pixel_values`, `check_image_tokens`), prompts (`check_prompt`) and generation lengths
-  (`check_generation_length`).
+- loading: checkpoint folders (`check_local_checkpoint`, unfinished saves with `check_save_complete`,
+  `check_model_folder`, `check_tokenizer_folder`), their weight dtypes (`check_weight_dtypes`), torchao settings
+  (`check_torchao_loading`) and the original model card's quantization flags (`with_quantization_config`);
+- running: images (`check_pixel_values`, `check_image_tokens`, `check_no_image_tokens`), prompts (`check_prompt`),
+  generation lengths and settings (`check_generation_length`, `check_generation_settings`) and the special-token ids
+  against the tokenizer (`check_special_token_ids`).
 
 The model calls them before any work is done (before the vision tower runs, before generation starts), so that a
 bad input never ends in an error deep inside torch or in a silently wrong answer.
 """
 
 import copy
+import json
+import math
+import numbers
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -24,11 +31,29 @@ from .configuration_navil import (
     NaViLVisionConfig,
 )
 
+# Written by `navil finetune` into its output folder and each checkpoint: `{"complete": false}` while files are being
+# written, `{"complete": true, ...}` once the folder holds the whole model.
+RUN_STATUS_FILE = "navil_status.json"
+
+
+def check_save_complete(folder: Path) -> None:
+    """Refuses a folder whose `navil_status.json` says its save did not finish (a run still writing it, or one that
+    was killed while writing): its files may mix two runs or miss some. Folders without the file pass."""
+    status = Path(folder, RUN_STATUS_FILE)
+    if status.is_file() and json.loads(status.read_text() or "{}").get("complete") is not True:
+        raise ValueError(
+            f"{folder} is an unfinished save ({RUN_STATUS_FILE} says incomplete): the run writing it is still running "
+            "or stopped before it finished. Load one of its complete checkpoint-N folders, or finish the run with "
+            "`navil finetune ... --resume`."
+        )
+
 
 def check_local_checkpoint(folder: Path, has_config: bool, allow_pickle: bool = False) -> None:
     """Refuses a local checkpoint folder before any model is built: no `config.json` (unless a config is passed),
     only pickled weights (`*.bin`, which can run code when loaded) unless `allow_pickle`, or a `*.safetensors` file
-    whose header cannot be read (empty, truncated, not safetensors, oversized header)."""
+    whose header cannot be read (empty, truncated, not safetensors, oversized header), or an unfinished save
+    (`check_save_complete`)."""
+    check_save_complete(folder)
     if not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
         raise ValueError(
             f"{folder} holds only pickled weights (*.bin), which can run code when loaded. Convert them to "
@@ -68,7 +93,10 @@ def check_loading_info(
     if not strict:
         return
     missing_experts = sorted(key for key in info["missing_keys"] if "_ve." in key)
-    if missing_experts and len(missing_experts) == len(info["missing_keys"]) and not info["unexpected_keys"]:
+    # a dense checkpoint lacks the experts of every layer; a few missing ones are reported below as missing
+    layers = {int(match.group(1)) for key in missing_experts if (match := re.search(r"\.layers\.(\d+)\.", key))}
+    dense = layers == set(range(text_config.num_hidden_layers))
+    if dense and len(missing_experts) == len(info["missing_keys"]) and not info["unexpected_keys"]:
         raise ValueError(
             f"The checkpoint at {checkpoint} has no visual-expert weights (`_ve`, e.g. {missing_experts[0]}): it is a "
             "dense decoder, but the config asks for modality experts. Pass a config with "
@@ -231,6 +259,13 @@ def check_generation_length(
     for name, value in (("max_new_tokens", new_tokens), ("max_length", max_length)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{name} must be a whole number >= 0, got {value!r:.40}; e.g. {name}=64.")
+    if new_tokens == 0:
+        raise ValueError("max_new_tokens=0 asks for no reply; pass at least 1, e.g. max_new_tokens=64.")
+    if new_tokens is None and max_length is not None and max_length <= prompt_length:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for a reply after the prompt's {prompt_length} tokens (it counts "
+            "the prompt too); pass max_new_tokens instead, e.g. max_new_tokens=64."
+        )
     total = prompt_length + new_tokens if new_tokens is not None else max(max_length or 0, prompt_length)
     if text.rope_type != "dynamic" and total > text.max_position_embeddings:
         room = text.max_position_embeddings - prompt_length
@@ -270,4 +305,362 @@ def check_num_scales(num_scales, image_grid_thw) -> None:
         raise ValueError(
             f"num_scales adds up to {int(num_scales.sum())} image-scales but image_grid_thw has "
             f"{len(image_grid_thw)} rows."
+        )
+
+
+# -- issue 33: no silently wrong answer -----------------------------------------------------------------------------
+
+# Arguments of `generate` that the chat helpers set themselves, and what to do instead of passing them.
+CHAT_OWNED_GENERATION_KEYS = {
+    "input_ids": "pass the question (and history) to chat",
+    "inputs_embeds": "pass the question (and history) to chat",
+    "attention_mask": "chat builds it with the prompt",
+    "pixel_values": "pass the images as chat's pixel_values argument",
+    "image_grid_thw": "pass it as chat's num_patches_list argument",
+    "num_scales": "pass it as chat's num_scales argument",
+    "streamer": "pass it as chat's streamer argument, or use stream_chat",
+    "return_dict_in_generate": "chat returns the reply text; call model.generate for its output dict",
+}
+
+# Generation settings whose values chat checks, as (description, test).
+_GENERATION_VALUES = {
+    "temperature": ("a positive finite number", lambda v: _real(v) and math.isfinite(v) and v > 0),
+    "top_p": ("a number in (0, 1]", lambda v: _real(v) and 0 < v <= 1),
+    "min_p": ("a number in [0, 1]", lambda v: _real(v) and 0 <= v <= 1),
+    "typical_p": ("a number in (0, 1]", lambda v: _real(v) and 0 < v <= 1),
+    "top_k": ("a whole number >= 0", lambda v: _whole(v) and v >= 0),
+    "repetition_penalty": ("a positive finite number", lambda v: _real(v) and math.isfinite(v) and v > 0),
+    "length_penalty": ("a finite number", lambda v: _real(v) and math.isfinite(v)),
+    "num_beams": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
+    "num_beam_groups": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
+    "num_return_sequences": ("1 (chat returns one reply per question)", lambda v: _whole(v) and v == 1),
+    "no_repeat_ngram_size": ("a whole number >= 0", lambda v: _whole(v) and v >= 0),
+    "do_sample": ("True or False", lambda v: isinstance(v, bool)),
+    "use_cache": ("True or False", lambda v: isinstance(v, bool)),
+}
+
+
+_FLOAT_GENERATION_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty")
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_generation_settings(settings: Mapping, vocab_size: int) -> dict:
+    """`settings` with whole-number values of float settings as floats (`repetition_penalty=2`, which `generate`
+    refuses), after refusing chat generation settings that would fail deep inside `generate` or run on silently:
+    keys that chat sets itself (`CHAT_OWNED_GENERATION_KEYS`), sampling values out of range (`temperature=inf`,
+    `top_p=nan`), beam counts below 1, and token ids (`eos_token_id`, `pad_token_id`, `bos_token_id`) outside the
+    vocabulary."""
+    owned = sorted(key for key in settings if key in CHAT_OWNED_GENERATION_KEYS)
+    if owned:
+        raise ValueError(
+            f"generation_config sets {', '.join(owned)}, which chat sets itself: "
+            + "; ".join(f"{key}: {CHAT_OWNED_GENERATION_KEYS[key]}" for key in owned)
+            + "."
+        )
+    for name, (description, valid) in _GENERATION_VALUES.items():
+        if settings.get(name) is not None and not valid(settings[name]):
+            raise ValueError(f"generation_config[{name!r}] must be {description}, got {settings[name]!r:.40}.")
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        value = settings.get(name)
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not (ids and all(_whole(i) and 0 <= i < vocab_size for i in ids)):
+            raise ValueError(
+                f"generation_config[{name!r}] must be a token id in [0, {vocab_size}) or a non-empty list of them, got "
+                f"{value!r:.40}; take it from the tokenizer (e.g. tokenizer.convert_tokens_to_ids('<|im_end|>'))."
+            )
+    floats = [name for name in _FLOAT_GENERATION_SETTINGS if _whole(settings.get(name))]
+    return {**settings, **{name: float(settings[name]) for name in floats}}
+
+
+def check_special_token_ids(special_token_ids: Mapping, tokenizer) -> None:
+    """Refuses a config's `special_token_ids` that disagree with `tokenizer` (a wrong `<|im_end|>` id never stops a
+    reply; swapped `<img>` / `</img>` ids move the logits), naming each token with both ids."""
+    wrong = []
+    for token, token_id in special_token_ids.items():
+        found = tokenizer.convert_tokens_to_ids(token)
+        if found != token_id or found is None or found == tokenizer.unk_token_id:
+            wrong.append(f"{token} is {token_id} in the config but {found} in the tokenizer")
+    if wrong:
+        raise ValueError(
+            f"config.special_token_ids disagree with the tokenizer: {'; '.join(wrong)}. Use the tokenizer saved with "
+            "the model, or re-read the ids with model.init_special_token_ids(tokenizer)."
+        )
+
+
+def check_saved_special_token_ids(folder, tokenizer) -> None:
+    """`check_special_token_ids` for the `config.json` of a local model folder that a processor is loaded from (the
+    processor of `AutoProcessor` and of pipelines), when it records the ids."""
+    path = Path(str(folder)) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8")).get("special_token_ids")
+    except (OSError, ValueError, AttributeError):
+        return  # not a model config: `from_pretrained` of the model reports it
+    if isinstance(ids, Mapping):
+        check_special_token_ids(ids, tokenizer)
+
+
+def check_weight_dtypes(folder: Path) -> None:
+    """Refuses a local checkpoint whose safetensors files hold integer or boolean tensors although the config asks
+    for no quantization: every NaViL parameter is floating point, and integer data cast to floats answers garbage."""
+    config_file = folder / "config.json"
+    try:
+        quantized = "quantization_config" in json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        quantized = False  # `from_pretrained` reports an unreadable config itself
+    if quantized:
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                dtype = weights.get_slice(name).get_dtype()
+                if not dtype.startswith(("F", "BF")):
+                    raise ValueError(
+                        f"{path} stores {name} as {dtype}, but the model's parameters are floating point (F32, BF16 or "
+                        "F16) and the config names no quantization; the file was written wrongly or relabelled. Save "
+                        "or download the checkpoint again."
+                    )
+
+
+def check_no_image_tokens(context_mask: torch.Tensor) -> None:
+    """Refuses a prompt with `<IMG_CONTEXT>` tokens but no `pixel_values`: it would be answered without the image."""
+    if bool(context_mask.any()):
+        raise ValueError(
+            f"The prompt has {int(context_mask.sum())} {IMG_CONTEXT_TOKEN} tokens but no pixel_values were given, so "
+            "the model would answer without seeing the image; pass the processor's pixel_values and image_grid_thw "
+            "with the prompt."
+        )
+
+
+def looks_like_local_path(name) -> bool:
+    """Whether a model name is meant as a folder rather than a Hub id (`owner/name`): absolute, starting with `.` or
+    `~`, or with more than one `/`."""
+    text = str(name)
+    return Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def check_model_folder(name) -> None:
+    """Refuses a model name that is meant as a folder but is none (instead of the Hub's "Repo id must be in the
+    form ..."), naming it."""
+    if looks_like_local_path(name) and not Path(str(name)).expanduser().is_dir():
+        state = "is a file, not a folder" if Path(str(name)).expanduser().exists() else "does not exist"
+        raise OSError(
+            f"The model folder {name} {state}; pass the folder of a saved NaViL checkpoint (config.json, weights and "
+            "tokenizer files), or a Hub id such as owner/name."
+        )
+
+
+# Files of which a tokenizer folder needs one (the vocabulary), and its JSON files.
+TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def check_tokenizer_folder(folder: Path) -> None:
+    """Refuses a local folder without tokenizer files, or with a JSON tokenizer file that is empty, truncated or not
+    JSON, naming the folder and the file (instead of "install sentencepiece" or a raw `JSONDecodeError`)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
+        raise OSError(
+            f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_VOCABULARY_FILES)}); save the tokenizer "
+            "there with tokenizer.save_pretrained(folder), or copy the files of the original checkpoint."
+        )
+    for name in TOKENIZER_JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                raise ValueError(
+                    f"{path} is not valid JSON ({error}); it is empty or truncated. Save or download the tokenizer "
+                    "again."
+                ) from None
+
+
+def check_torchao_loading(model_class, name_or_path, kwargs: dict) -> None:
+    """Refuses, before any weight is loaded, torchao settings that would fail inside `from_pretrained` ("look at the
+    CONVERSION entries") or at the first chat: a group size that does not divide a layer's input features (naming the
+    layer), `Int4WeightOnlyConfig` without a CUDA GPU, and a torchao checkpoint reloaded in another dtype than the
+    one it was quantized in (its scales keep that dtype)."""
+    config = kwargs.get("config")
+    quantization = kwargs.get("quantization_config")
+    if quantization is None:
+        saved = config if isinstance(config, NaViLConfig) else _saved_config(model_class, name_or_path, kwargs)
+        quantization = getattr(saved, "quantization_config", None)
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        dtype, saved_dtype = (
+            kwargs.get(DTYPE_KWARG),
+            getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None),
+        )
+        if isinstance(saved_dtype, str):
+            saved_dtype = getattr(torch, saved_dtype, None)
+        if method == "torchao" and isinstance(dtype, torch.dtype) and saved_dtype not in (None, dtype):
+            raise ValueError(
+                f"{name_or_path} is a torchao checkpoint quantized in {saved_dtype}, and its scales keep that dtype; "
+                f"loading it as {dtype} fails at the first forward pass. Load it with {DTYPE_KWARG}={saved_dtype}, or "
+                "quantize the full-precision checkpoint in the dtype you want."
+            )
+        return
+    quant_type = getattr(quantization, "quant_type", None)
+    if quant_type is None or isinstance(quant_type, (str, dict)):
+        return
+    kind = type(quant_type).__name__
+    if kind == "Int4WeightOnlyConfig" and not torch.cuda.is_available():
+        raise ValueError(
+            "torchao's Int4WeightOnlyConfig has no CPU kernels and this machine has no CUDA GPU. On a CPU quantize to "
+            "int4 with IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)) (from "
+            "torchao.quantization and torchao.quantization.granularity), or to int8 with Int8WeightOnlyConfig()."
+        )
+    group = getattr(getattr(quant_type, "granularity", None), "group_size", None) or getattr(
+        quant_type, "group_size", None
+    )
+    if not isinstance(group, int) or group <= 1:
+        return
+    if not isinstance(config, NaViLConfig):
+        config = _saved_config(model_class, name_or_path, kwargs)
+    if config is None:
+        return
+    skipped = list(getattr(quantization, "modules_to_not_convert", None) or [])
+    with torch.device("meta"):
+        model = model_class(config)
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(skip in module_name for skip in skipped):
+            if module.in_features % group:
+                raise ValueError(
+                    f"torchao {kind} with group size {group} cannot quantize {module_name}: its {module.in_features} "
+                    f"input features are not a multiple of {group}. Use a group size that divides every layer (e.g. "
+                    "32), or leave such layers in full precision with modules_to_not_convert."
+                )
+
+
+def _saved_config(model_class, name_or_path, kwargs: dict):
+    """The config saved with a checkpoint, or None where it cannot be read (`from_pretrained` reports why)."""
+    try:
+        return model_class.config_class.from_pretrained(
+            name_or_path, subfolder=kwargs.get("subfolder") or "", revision=kwargs.get("revision")
+        )
+    except (OSError, ValueError):
+        return None
+
+
+# (config field, header name pattern, axis): the config's sizes each weight file states too; a layer count is the
+# number of distinct layer indices matched.
+_SHAPE_FIELDS = (
+    ("text_config.vocab_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 0),
+    ("text_config.hidden_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 1),
+    (
+        "text_config.intermediate_size",
+        r"language_model\.model\.layers\.0\.(mlp\.gate_proj|feed_forward\.w1)\.weight",
+        0,
+    ),
+    ("text_config.num_hidden_layers", r"language_model\.model\.layers\.(\d+)\.", None),
+    ("vision_config.hidden_size", r"vision_model\.embeddings\.patch_embedding\.weight", 0),
+    ("vision_config.patch_size", r"vision_model\.embeddings\.patch_embedding\.weight", 2),
+    ("vision_config.intermediate_size", r"vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight", 0),
+    ("vision_config.num_hidden_layers", r"vision_model\.encoder\.layers\.(\d+)\.", None),
+)
+
+
+# Bytes per element of the safetensors float dtypes.
+_FLOAT_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+
+
+# The config sizes a memory refusal lists, per section.
+_SIZE_NAMES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux `MemAvailable`), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def parameter_estimate(config: NaViLConfig) -> dict:
+    """`{config field: parameters it multiplies}` of the largest parameter groups the config builds: the token
+    embeddings and LM head, the decoder and vision layers (both experts of a routed decoder). Python integers: no
+    overflow, nothing allocated."""
+    text, vision = config.text_config, config.vision_config
+    experts = 2 if text.modality_experts else 1
+    heads_width = text.num_attention_heads * text.head_dim + 2 * text.num_key_value_heads * text.head_dim
+    decoder_layer = experts * (2 * heads_width * text.hidden_size + 3 * text.hidden_size * text.intermediate_size)
+    vision_layer = 4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size
+    return {
+        "text_config.vocab_size": 2 * text.vocab_size * text.hidden_size,
+        "text_config.num_hidden_layers": text.num_hidden_layers * decoder_layer,
+        "vision_config.num_hidden_layers": vision.num_hidden_layers * vision_layer,
+    }
+
+
+def check_config_against_weights(folder: Path, config_class, kwargs: dict, strict: bool = True) -> None:
+    """Refuses, before any tensor is allocated, a local checkpoint whose `config.json` states sizes its
+    `*.safetensors` headers contradict (`text_config.vocab_size` = 5 000 000 against a 1024-row embedding; with
+    `strict`, as the mismatch would be refused after loading anyway), and a config whose parameters would not fit
+    in the available memory (`hidden_size` = 1e12), naming the field. Quantized loads are not checked (their
+    weight files store packed shapes)."""
+    config = kwargs.get("config")
+    if config is None:
+        try:
+            config = config_class.from_pretrained(folder)
+        except (OSError, ValueError):
+            return  # from_pretrained reports it
+    if not isinstance(config, NaViLConfig) or kwargs.get("quantization_config") is not None:
+        return
+    if getattr(config, "quantization_config", None) is not None:
+        return
+    shapes, itemsize = {}, 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for key in weights.keys():
+                tensor = weights.get_slice(key)
+                shapes[key] = (tensor.get_shape(), path.name)
+                itemsize = max(itemsize, _FLOAT_BYTES.get(tensor.get_dtype(), 0))
+    if strict:
+        for field, pattern, axis in _SHAPE_FIELDS:
+            section, name = field.split(".")
+            value = getattr(getattr(config, section), name)
+            matches = [(key, shape, file) for key, (shape, file) in shapes.items() if re.match(pattern, key)]
+            if not matches:
+                continue
+            if axis is None:
+                found = len({re.match(pattern, key).group(1) for key, _, _ in matches})
+                where = f"the weight files hold {found} layers"
+            else:
+                key, shape, file = matches[0]
+                found = shape[axis] if axis < len(shape) else None
+                where = f"{file} stores {key} with shape {list(shape)}"
+            if found != value:
+                raise ValueError(
+                    f"{folder / 'config.json'} says {field} = {value!r:.40}, but {where} (so {field} = {found}); the "
+                    f"config does not describe these weights. Fix {field} in config.json, or load with the config "
+                    "saved with the weights."
+                )
+    dtype = kwargs.get(DTYPE_KWARG)
+    itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else itemsize or 4
+    available = _available_memory()
+    estimate = parameter_estimate(config)
+    total = sum(estimate.values()) * itemsize
+    if available is not None and total > available:
+        largest = max(estimate, key=estimate.get)
+        sizes = "; ".join(
+            f"{section}: "
+            + ", ".join(f"{name} = {getattr(part, name)}" for name in _SIZE_NAMES if hasattr(part, name))
+            for section, part in (("text_config", config.text_config), ("vision_config", config.vision_config))
+        )
+        raise ValueError(
+            f"{folder / 'config.json'} describes a model of about {total / 2**30:.3g} GiB ({itemsize}-byte "
+            f"parameters), more than the {available / 2**30:.3g} GiB of memory available; most of it in the part "
+            f"that {largest} multiplies ({sizes}). Check these sizes in config.json, or load on a machine with more "
+            "memory (or in a smaller dtype)."
         )

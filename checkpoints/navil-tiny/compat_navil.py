@@ -13,15 +13,22 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from transformers import AutoProcessor, GenerationMixin, PretrainedConfig
+from transformers import AutoImageProcessor, AutoProcessor, GenerationMixin, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import ModelOutput
 
 try:  # 4.53+
+    from transformers import masking_utils
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 except ImportError:
-    create_causal_mask = create_sliding_window_causal_mask = None
+    masking_utils = create_causal_mask = create_sliding_window_causal_mask = None
+
+# transformers 5 masks packed sequences itself (several examples in a row, their position ids restarting at 0) when
+# no 2-D attention mask is given; navil builds the per-example masks elsewhere.
+MASKS_DETECT_PACKED_SEQUENCES = hasattr(masking_utils, "find_packed_sequence_indices")
 
 try:  # 4.52+
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -58,8 +65,9 @@ def output_with_cache(output_class, cache: Optional[Cache], **fields):
 
 
 def cache_of(outputs) -> Optional[Cache]:
-    """The cache held by a model output or a dict of generation inputs, whichever name it is under."""
-    for name in CACHE_NAMES:
+    """The cache held by a model output (under the installed version's name: 5.25 outputs warn about the old one) or
+    a dict of generation inputs (under either name)."""
+    for name in (CACHE_NAME,) if isinstance(outputs, ModelOutput) else CACHE_NAMES:
         cache = outputs.get(name)
         if cache is not None:
             return cache
@@ -110,14 +118,47 @@ def _past_length(cache: Optional[Cache]):
     return cache.get_seq_length() if cache is not None else 0
 
 
-def causal_masks(config, inputs_embeds, attention_mask, cache, position_ids, sliding_window: bool):
+try:
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    # varlen flash attention reads a packed row's boundaries from these keyword arguments (else from position ids)
+    _FLASH_TAKES_VARLEN_KWARGS = "cu_seq_lens_q" in inspect.signature(_flash_attention_forward).parameters
+except ImportError:
+    _FLASH_TAKES_VARLEN_KWARGS = False
+
+
+def flash_packed_kwargs(packed: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """The keyword arguments with which transformers' flash attention runs the examples of one packed row
+    (`packed_sequence_ids` [1, seq]) as separate sequences: the position ids and, where it takes them, the examples'
+    boundaries (`cu_seq_lens_q/k`) and longest length (`max_length_q/k`), computed once for all layers."""
+    kwargs = {"position_ids": position_ids}
+    if _FLASH_TAKES_VARLEN_KWARGS:
+        lengths = torch.bincount(packed[0])
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(lengths.max())
+        kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest)
+    return kwargs
+
+
+def packed_sequence_ids(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[batch, seq]: the index of the packed example each token belongs to, where the position ids restart (a new
+    example starts wherever a position is not its predecessor + 1); None when every row is one sequence."""
+    if position_ids is None or position_ids.ndim != 2 or position_ids.shape[1] < 2:
+        return None
+    steps = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
+    sequence_ids = (steps != 1).cumsum(-1)
+    return sequence_ids if bool(sequence_ids[:, -1].any()) else None
+
+
+def causal_masks(config, inputs_embeds, attention_mask, cache, position_ids, sliding_window: bool, packed=None):
     """(full-attention mask, sliding-window mask or None) in the form the configured attention implementation takes.
 
     `attention_mask` is the 2-D padding mask [batch, kv_len] (or None); masks are sized to the cache's keys (the
-    maximum length for static caches).
+    maximum length for static caches). `packed` (`packed_sequence_ids`, without mask or cache) makes the masks
+    per-example: transformers' own where it detects packed sequences, navil's otherwise.
     """
-    if create_causal_mask is None:
-        return _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding_window)
+    if create_causal_mask is None or (packed is not None and not MASKS_DETECT_PACKED_SEQUENCES):
+        return _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding_window, packed)
     mask_kwargs = {
         "config": config,
         _MASK_EMBEDS_NAME: inputs_embeds,
@@ -133,10 +174,11 @@ def causal_masks(config, inputs_embeds, attention_mask, cache, position_ids, sli
     return full_mask, window_mask
 
 
-def _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding_window: bool):
-    """`causal_masks` for releases without `masking_utils` (4.51, 4.52), built as those releases' attention functions
-    take them: eager an additive float mask [batch, 1, q, kv], sdpa a boolean one (None where `is_causal` suffices),
-    flash attention the 2-D padding mask."""
+def _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding_window: bool, packed=None):
+    """`causal_masks` for releases without `masking_utils` (4.51, 4.52) or without its packed sequences, built as
+    those releases' attention functions take them: eager an additive float mask [batch, 1, q, kv], sdpa a boolean one
+    (None where `is_causal` suffices), flash attention the 2-D padding mask (None for packed rows, which it reads
+    from the position ids). `packed` (`packed_sequence_ids`) keeps each token within its example."""
     if attention_mask is not None and attention_mask.ndim == 4:  # already a mask in the implementation's form
         return attention_mask, attention_mask if sliding_window else None
     batch, seq_len = inputs_embeds.shape[:2]
@@ -163,10 +205,12 @@ def _fallback_causal_masks(config, inputs_embeds, attention_mask, cache, sliding
             allowed = allowed & padding[:, None, None, :]
         if implementation.startswith("flash"):
             return None if padding is None or bool(padding.all()) else attention_mask
+        if packed is not None:  # no cache: queries and keys are the same tokens
+            allowed = allowed & (packed[:, None, :, None] == packed[:, None, None, :])
         if implementation == "eager":
             dtype = inputs_embeds.dtype
             return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        no_padding = padding is None or bool(padding.all())
+        no_padding = packed is None and (padding is None or bool(padding.all()))
         fits_window = window is None or kv_length < window
         if no_padding and fits_window and (seq_len == 1 or seq_len == kv_length):
             return None  # sdpa's own causal masking
@@ -182,6 +226,23 @@ def register_processor_for_pipelines(config_class, processor_class) -> None:
     """Lets `pipeline(task, model=folder)` find the processor: 4.x pipelines load one only for config classes that
     `AutoProcessor` maps (5.x reads processor_config.json)."""
     AutoProcessor.register(config_class, processor_class, exist_ok=True)
+
+
+# 5.x finds a processor's sub-processors from its `__init__` parameters and loads each through its Auto class (5.25
+# warns about an `image_processor_class` attribute); 4.x reads the class names from `<attribute>_class` attributes.
+PROCESSOR_NAMES_SUBPROCESSOR_CLASSES = not hasattr(ProcessorMixin, "get_attributes")
+_IMAGE_PROCESSOR_REGISTER_PARAMETERS = inspect.signature(AutoImageProcessor.register).parameters
+
+
+def register_image_processor(config_class, image_processor_class) -> None:
+    """Maps `config_class` to `image_processor_class` in `AutoImageProcessor`, so that loading a folder's image
+    processor finds this (local) class instead of asking for remote code. 5.25 takes a dict per backend (a
+    `BaseImageProcessor` is the PIL one); earlier releases take it as the slow image processor."""
+    if "image_processor_classes" in _IMAGE_PROCESSOR_REGISTER_PARAMETERS:
+        classes = {"image_processor_classes": {"pil": image_processor_class}}
+    else:
+        classes = {"slow_image_processor_class": image_processor_class}
+    AutoImageProcessor.register(config_class, **classes, exist_ok=True)
 
 
 # `from_pretrained(torch_dtype=...)` became `dtype=` in 4.56; the config gained `dtype` with it.
@@ -237,3 +298,25 @@ def make_saved_processor_portable(save_directory) -> None:
     if image_processor_config is not None:
         _write_json(directory / "preprocessor_config.json", image_processor_config)
         _write_json(processor_file, processor_config)
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+
+_CHECKPOINTING_NAMES = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
+
+
+def with_checkpointing_names(training_arguments: dict) -> dict:
+    """`TrainingArguments` keyword arguments with activation checkpointing under the installed release's names,
+    whichever the caller used: 5.24 renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)`
+    and warns about the old names."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    for old, new in _CHECKPOINTING_NAMES:
+        given, installed = (old, new) if new in fields else (new, old)
+        if given in training_arguments:
+            training_arguments.setdefault(installed, training_arguments.pop(given))
+    return training_arguments

@@ -7,8 +7,10 @@ as `text_config` (the name transformers' generation utilities look for); `llm_co
 
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import PretrainedConfig
@@ -129,6 +131,26 @@ def check_fields(owner: str, kind: str, **fields) -> None:
             raise ValueError(f"{owner}.{name} must be {description}, got {value!r:.60}.")
 
 
+def check_range(owner: str, name: str, value, low: float, high: float, hint: str) -> None:
+    """Raises a `ValueError` naming `owner.name` unless `low < value < high` (a value already checked as a number):
+    finite but absurd values (a RoPE base of 1e-300, an epsilon of 5) build a model that answers garbage."""
+    if not low < value < high:
+        raise ValueError(f"{owner}.{name} must lie between {low} and {high} {hint}, got {value!r:.40}.")
+
+
+def check_dtype_field(owner: str, kwargs: dict) -> None:
+    """Raises a `ValueError` naming `owner.dtype` (or `torch_dtype`) unless it is None, "auto" or a floating-point
+    torch dtype (or its name), before transformers looks the name up in torch."""
+    for name in ("dtype", "torch_dtype"):
+        value = kwargs.get(name)
+        dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+        if value is not None and value != "auto" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(
+                f"{owner}.{name} must be a floating-point dtype such as 'float32', 'bfloat16' or 'float16' (or null), "
+                f"got {value!r:.40}."
+            )
+
+
 def check_activation(owner: str, hidden_act) -> None:
     if not isinstance(hidden_act, str) or hidden_act not in ACT2FN:
         raise ValueError(
@@ -139,7 +161,7 @@ def check_activation(owner: str, hidden_act) -> None:
 MODEL_CARD = """---
 library_name: transformers
 pipeline_tag: image-text-to-text
-tags:
+{base_model}tags:
 - navil
 - multimodal
 - image-text-to-text
@@ -155,15 +177,18 @@ feed-forward blocks have a visual-expert copy for image tokens. The model code c
 ## Usage
 
 ```python
+from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoProcessor
 
 path = "{name}"
 model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+image = Image.new("RGB", (448, 448), "white")
+ImageDraw.Draw(image).ellipse((112, 112, 336, 336), fill="yellow")
 messages = [
     {{
         "role": "user",
-        "content": [{{"type": "image", "url": "image.png"}}, {{"type": "text", "text": "Describe the image."}}],
+        "content": [{{"type": "image", "image": image}}, {{"type": "text", "text": "What color is the circle?"}}],
     }}
 ]
 inputs = processor.apply_chat_template(
@@ -177,14 +202,70 @@ print(processor.decode_reply(output[0, inputs["input_ids"].shape[1] :]))
 
 # A sentence of transformers' generic model card, which `push_to_hub` writes when the Hub repo has no card yet.
 GENERIC_CARD_SENTENCE = "This model card has been automatically generated."
+_CARD_NAME = re.compile(r"^# (.+)$", re.MULTILINE)
+_CARD_BASE_MODEL = re.compile(r"^base_model: (.+)$", re.MULTILINE)
+# Hub cache folders are named models--{owner}--{name}
+_HUB_CACHE_FOLDER = re.compile(r"^models--([^/]+?)--([^/]+)$")
 
 
-def write_model_card(save_directory) -> None:
-    """Writes the model card (README.md) into `save_directory`, unless it already has a card of its own
-    (transformers' generic card, which `push_to_hub` writes into its upload folder, is replaced)."""
+def model_card(name: str, base_model: Optional[str] = None) -> str:
+    """The model card (README.md) of a NaViL folder or Hub repo `name`; `base_model` is the Hub id of the model it was
+    converted or fine-tuned from, when known."""
+    return MODEL_CARD.format(name=name, base_model=f"base_model: {base_model}\n" if base_model else "")
+
+
+def navil_card_fields(text: str) -> Optional[tuple[str, Optional[str]]]:
+    """`(name, base_model)` when `text` is a card written by `model_card` and left unedited, else None (a card of
+    the user's own, which is kept)."""
+    name, base_model = _CARD_NAME.search(text), _CARD_BASE_MODEL.search(text)
+    if name is None:
+        return None
+    fields = (name.group(1), base_model.group(1) if base_model else None)
+    return fields if text == model_card(*fields) else None
+
+
+def hub_repo_id_of(source) -> Optional[str]:
+    """The Hub repo id that `source` (what a model was loaded from) stands for, when it tells: a Hub id itself, a
+    snapshot folder of the Hub cache, or a folder whose NaViL card names a Hub repo (a pushed model's card)."""
+    if source is None:
+        return None
+    path = Path(str(source))
+    if not path.exists():
+        text = str(source)
+        return text if text.count("/") == 1 and not text.startswith((".", "/")) else None
+    for folder in (path, *path.parents):
+        cached = _HUB_CACHE_FOLDER.match(folder.name)
+        if cached:
+            return "/".join(cached.groups())
+    card = path / "README.md"
+    fields = navil_card_fields(card.read_text(encoding="utf-8")) if card.is_file() else None
+    return fields[0] if fields and "/" in fields[0] else None
+
+
+def _card_base_model(folder) -> Optional[str]:
+    """The base model named by the unedited NaViL card of `folder`, if any."""
+    card = Path(str(folder)) / "README.md" if folder is not None else None
+    if card is None or not card.is_file():
+        return None
+    fields = navil_card_fields(card.read_text(encoding="utf-8"))
+    return fields[1] if fields else None
+
+
+def write_model_card(save_directory, name: Optional[str] = None, base_model: Optional[str] = None, source=None):
+    """Writes the model card (README.md) into `save_directory` unless the folder has a card of the user's own.
+
+    transformers' generic card (which `push_to_hub` writes into its upload folder) and an unedited NaViL card are
+    replaced. `name` is what the card's title and usage snippet load: the folder's name by default, the repo id when
+    pushing. `base_model` defaults to the one known from `source` (the folder the model was loaded from) or from the
+    card being replaced.
+    """
     card = Path(save_directory) / "README.md"
-    if not card.exists() or GENERIC_CARD_SENTENCE in card.read_text(encoding="utf-8"):
-        card.write_text(MODEL_CARD.format(name=Path(save_directory).resolve().name), encoding="utf-8")
+    existing = card.read_text(encoding="utf-8") if card.exists() else None
+    fields = navil_card_fields(existing) if existing is not None else None
+    if existing is not None and fields is None and GENERIC_CARD_SENTENCE not in existing:
+        return
+    base_model = base_model or _card_base_model(source) or (fields[1] if fields else None)
+    card.write_text(model_card(name or Path(save_directory).resolve().name, base_model), encoding="utf-8")
 
 
 class NaViLVisionConfig(PretrainedConfig):
@@ -257,6 +338,7 @@ class NaViLVisionConfig(PretrainedConfig):
             )
         self.fullatt_block_indexes = None if fullatt_block_indexes is None else list(fullatt_block_indexes)
         self.downsample_ratio = downsample_ratio
+        check_dtype_field("vision_config", kwargs)
         super().__init__(**kwargs)
         self.validate_vision()
         # the layer scales are filled with it: an int (e.g. `1` in a JSON file) would make them integer tensors
@@ -274,6 +356,7 @@ class NaViLVisionConfig(PretrainedConfig):
         check_fields(
             "vision_config", "positive", layer_norm_eps=self.layer_norm_eps, downsample_ratio=self.downsample_ratio
         )
+        check_range("vision_config", "layer_norm_eps", self.layer_norm_eps, 0, 1, "(1e-6 in practice)")
         check_fields(
             "vision_config",
             "non-negative",
@@ -387,6 +470,13 @@ class NaViLTextConfig(PretrainedConfig):
             raise ValueError(
                 f"llm_config.architectures[0] must be one of {sorted(BACKBONES)}, got {self.architectures[0]!r}."
             )
+        backbone = kwargs.pop("backbone", None)  # derived from architectures; an equal value is redundant
+        if backbone is not None and backbone != self.backbone:
+            raise ValueError(
+                f"text_config.backbone is {backbone!r:.40} but architectures[0] = {self.architectures[0]!r} gives "
+                f"{self.backbone!r}; the backbone follows from architectures, so remove the backbone key."
+            )
+        check_dtype_field("text_config", kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -395,6 +485,7 @@ class NaViLTextConfig(PretrainedConfig):
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         check_fields("text_config", "size", hidden_size=hidden_size, num_attention_heads=num_attention_heads)
         check_fields("text_config", "positive", rope_theta=rope_theta)
+        check_range("text_config", "rope_theta", rope_theta, 1, math.inf, "(the RoPE base; 1e4 to 1e6 in practice)")
         if self.backbone == "internlm2" or head_dim is None:
             head_dim = hidden_size // num_attention_heads
         self.head_dim = head_dim
@@ -424,6 +515,7 @@ class NaViLTextConfig(PretrainedConfig):
         sizes += ("num_key_value_heads", "head_dim", "max_position_embeddings")
         check_fields("text_config", "size", **{name: getattr(self, name) for name in sizes})
         check_fields("text_config", "positive", rms_norm_eps=self.rms_norm_eps)
+        check_range("text_config", "rms_norm_eps", self.rms_norm_eps, 0, 1, "(1e-6 in practice)")
         check_fields("text_config", "non-negative", initializer_range=self.initializer_range)
         check_fields(
             "text_config", "flag", use_sliding_window=self.use_sliding_window, modality_experts=self.modality_experts
@@ -461,8 +553,8 @@ def parse_rope_scaling(rope_scaling, rope_type="default", rope_factor=1.0):
         rope_factor = rope_scaling.get("factor", 1.0)
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}.")
-    if not isinstance(rope_factor, (int, float)) or rope_factor < 1.0:
-        raise ValueError(f"rope scaling factor must be a number >= 1, got {rope_factor!r}.")
+    if isinstance(rope_factor, bool) or not isinstance(rope_factor, (int, float)) or not 1.0 <= rope_factor < math.inf:
+        raise ValueError(f"rope scaling factor (rope_factor) must be a finite number >= 1, got {rope_factor!r}.")
     return rope_type, float(rope_factor)
 
 
@@ -529,6 +621,7 @@ class NaViLConfig(PretrainedConfig):
         self.special_token_ids = dict(special_token_ids or {})
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        check_dtype_field("NaViLConfig", kwargs)
         super().__init__(**kwargs)
         self.validate_navil()
 

@@ -5,7 +5,10 @@ import io
 import math
 import os
 import re
+import stat
 import struct
+import threading
+import time
 import types
 import zlib
 from typing import Any, Optional, Union
@@ -42,13 +45,37 @@ _PNG_CHANNELS = {"1": 1, "L": 1, "P": 1, "I": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
-def _download(url: str):
-    """GET `url` with httpx (transformers 5) or requests (transformers 4), raising on HTTP errors."""
+# One deadline for a whole image download (connecting, redirects and the body together), in seconds.
+DOWNLOAD_DEADLINE_S = 30.0
+# Bytes a downloaded image may take per pixel allowed by `max_image_pixels` (uncompressed 8-bit RGBA), plus headers.
+_DOWNLOAD_BYTES_PER_PIXEL = 4
+_DOWNLOAD_HEADER_BYTES = 2**20
+
+
+def _read_capped(chunks, max_bytes: Optional[int], deadline_at: float) -> bytes:
+    """The chunks joined, refused as soon as they pass `max_bytes` or the clock passes `deadline_at`."""
+    data = bytearray()
+    for chunk in chunks:
+        data += chunk
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ValueError(
+                f"the response is larger than {max_bytes} bytes, more than an image of max_image_pixels pixels takes"
+            )
+        if time.monotonic() > deadline_at:
+            raise TimeoutError("the response did not end before the deadline")
+    return bytes(data)
+
+
+def _download(url: str, max_bytes: Optional[int], deadline: Optional[float] = None) -> bytes:
+    """The body of `url` (httpx, or requests on transformers 4), raising on HTTP errors, on a body of more than
+    `max_bytes` bytes (None: no cap) and when the whole download takes more than `deadline` seconds (default
+    `DOWNLOAD_DEADLINE_S`). The clients' own timeouts restart with every byte received: a daemon thread downloads,
+    reading what has arrived and stopping at the deadline, and the caller waits for it at most `deadline` seconds
+    (a read that receives nothing ends at the clients' timeout, `deadline` too)."""
     try:
         import httpx
-
-        response = httpx.get(url, follow_redirects=True, timeout=30)
     except ImportError:
+        httpx = None
         try:
             import requests
         except ImportError:
@@ -56,9 +83,98 @@ def _download(url: str):
                 f"Cannot download {url}: image URLs need httpx or requests, and neither is installed. Install one "
                 "(pip install httpx), or download the image and pass its path, bytes or a PIL image."
             ) from None
-        response = requests.get(url, timeout=30)
-    response.raise_for_status()
-    return response
+    deadline = DOWNLOAD_DEADLINE_S if deadline is None else deadline
+    deadline_at = time.monotonic() + deadline
+    outcome = {}
+
+    def fetch():
+        try:
+            if httpx is not None:
+                with httpx.stream("GET", url, follow_redirects=True, timeout=deadline) as response:
+                    response.raise_for_status()
+                    outcome["data"] = _read_capped(response.iter_bytes(), max_bytes, deadline_at)
+            else:
+                with requests.get(url, stream=True, timeout=deadline) as response:
+                    response.raise_for_status()
+                    raw = response.raw  # read1: what has arrived (iter_content waits for whole chunks)
+                    chunks = (
+                        iter(lambda: raw.read1(2**16, decode_content=True), b"")
+                        if hasattr(raw, "read1")
+                        else response.iter_content(2**16)
+                    )
+                    outcome["data"] = _read_capped(chunks, max_bytes, deadline_at)
+        except Exception as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=fetch, name="navil-image-download", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        raise TimeoutError(f"the download did not finish within {deadline:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["data"]
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _embedded_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from the first bytes of an image embedded in a container: PNG, JPEG 2000 (codestream or
+    JP2 box) or a BMP info header (ICO, whose height counts the mask too); None if none of these."""
+    if data.startswith(_PNG_SIGNATURE) and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data.startswith(b"\xff\x4f\xff\x51") and len(data) >= 24:  # codestream: SIZ marker segment
+        width, height, x_offset, y_offset = struct.unpack(">IIII", data[8:24])
+        return width - x_offset, height - y_offset
+    box = data.find(b"ihdr")
+    if data[4:8] == b"jP  " and box >= 0 and len(data) >= box + 12:
+        height, width = struct.unpack(">II", data[box + 4 : box + 12])
+        return width, height
+    if len(data) >= 12 and struct.unpack("<I", data[:4])[0] in (40, 52, 56, 108, 124):
+        width, height = struct.unpack("<ii", data[4:12])
+        return abs(width), abs(height) // 2
+    return None
+
+
+def container_image_sizes(file) -> list[tuple[int, int]]:
+    """(width, height) of every image embedded in an ICO / CUR or ICNS file, read from the headers of the embedded
+    images themselves (PIL decodes an ICO's largest image inside `Image.open`, and the size an ICO directory or an
+    ICNS block type declares need not be that of the image stored there); [] for other formats. `file` is a binary
+    file object, left at the position it had."""
+    position = file.tell()
+    try:
+        head = file.read(8)
+        sizes = []
+        if head[:4] in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00"):  # ICO, CUR
+            count = struct.unpack("<H", head[4:6])[0]
+            file.seek(position + 6)
+            directory = file.read(16 * count)
+            for index in range(len(directory) // 16):
+                entry = directory[16 * index : 16 * index + 16]
+                offset = struct.unpack("<I", entry[12:16])[0]
+                sizes.append((entry[0] or 256, entry[1] or 256))
+                file.seek(position + offset)
+                embedded = _embedded_size(file.read(64))
+                if embedded is not None:
+                    sizes.append(embedded)
+        elif head[:4] == b"icns":
+            end, offset = position + struct.unpack(">I", head[4:8])[0], position + 8
+            while offset + 8 <= end:
+                file.seek(offset)
+                block = file.read(8)
+                length = struct.unpack(">I", block[4:8])[0] if len(block) == 8 else 0
+                if length < 8:
+                    break
+                embedded = _embedded_size(file.read(min(length - 8, 256)))
+                if embedded is not None:
+                    sizes.append(embedded)
+                offset += length
+        return sizes
+    except (OSError, struct.error):
+        return []  # a damaged header: PIL refuses it
+    finally:
+        file.seek(position)
 
 
 def _as_scalar(value):
@@ -83,6 +199,21 @@ def check_pixel_limit(value, name: str):
     if value < 0 or (value == 0 and name == "max_pixels"):
         raise ValueError(f"{name} must be {'positive' if name == 'max_pixels' else 'non-negative'}, got {value}.")
     return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_flag(value, name: str) -> bool:
+    """`value` as a bool if it is one (a numpy bool too); else a `ValueError` naming `name`: a string such as
+    `"false"` or `"no"` is truthy and `None` falsy, so either would silently flip the setting."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"{name} must be True or False, got {value!r:.40}; write true or false (not a string or null) in "
+            "preprocessor_config.json."
+        )
+    return bool(value)
 
 
 def check_count_limit(value: Optional[int], name: str) -> Optional[int]:
@@ -160,6 +291,21 @@ def _load_accepting_truncation(image: Image.Image) -> None:
         return
     namespace = {**vars(ImageFile), "LOAD_TRUNCATED_IMAGES": True}
     types.FunctionType(load.__code__, namespace, load.__name__, load.__defaults__, load.__closure__)(image)
+
+
+# Bounds of the image processor that a saved file may only lower (`NaViLImageProcessor.from_dict`).
+SAVED_BOUNDS = (
+    "max_pixels",
+    "max_image_pixels",
+    "max_patches_per_scale",
+    "max_patches_per_call",
+    "max_images_per_call",
+)
+
+
+def _pending(image: Image.Image) -> bool:
+    """Whether a PIL image's pixels are still to be decoded from its file."""
+    return bool(getattr(image, "tile", None)) and getattr(image, "fp", None) is not None
 
 
 def smart_resize(height: int, width: int, min_pixels: float, max_pixels: Union[float, np.float32]) -> tuple[int, int]:
@@ -336,8 +482,11 @@ class NaViLImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if patch_size <= 0 or merge_size <= 0:
-            raise ValueError(f"patch_size and merge_size must be positive, got {patch_size} and {merge_size}.")
+        for name, value in (("patch_size", patch_size), ("merge_size", merge_size)):
+            if check_count_limit(value, name) is None:
+                raise ValueError(f"{name} must be a positive whole number, got None.")
+        if isinstance(scale_downsample_ratio, bool) or not isinstance(scale_downsample_ratio, (int, float)):
+            raise ValueError(f"scale_downsample_ratio must be a number in (0, 1), got {scale_downsample_ratio!r:.40}.")
         if not 0 < scale_downsample_ratio < 1:
             raise ValueError(f"scale_downsample_ratio must be in (0, 1), got {scale_downsample_ratio}.")
         self.patch_size = int(patch_size)
@@ -357,6 +506,9 @@ class NaViLImageProcessor(BaseImageProcessor):
         self.max_patches_per_call = check_count_limit(max_patches_per_call, "max_patches_per_call")
         self.max_images_per_call = check_count_limit(max_images_per_call, "max_images_per_call")
         self.load_truncated_images = load_truncated_images
+        for name in ("multiscale", "do_rescale", "do_normalize", "apply_exif_orientation", "load_truncated_images"):
+            check_flag(getattr(self, name), name)
+        self._value_table(self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean, self.image_std)
 
     @staticmethod
     def _pixel_limits(min_pixels, max_pixels) -> tuple:
@@ -374,14 +526,24 @@ class NaViLImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _per_channel(value: Union[float, list[float]], name: str) -> list[float]:
-        values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
-        if len(values) != 3:
-            raise ValueError(f"{name} needs one value or three (one per RGB channel), got {len(values)}.")
-        return values
+        if isinstance(value, (np.ndarray, torch.Tensor)):
+            value = value.tolist()
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * 3
+        if len(values) != 3 or not all(_is_number(v) and math.isfinite(v) for v in values):
+            raise ValueError(
+                f"{name} needs one finite number or three (one per RGB channel), got {value!r:.60}; e.g. {name}=0.5."
+            )
+        return [float(v) for v in values]
 
     def _value_table(self, do_rescale: bool, rescale_factor: float, do_normalize: bool, mean, std) -> np.ndarray:
         """[3, 256] float32: the value of every uint8 level per channel, computed as the original does (rescale in
         float64, cast to float32, then subtract the mean and divide by the std in float32)."""
+        check_flag(do_rescale, "do_rescale")
+        check_flag(do_normalize, "do_normalize")
+        if not (_is_number(rescale_factor) and math.isfinite(rescale_factor) and rescale_factor > 0):
+            raise ValueError(
+                f"rescale_factor must be a positive finite number, got {rescale_factor!r:.40}; e.g. 1/255."
+            )
         levels = np.arange(256, dtype=np.float64)
         if do_rescale:
             levels = levels * rescale_factor
@@ -390,17 +552,41 @@ class NaViLImageProcessor(BaseImageProcessor):
             return levels.copy()
         mean = np.asarray(self._per_channel(mean, "image_mean"), dtype=np.float32)[:, None]
         std = np.asarray(self._per_channel(std, "image_std"), dtype=np.float32)[:, None]
+        top = float(levels[0, -1])  # the largest value before normalisation (1 after rescaling by 1/255)
+        if not ((mean >= 0).all() and (mean <= top).all() and (std > 0).all() and (std <= top).all()):
+            raise ValueError(
+                f"image_mean must lie in [0, {top:g}] and image_std in (0, {top:g}] (the range of the rescaled pixel "
+                f"values), got image_mean={mean.ravel().tolist()} and image_std={std.ravel().tolist()}; NaViL uses 0.5 "
+                "and 0.5."
+            )
         return (levels - mean) / std
 
     # -- loading -------------------------------------------------------------------------------------------------
 
-    def _check_pixel_count(self, width: int, height: int, in_memory: bool = False) -> None:
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict, **kwargs):
+        """`from_pretrained`'s constructor: a saved file (`preprocessor_config.json`, or a processor config) may lower
+        the bounds of `SAVED_BOUNDS` but never remove them (null) or raise them above navil's defaults, since a
+        downloaded model folder would then set the memory an image may take; `ValueError` naming the field. Only an
+        argument in the caller's own code (`from_pretrained(folder, max_patches_per_scale=None)`) may."""
+        for name in SAVED_BOUNDS:
+            if name not in image_processor_dict or name in kwargs:
+                continue
+            value, default = image_processor_dict[name], getattr(cls, name)
+            if value is None or (isinstance(value, (int, float)) and value > default):
+                change = "removes" if value is None else "raises"
+                raise ValueError(
+                    f"The saved image processor settings set {name}={value!r:.40}, which {change} navil's bound "
+                    f"({name}={default}); a saved file may only lower it. Edit the file, or pass {name}=... to "
+                    "from_pretrained in your own code if you trust the images."
+                )
+        return super().from_dict(image_processor_dict, **kwargs)
+
+    def _check_pixel_count(self, width: int, height: int, when: str = "before decoding") -> None:
+        """Refuses more than `max_image_pixels` pixels; `when` says truthfully where: "before decoding", "before
+        conversion" (arrays and tensors) or "after decoding" (a PIL image whose pixels are loaded already)."""
         if self.max_image_pixels is not None and width * height > self.max_image_pixels:
-            reason = (
-                "it was refused before conversion"
-                if in_memory
-                else "it was refused before decoding (possible decompression bomb)"
-            )
+            reason = f"it was refused {when}" + (" (possible decompression bomb)" if when == "before decoding" else "")
             raise ValueError(
                 f"The image declares {width}x{height} = {width * height} pixels, more than max_image_pixels="
                 f"{self.max_image_pixels}; {reason}. Downscale the image, or raise the processor's "
@@ -408,9 +594,12 @@ class NaViLImageProcessor(BaseImageProcessor):
             )
 
     def _open(self, source, name: str) -> Image.Image:
-        """Decodes a file path, file object or bytes into an RGB image, refusing oversized images first."""
+        """Decodes a file path, file object or bytes into an RGB image, refusing oversized images first (for
+        containers such as ICO, every embedded image, before PIL opens the file)."""
+        for size in self._container_sizes(source):
+            self._check_pixel_count(*size)
         with self._open_file(source, name) as image:
-            self._check_pixel_count(*image.size)
+            self._check_pixel_count(*image.size, "before decoding" if _pending(image) else "after decoding")
             try:
                 image.seek(0)
             except Image.DecompressionBombError as error:
@@ -418,6 +607,18 @@ class NaViLImageProcessor(BaseImageProcessor):
             except _DECODE_ERRORS as error:
                 raise ValueError(f"Could not read the first frame of {name}: {error}. {_CORRUPT_HINT}") from None
             return self._pil_to_rgb(image, name)
+
+    @staticmethod
+    def _container_sizes(source) -> list[tuple[int, int]]:
+        """`container_image_sizes` of a path or seekable file object; [] when it cannot be read (PIL then says why)."""
+        if isinstance(source, str):
+            try:
+                with open(source, "rb") as file:
+                    return container_image_sizes(file)
+            except OSError:
+                return []
+        seekable = getattr(source, "seekable", None)
+        return container_image_sizes(source) if seekable is not None and seekable() else []
 
     @staticmethod
     def _open_file(source, name: str) -> Image.Image:
@@ -450,11 +651,13 @@ class NaViLImageProcessor(BaseImageProcessor):
         """Turns a path / URL / data URI string into something `PIL.Image.open` reads, plus a name for errors."""
         text = os.fspath(image)
         if text.startswith(("http://", "https://")):
+            limit = self.max_image_pixels
+            max_bytes = None if limit is None else limit * _DOWNLOAD_BYTES_PER_PIXEL + _DOWNLOAD_HEADER_BYTES
             try:
-                response = _download(text)
+                data = _download(text, max_bytes)
             except Exception as error:
                 raise ValueError(f"Could not download the image at {text}: {error}") from None
-            return io.BytesIO(response.content), text
+            return io.BytesIO(data), text
         if text.startswith("data:image/"):
             try:
                 return io.BytesIO(base64.b64decode(text.split(",", 1)[1], validate=True)), "the data URI"
@@ -462,12 +665,26 @@ class NaViLImageProcessor(BaseImageProcessor):
                 raise ValueError(
                     "The image data URI is not valid base64 ('data:image/<type>;base64,<data>')."
                 ) from None
+        try:
+            mode = os.stat(text).st_mode
+        except FileNotFoundError:
+            raise ValueError(f"Image file not found: {text}; check the path.") from None
+        except OSError as error:
+            raise ValueError(f"Cannot open {text}: {error}; check the path and its permissions.") from None
+        if stat.S_ISDIR(mode):
+            raise ValueError(f"{text} is a directory, not an image file; pass the path of an image file.")
+        if not stat.S_ISREG(mode):
+            # reading a FIFO blocks until something writes to it, a device may never end
+            raise ValueError(
+                f"{text} is not a regular file (a FIFO, socket or device), which may never end; save the image to a "
+                "file and pass its path."
+            )
         return text, text
 
     def _pil_to_rgb(self, image: Image.Image, name: str) -> Image.Image:
         """RGB uint8 copy of a PIL image, decoding its pixels if they are not loaded yet."""
         width, height = image.size
-        self._check_pixel_count(width, height)
+        self._check_pixel_count(width, height, "before decoding" if _pending(image) else "after decoding")
         if width == 0 or height == 0:
             raise ValueError(f"{name} has zero size ({width}x{height} pixels); pass a non-empty image.")
         high_depth = image.mode in _HIGH_DEPTH_MODES
@@ -521,7 +738,7 @@ class NaViLImageProcessor(BaseImageProcessor):
         height, width = array.shape[:2]
         if height == 0 or width == 0:
             raise ValueError(f"{name} has zero size ({width}x{height} pixels); pass a non-empty image.")
-        self._check_pixel_count(width, height, in_memory=True)
+        self._check_pixel_count(width, height, "before conversion")
         array = self._to_uint8(array, name, pil_mode)
         channels = array.shape[-1]
         if channels == 1:
@@ -723,9 +940,7 @@ class NaViLImageProcessor(BaseImageProcessor):
             self.min_pixels if min_pixels is None else min_pixels,
             self.max_pixels if max_pixels is None else max_pixels,
         )
-        multiscale = self.multiscale if multiscale is None else multiscale
-        if not isinstance(multiscale, (bool, np.bool_)):
-            raise ValueError(f"multiscale must be True or False, got {multiscale!r:.40}.")
+        multiscale = check_flag(self.multiscale if multiscale is None else multiscale, "multiscale")
         if images is None:
             raise ValueError("NaViLImageProcessor got images=None; pass an image or a list of images.")
         flat = self._flatten(images)

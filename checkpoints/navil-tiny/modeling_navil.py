@@ -14,7 +14,11 @@ Read top to bottom:
 Parameter names equal those of the original NaViL checkpoints, so they load without conversion.
 """
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -35,13 +39,18 @@ from transformers.utils.generic import can_return_tuple
 from .attention_navil import AttentionBlocks, attention_interface, block_diagonal_attention
 from .chat_navil import NaViLChatMixin
 from .checks_navil import (
+    check_config_against_weights,
     check_generation_length,
     check_image_tokens,
     check_loading_info,
     check_local_checkpoint,
+    check_model_folder,
+    check_no_image_tokens,
     check_num_scales,
     check_pixel_values,
     check_prompt,
+    check_torchao_loading,
+    check_weight_dtypes,
     with_quantization_config,
 )
 from .compat_navil import (
@@ -49,9 +58,11 @@ from .compat_navil import (
     GradientCheckpointingLayer,
     cache_of,
     causal_masks,
+    flash_packed_kwargs,
     generation_step_is_decode,
     new_dynamic_cache,
     output_with_cache,
+    packed_sequence_ids,
     pop_cache,
     with_dtype_kwarg,
 )
@@ -71,6 +82,22 @@ from .configuration_navil import (
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file here.
 from .image_processing_navil import NaViLImageProcessor  # noqa: F401
 from .processing_navil import NaViLProcessor  # noqa: F401
+
+
+def move_saved_files(staging: Path, target: Path) -> None:
+    """Moves the files of a complete save from `staging` into `target` (renamed into place when `target` does not
+    exist), removing weight files of an earlier save in `target` that the new one does not have (old shards)."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    saved = {path.name for path in staging.iterdir()}
+    for old in target.glob("*"):
+        weights = old.name.startswith(("model", "pytorch_model")) and old.suffix in (".safetensors", ".bin", ".json")
+        if weights and old.is_file() and old.name not in saved:
+            old.unlink()
+    for path in staging.iterdir():
+        os.replace(path, target / path.name)
+    staging.rmdir()
 
 
 class NaViLRMSNorm(nn.Module):
@@ -260,12 +287,17 @@ class NaViLPreTrainedModel(PreTrainedModel):
         naming them instead of silently initialising them at random. A local folder without `config.json` (and no
         `config=`) and unreadable safetensors files are refused before the model is built.
         """
+        check_model_folder(pretrained_model_name_or_path)
         folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         if folder.is_dir():
             check_local_checkpoint(folder, has_config="config" in kwargs, allow_pickle=allow_pickle)
+            check_weight_dtypes(folder)
         if not allow_pickle:
             kwargs.setdefault("use_safetensors", True)
         kwargs = with_quantization_config(with_dtype_kwarg(kwargs), cls._modules_to_not_quantize)
+        check_torchao_loading(cls, pretrained_model_name_or_path, kwargs)
+        if folder.is_dir():
+            check_config_against_weights(folder, cls.config_class, kwargs, strict)
         wants_info = kwargs.pop("output_loading_info", False)
         # strict: mismatched shapes are reported below, naming the tensors, instead of transformers' error;
         # strict=False loads such checkpoints, as documented, unless the caller says otherwise
@@ -275,13 +307,37 @@ class NaViLPreTrainedModel(PreTrainedModel):
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus a model card (README.md) unless the folder has one."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        write_model_card(save_directory)
+        """`PreTrainedModel.save_pretrained`, plus a model card (README.md) unless the folder has one.
 
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
-        write_model_card(working_dir)  # `push_to_hub` has just put transformers' generic card there
-        return super()._upload_modified_files(working_dir, *args, **kwargs)
+        Everything is written to a temporary folder next to `save_directory` first and moved there only once every
+        file is complete, so that a full disk leaves no config without its weights: it raises an `OSError` naming
+        the folder, and `save_directory` stays as it was."""
+        if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+            super().save_pretrained(save_directory, *args, **kwargs)
+            write_model_card(save_directory, source=self.name_or_path)
+            return
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+        try:
+            if (target / "README.md").is_file():
+                shutil.copy2(target / "README.md", staging / "README.md")  # a card of the folder is kept
+            super().save_pretrained(staging, *args, **kwargs)
+            write_model_card(staging, name=target.resolve().name, source=self.name_or_path)
+        except Exception as error:  # safetensors' own SafetensorError wraps a full disk (not importable everywhere)
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":
+                raise OSError(
+                    f"Could not save the model to {target} ({error}); nothing was written there. Free some disk space "
+                    "or choose another folder."
+                ) from error
+            raise
+        move_saved_files(staging, target)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # `push_to_hub` has just put transformers' generic card (or the repo's) there; the card names the repo
+        write_model_card(working_dir, name=repo_id, source=self.name_or_path)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -504,21 +560,23 @@ class ModalityExpertAttention(nn.Module):
 
     def forward(self, hidden_states, router, position_embeddings, attention_mask, cache=None, **kwargs):
         batch, seq_len, _ = hidden_states.shape
+        segments = kwargs.pop("packed_segments", None)
         query, key, value = (states.transpose(1, 2) for states in self.project_qkv(hidden_states, router))
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        attn_output, attn_weights = attention_interface(self.config._attn_implementation or "sdpa")(
+        attention = partial(
+            attention_interface(self.config._attn_implementation or "sdpa"),
             self,
-            query,
-            key,
-            value,
-            attention_mask,
             dropout=0.0,
             scaling=self.scaling,
             sliding_window=self.sliding_window,
             **kwargs,
         )
+        if segments is not None and attention_mask is None:
+            attn_output, attn_weights = packed_attention(attention, query, key, value, segments), None
+        else:
+            attn_output, attn_weights = attention(query, key, value, attention_mask)
         return self.project_out(attn_output.reshape(batch, seq_len, -1), router), attn_weights
 
     @property
@@ -718,7 +776,9 @@ class ModalityExpertModel(NaViLPreTrainedModel):
         )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         cache = pop_cache(past_key_values, kwargs)
-        if use_cache and cache is None:
+        # several examples packed in each row (their positions restart at 0), when no padding mask or cache is given
+        packed = packed_sequence_ids(position_ids) if attention_mask is None and cache is None else None
+        if use_cache and cache is None and packed is None:
             cache = new_dynamic_cache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -726,11 +786,19 @@ class ModalityExpertModel(NaViLPreTrainedModel):
                 attention_mask, inputs_embeds.shape[1], past_length, inputs_embeds.device
             ).to(inputs_embeds.device)
 
+        implementation = self.config._attn_implementation or "sdpa"
+        if packed is not None:
+            kwargs.update(packed_attention_kwargs(implementation, packed, position_ids))
         if isinstance(attention_mask, dict):
             full_mask, window_mask = attention_mask.get("full_attention"), attention_mask.get("sliding_attention")
+        elif "packed_segments" in kwargs:  # sdpa runs each example alone; only sliding windows need a mask
+            full_mask = None
+            window_mask = None
+            if self.config.use_sliding_window:
+                window_mask = causal_masks(self.config, inputs_embeds, None, None, position_ids, True, packed)[1]
         else:
             full_mask, window_mask = causal_masks(
-                self.config, inputs_embeds, attention_mask, cache, position_ids, self.config.use_sliding_window
+                self.config, inputs_embeds, attention_mask, cache, position_ids, self.config.use_sliding_window, packed
             )
 
         router = ModalityRouter.build(visual_token_mask) if self.config.modality_experts else None
@@ -755,6 +823,44 @@ class ModalityExpertModel(NaViLPreTrainedModel):
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
+
+
+def packed_attention(attention: Callable, query, key, value, segments: list[list[slice]]) -> torch.Tensor:
+    """Causal attention within each packed example (`segments`: each row's example spans), one example at a time.
+
+    query [batch, heads, seq, D], key/value [batch, kv_heads, seq, D] -> [batch, seq, heads, D]
+    """
+    rows = []
+    for row, spans in enumerate(segments):
+        outputs = [
+            attention(*(states[row, None, :, span] for states in (query, key, value)), None)[0] for span in spans
+        ]
+        rows.append(torch.cat(outputs, dim=1))
+    return torch.cat(rows)
+
+
+def packed_attention_kwargs(implementation: str, packed: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """What the attention functions need to keep packed examples (`packed_sequence_ids` [batch, seq]) apart.
+
+    sdpa: `packed_segments`, each row's example spans, which `ModalityExpertAttention` runs one at a time (causal
+    attention within the example: cost and memory grow with each example's length, not the row's). Flash attention:
+    what transformers' varlen flash attention reads the examples of a single row from (`flash_packed_kwargs`). Other
+    implementations (eager, flex) take the per-example masks of `causal_masks`.
+    """
+    if implementation.startswith("flash"):
+        if packed.shape[0] != 1:
+            raise ValueError(
+                f"Packed sequences under {implementation} take one row, got {packed.shape[0]}; lay the packed examples "
+                "one after another in a single row (navil.training.PackingCollator does)."
+            )
+        return flash_packed_kwargs(packed, position_ids)
+    if implementation != "sdpa":
+        return {}
+    segments = []
+    for row in packed:
+        starts = [0, *((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist(), row.shape[0]]
+        segments.append([slice(start, end) for start, end in zip(starts, starts[1:])])
+    return {"packed_segments": segments}
 
 
 def positions_from_attention_mask(attention_mask, seq_len, past_length, device):
@@ -1109,12 +1215,13 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         rows = self.special_token_rows(input_ids, inputs_embeds)  # [batch, seq], -1 for other tokens
         special = self.special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
         inputs_embeds = torch.where((rows >= 0)[..., None], special, inputs_embeds)
+        context_mask = rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
         if pixel_values is None:
+            check_no_image_tokens(context_mask)
             return MergedInputs(inputs_embeds, None, None)
         if image_grid_thw is None:
             raise ValueError("pixel_values were given without image_grid_thw; pass both from the image processor.")
         image_grid_thw = check_image_grid(image_grid_thw, self.config.vision_config.merge_size)
-        context_mask = rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
         self.special_token_id(IMG_CONTEXT_TOKEN)  # a clear error when the ids were never read from a tokenizer
         check_image_tokens(self.config, input_ids, context_mask, image_grid_thw)
         image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True, **vision_kwargs)

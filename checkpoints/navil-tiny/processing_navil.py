@@ -12,7 +12,13 @@ from transformers import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .compat_navil import make_saved_processor_portable, register_processor_for_pipelines
+from .checks_navil import check_model_folder, check_saved_special_token_ids, check_tokenizer_folder
+from .compat_navil import (
+    PROCESSOR_NAMES_SUBPROCESSOR_CLASSES,
+    make_saved_processor_portable,
+    register_image_processor,
+    register_processor_for_pipelines,
+)
 from .configuration_navil import (
     END_OF_TURN_TOKEN,
     IMAGE_PLACEHOLDER,
@@ -134,11 +140,13 @@ def _as_dicts(value):
     return value
 
 
-def check_conversations(conversation) -> None:
+def check_conversations(conversation, tokenize: bool = True) -> None:
     """Raises a `ValueError` naming the problem unless `conversation` is a non-empty list of role/content messages
     (dicts, or message objects such as dataclasses) or a non-empty list of such lists, whose content blocks the NaViL
-    chat template renders faithfully: every block has a `"type"`, text blocks hold a string, image blocks name their
-    image (`image`, `url`, `path` or `base64`)."""
+    chat template renders faithfully: every block has a `"type"`, text blocks hold a string, and, when the result is
+    tokenized (the images are then read from the blocks), image blocks name their image (`image`, `url`, `path` or
+    `base64`). Rendered as text, a bare `{"type": "image"}` block is the `<image>` placeholder of an image passed
+    later to `processor(images=..., text=prompt)`."""
     conversation = _as_dicts(conversation)
     batched = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
     batch = conversation if batched else [conversation]
@@ -152,15 +160,21 @@ def check_conversations(conversation) -> None:
             if not isinstance(message, Mapping) or "role" not in message:
                 raise ValueError(f"message {index} must be a dict with 'role' and 'content', got {message!r:.80}.")
             content = message.get("content")
+            if not isinstance(content, (str, list, tuple)):
+                raise ValueError(
+                    f"message {index} has content {content!r:.40}; it needs a string or a list of {{'type': ...}} "
+                    "blocks (without it the turn would render unterminated)."
+                )
             for block in content if isinstance(content, (list, tuple)) else ():
                 kind = block.get("type") if isinstance(block, Mapping) else None
                 where = f"message {index} has the content block {block!r:.80}"
                 if kind == "text" and not isinstance(block.get("text"), str):
                     raise ValueError(f"{where}: a text block needs a string under 'text'.")
-                if kind == "image" and all(block.get(key) is None for key in _IMAGE_SOURCES):
+                if kind == "image" and tokenize and all(block.get(key) is None for key in _IMAGE_SOURCES):
                     raise ValueError(
-                        f"{where}: an image block needs the image under one of {', '.join(_IMAGE_SOURCES)}; without it "
-                        "the image would be dropped and <image> left as text."
+                        f"{where}: with tokenize=True an image block needs the image under one of "
+                        f"{', '.join(_IMAGE_SOURCES)}; without it the image would be dropped and <image> left as text. "
+                        "Or render the prompt with tokenize=False and call processor(images=..., text=prompt)."
                     )
                 if kind == "image_url" and not block.get("image_url"):
                     raise ValueError(f"{where}: an image_url block needs its URL under 'image_url'.")
@@ -223,6 +237,9 @@ def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
     that config (the tokenizer itself is a standard one)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_model_folder(pretrained_model_name_or_path)
+    if Path(str(pretrained_model_name_or_path)).is_dir():
+        check_tokenizer_folder(Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
     AutoConfig.register(NaViLConfig.model_type, NaViLConfig, exist_ok=True)
     return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -290,10 +307,21 @@ class NaViLProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    if PROCESSOR_NAMES_SUBPROCESSOR_CLASSES:  # 4.x; 5.x maps the config to the image processor (end of this file)
+        # the Auto names check the base classes: NaViLImageProcessor may come both from navil and from a folder's copy
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
     valid_processor_kwargs = NaViLProcessorKwargs
     image_token = IMAGE_PLACEHOLDER  # the text marking one image, expanded into its tokens
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`ProcessorMixin.from_pretrained`, refusing a tokenizer whose ids of the NaViL special tokens disagree with
+        the `special_token_ids` of the folder's model config."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        check_saved_special_token_ids(folder, processor.tokenizer)
+        return processor
 
     def __init__(
         self,
@@ -329,9 +357,10 @@ class NaViLProcessor(ProcessorMixin):
             self.push_to_hub(kwargs.pop("repo_id", Path(save_directory).name), **kwargs)
         return saved
 
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
-        write_model_card(working_dir)  # `push_to_hub` has just put transformers' generic card there
-        return super()._upload_modified_files(working_dir, *args, **kwargs)
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # `push_to_hub` has just put transformers' generic card (or the repo's) there; the card names the repo
+        write_model_card(working_dir, name=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -352,9 +381,11 @@ class NaViLProcessor(ProcessorMixin):
 
     def apply_chat_template(self, conversation, *args, **kwargs):
         """`ProcessorMixin.apply_chat_template`, refusing first what the template would render wrongly: an empty
-        conversation, a content block without a `"type"` (dropped) and an image block that does not say where its
-        image is (rendered as `<image>` text with no image); see `check_conversations`."""
-        check_conversations(conversation)
+        conversation, a content block without a `"type"` (dropped) and, with `tokenize=True`, an image block that
+        does not say where its image is (rendered as `<image>` text with no image); see `check_conversations`. With
+        `tokenize=False` (the default) a bare `{"type": "image"}` block renders as the `<image>` placeholder, for
+        `processor(images=..., text=prompt)`."""
+        check_conversations(conversation, tokenize=kwargs.get("tokenize", False))
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     # -- prompts -------------------------------------------------------------------------------------------------
@@ -499,9 +530,13 @@ class NaViLProcessor(ProcessorMixin):
             [`BatchFeature`] with `input_ids`, `attention_mask` and, with images, `pixel_values`, `image_grid_thw` and
             `num_scales`.
         """
-        for modality in ("videos", "audio"):
-            if kwargs.pop(modality, None) is not None:
+        # empty lists are no input: evaluation harnesses (lmms-eval's huggingface model) pass every modality
+        for modality in ("videos", "audio", "audios"):
+            value = kwargs.pop(modality, None)
+            if value is not None and not (isinstance(value, (list, tuple)) and not value):
                 raise ValueError(f"NaViL takes text and images only; got {modality}.")
+        if isinstance(images, (list, tuple)) and not images:
+            images = None
         if text is None:
             raise ValueError(
                 "NaViLProcessor needs text with one <image> per image (see build_prompt); for images alone call "
@@ -736,4 +771,5 @@ def _find_last(sequence: list[int], pattern: list[int]) -> Optional[int]:
 
 
 NaViLProcessor.register_for_auto_class()
+register_image_processor(NaViLConfig, NaViLImageProcessor)
 register_processor_for_pipelines(NaViLConfig, NaViLProcessor)
