@@ -1,13 +1,14 @@
 """navil: NaViL native multimodal LLMs for Hugging Face transformers.
 
 The files of this package double as Hub remote code: `configuration_navil.py`, `modeling_navil.py`,
-`image_processing_navil.py` and `processing_navil.py` are copied next to a checkpoint by `save_pretrained`.
+`image_processing_navil.py`, `image_processing_navil_fast.py` and `processing_navil.py` are copied next to a checkpoint by `save_pretrained`.
 """
 
 from transformers import AutoConfig
 
 from .configuration_navil import NaViLConfig, NaViLTextConfig, NaViLVisionConfig
 from .image_processing_navil import NaViLImageProcessor
+from .image_processing_navil_fast import NaViLImageProcessorFast
 from .modeling_navil import NaViLForConditionalGeneration, NaViLVisionModel
 from .processing_navil import NaViLProcessor, add_navil_special_tokens
 
@@ -21,6 +22,7 @@ __all__ = [
     "NaViLConfig",
     "NaViLForConditionalGeneration",
     "NaViLImageProcessor",
+    "NaViLImageProcessorFast",
     "NaViLProcessor",
     "NaViLTextConfig",
     "NaViLVisionConfig",
