@@ -68,7 +68,9 @@ class NaViLImageProcessorFast(NaViLImageProcessor):
             pixels = original
             if pixels.shape[-2:] != (resized_height, resized_width):
                 pixels = self._resize(pixels, resized_height, resized_width)
-            padded = F.pad(pixels[0], (0, grid_w * patch - resized_width, 0, grid_h * patch - resized_height))
+            padded = pixels[0]
+            if padded.shape[-2:] != (grid_h * patch, grid_w * patch):
+                padded = F.pad(padded, (0, grid_w * patch - resized_width, 0, grid_h * patch - resized_height))
             # [3, H, W] -> [h/M, w/M, M, M, 3, P, P]: one patch per row, converted to float32 while it is written
             blocks = padded.view(3, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
             blocks = blocks.permute(1, 4, 2, 5, 0, 3, 6)
