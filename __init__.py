@@ -1,7 +1,8 @@
 """navil: NaViL native multimodal LLMs for Hugging Face transformers.
 
 The files of this package double as Hub remote code: `configuration_navil.py`, `modeling_navil.py`,
-`image_processing_navil.py` and `processing_navil.py` are copied next to a checkpoint by `save_pretrained`.
+`image_processing_navil.py`, `image_processing_navil_fast.py` and `processing_navil.py` are
+copied next to a checkpoint by `save_pretrained`.
 
 The model and processor classes are imported when first used: importing transformers' model classes imports every
 installed quantization library (torchao among them, with start-up messages of its own), which `navil --help` and the
@@ -23,6 +24,7 @@ AutoConfig.register(NaViLConfig.model_type, NaViLConfig, exist_ok=True)
 _LAZY = {
     "NaViLForConditionalGeneration": ".modeling_navil",
     "NaViLImageProcessor": ".image_processing_navil",
+    "NaViLImageProcessorFast": ".image_processing_navil_fast",
     "NaViLProcessor": ".processing_navil",
     "NaViLVisionModel": ".modeling_navil",
     "add_navil_special_tokens": ".processing_navil",
@@ -41,6 +43,7 @@ __all__ = [
     "NaViLConfig",
     "NaViLForConditionalGeneration",
     "NaViLImageProcessor",
+    "NaViLImageProcessorFast",
     "NaViLProcessor",
     "NaViLTextConfig",
     "NaViLVisionConfig",

@@ -21,6 +21,7 @@ CODE_FILES = (
     "chat_navil.py",
     "modeling_navil.py",
     "image_processing_navil.py",
+    "image_processing_navil_fast.py",
     "processing_navil.py",
 )
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")

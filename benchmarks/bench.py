@@ -33,16 +33,23 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 from transformers import CompileConfig, LlamaForCausalLM, Qwen3ForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from navil.configuration_navil import SPECIAL_TOKEN_EMBEDDING_ROWS, NaViLConfig
+from navil.image_processing_navil import NaViLImageProcessor
+from navil.image_processing_navil_fast import NaViLImageProcessorFast
 from navil.modeling_navil import NaViLForConditionalGeneration
 from navil.training import dense_text_config, special_token_ids_at_end
 from navil.training.configs import ARCHITECTURES
 
 MiB = 2**20
+PROCESSOR_SIDES = (1024, 2048)  # square images of the slow/fast image processor comparison, multi-scale
+PROCESSOR_REPEATS = 11  # the processors are cheap next to the models: more runs steady their medians
 
 
 @dataclass
@@ -290,6 +297,49 @@ def peak_memory(fn, device):
     return (_status_kib("VmHWM") - before) * 1024
 
 
+def photo_like_image(side: int, seed: int = 0) -> Image.Image:
+    """A `side` x `side` RGB image with smooth colour areas and sharp edges (upscaled noise plus rectangles)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.array(
+        Image.fromarray(rng.integers(0, 256, (side // 32, side // 32, 3), dtype=np.uint8)).resize(
+            (side, side), Image.Resampling.BICUBIC
+        )
+    )
+    for _ in range(8):
+        top, left = rng.integers(0, side // 2, 2)
+        pixels[top : top + side // 4, left : left + side // 3] = rng.integers(0, 256, 3)
+    return Image.fromarray(pixels)
+
+
+def image_processors(config, device):
+    """(slow, fast) multi-scale image processors with the model's pixel limits; the fast one works on `device`."""
+    patch = config.vision_config.patch_size
+    settings = dict(
+        patch_size=patch,
+        merge_size=config.vision_config.merge_size,
+        min_pixels=config.min_dynamic_patch * patch * patch,
+        max_pixels=config.max_dynamic_patch * patch * patch,
+        scale_downsample_ratio=config.scale_downsample_ratio,
+    )
+    return NaViLImageProcessor(**settings), NaViLImageProcessorFast(device=device, **settings)
+
+
+# torch's flop counter knows the attention kernels of accelerators only; the CPU kernel does the same work
+CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if CPU_SDPA not in flop_registry:
+
+    @register_flop_formula(CPU_SDPA)
+    def cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flops_of(function) -> int:
+    """Floating-point operations of one call of `function`, counted by torch's flop counter."""
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
 class Workload:
     """The inputs and the callables measured, for one preset on one device."""
 
@@ -312,6 +362,31 @@ class Workload:
                 self.prompt_ids, self.pixel_values, self.image_grid_thw
             )
         self.dense_embeds = torch.randn_like(self.embeds)
+        # the model's pixel limits for the prompt image; the processors' defaults (the NaViL demo's) for the others
+        self.processors = {
+            "prompt": dict(zip(("slow", "fast"), image_processors(config, device))),
+            "default": dict(slow=NaViLImageProcessor(), fast=NaViLImageProcessorFast(device=device)),
+        }
+        self.images = {side: photo_like_image(side) for side in (preset.prefill_image_side, *PROCESSOR_SIDES)}
+        self.gemm_inputs = self.encoder_gemm_inputs(max(preset.patch_counts), device, dtype)
+
+    def encoder_gemm_inputs(self, count, device, dtype):
+        """Operands of the vision encoder's largest matmul at `count` patches: [count, hidden] x [hidden, mlp]."""
+        vision = self.model.config.vision_config
+        return (
+            torch.randn(count, vision.hidden_size, device=device, dtype=dtype),
+            torch.randn(vision.hidden_size, vision.intermediate_size, device=device, dtype=dtype),
+        )
+
+    def gemm(self):
+        return torch.mm(*self.gemm_inputs)
+
+    def preprocess(self, settings, which, side):
+        return self.processors[settings][which](self.images[side], return_tensors="pt")
+
+    @torch.inference_mode()
+    def vision_of_prompt(self):
+        return self.model.get_image_features(self.pixel_values, self.image_grid_thw).pooler_output
 
     @torch.inference_mode()
     def vision(self, count, kind):
@@ -400,7 +475,17 @@ def measure(args, preset):
     }
     functions.update({f"prefill/{which}": partial(workload.prefill, which) for which in ("navil", "dense")})
     functions["first-token"] = workload.first_token
+    functions["first-token/vision"] = workload.vision_of_prompt
+    functions["gemm"] = workload.gemm
     timed = median_times(functions, args.device, preset.warmup, preset.repeats)
+    preprocessing = {}
+    for which in ("slow", "fast"):
+        preprocessing[f"preprocess/{which}/prompt"] = partial(
+            workload.preprocess, "prompt", which, preset.prefill_image_side
+        )
+        for side in PROCESSOR_SIDES:
+            preprocessing[f"preprocess/{which}/{side}"] = partial(workload.preprocess, "default", which, side)
+    timed.update(median_times(preprocessing, args.device, 1, PROCESSOR_REPEATS))
     decode_runs = [("decode", 1, False), ("decode", 8, False)]
     if args.compile:
         decode_runs.append(("decode-compiled", 1, True))
@@ -410,7 +495,15 @@ def measure(args, preset):
     counts = {
         key: int(sum(t * h * w for t, h, w in grids.tolist())) for key, (_, grids) in workload.vision_inputs.items()
     }
+    count = max(preset.patch_counts)
+    flops = dict(vision=flops_of(partial(workload.vision, count, "single")), gemm=flops_of(workload.gemm))
     shape = dict(
+        flops=flops,
+        vision_share_of_gemm_peak=(flops["vision"] / timed[f"vision/{count}/single"])
+        / (flops["gemm"] / timed["gemm"]),
+        processor_slow_over_fast={
+            side: timed[f"preprocess/slow/{side}"] / timed[f"preprocess/fast/{side}"] for side in PROCESSOR_SIDES
+        },
         prompt_tokens=workload.prompt_ids.shape[1],
         visual_tokens=int(workload.visual_mask.sum()),
         prefill_scales=workload.image_grid_thw.tolist(),
@@ -456,6 +549,27 @@ def rows_from(args, preset, timed, memory, counts, shape):
         )
     )
     rows.append(("time to first token (vision + prefill): ms", timed["first-token"] * 1e3, None, None, "", None))
+    side = preset.prefill_image_side
+    parts = [
+        (f"preprocessing ({side}x{side} px image, fast processor)", timed["preprocess/fast/prompt"]),
+        ("vision encoder", timed["first-token/vision"]),
+        ("embedding + LLM prefill", timed["first-token"] - timed["first-token/vision"]),
+    ]
+    for label, seconds in parts:
+        rows.append((f"time to first token, {label}: ms", seconds * 1e3, None, None, "", None))
+    slow, fast = timed["preprocess/slow/prompt"], timed["preprocess/fast/prompt"]
+    label = (
+        f"image processor, the prompt's {side}x{side} px image: slow / fast ({slow * 1e3:.0f} / {fast * 1e3:.0f} ms)"
+    )
+    rows.append((label, slow / fast, None, None, "", None))
+    for processed in PROCESSOR_SIDES:
+        slow, fast = timed[f"preprocess/slow/{processed}"], timed[f"preprocess/fast/{processed}"]
+        label = f"image processor (defaults), {processed}x{processed} px multi-scale: slow / fast ({slow * 1e3:.0f} / {fast * 1e3:.0f} ms)"
+        rows.append((label, slow / fast, None, None, ">= 4", slow / fast >= 4))
+    count = max(preset.patch_counts)
+    share = shape["vision_share_of_gemm_peak"]
+    label = f"vision encoder {count} patches: FLOP/s over a [{count}, hidden] x [hidden, mlp] matmul's"
+    rows.append((label, share, None, None, ">= 0.70", share >= 0.70))
     decode_rows = [(f"decode batch {batch}, eager", f"decode/{{}}/{batch}", batch) for batch in (1, 8)]
     if args.compile:
         decode_rows.append(("decode batch 1, static cache + torch.compile", "decode-compiled/{}/1", 1))
@@ -587,6 +701,8 @@ def main(argv=None):
                     device_name=device_name,
                     dtype=args.dtype,
                     shape=shape,
+                    vision_share_of_gemm_peak=shape["vision_share_of_gemm_peak"],
+                    processor_slow_over_fast=shape["processor_slow_over_fast"],
                     seconds=timed,
                     peak_memory_bytes=memory,
                     rows=[dict(zip(("measurement", "navil", "dense", "ratio", "target", "met"), row)) for row in rows],

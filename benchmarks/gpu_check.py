@@ -16,7 +16,10 @@ an H100/H200:
 3. bitsandbytes 8-bit and 4-bit (nf4) through `load_in_8bit=True` / `load_in_4bit=True` on the embedded navil-tiny:
    the README example answered like float32 (when bitsandbytes is installed, e.g. from carried wheels);
 4. `attn_implementation="flash_attention_2"` against sdpa in bfloat16 on the golden checkpoints (when flash_attn is
-   installed).
+   installed);
+5. `NaViLImageProcessorFast(device="cuda")` on 1024x1024 and 2048x2048 images (multi-scale): identical grids, pixel
+   values within transformers' fast-processor tolerance (1e-1 absolute, 5e-3 mean) of the slow processor's, and the
+   time against the slow processor on the CPU and the fast one on the CPU.
 
 The speed rows run last (compiling takes longest); when gpu_check.sh's time limit stops the run, the rows measured
 so far are still printed.
@@ -37,12 +40,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from bench import PRESETS, Workload, decode_seconds_per_step, median_times
+from bench import PRESETS, PROCESSOR_SIDES, Workload, decode_seconds_per_step, median_times, photo_like_image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import navil
 from navil.checks_navil import bitsandbytes_usable
+from navil.image_processing_navil import NaViLImageProcessor
+from navil.image_processing_navil_fast import NaViLImageProcessorFast
 from navil.modeling_navil import NaViLForConditionalGeneration
 
 PACKAGE = Path(navil.__file__).parent
@@ -308,6 +313,38 @@ class TimeLimit(BaseException):
     pass
 
 
+# -- 5. the fast image processor on the device -----------------------------------------------------------------
+
+
+def image_processor_checks(table, device):
+    slow, fast_cpu, fast = NaViLImageProcessor(), NaViLImageProcessorFast(), NaViLImageProcessorFast(device=device)
+    for side in PROCESSOR_SIDES:
+        image = photo_like_image(side)
+        reference, result = slow(image, return_tensors="pt"), fast(image, return_tensors="pt")
+        difference = (result["pixel_values"].cpu() - reference["pixel_values"]).abs()
+        same_grids = torch.equal(result["image_grid_thw"].cpu(), reference["image_grid_thw"]) and torch.equal(
+            result["num_scales"].cpu(), reference["num_scales"]
+        )
+        table.add(
+            f"fast image processor on {device}, {side}x{side} px multi-scale: difference to the slow processor",
+            f"max {difference.max():.4f}, mean {difference.mean():.1e}",
+            "<= 1e-1, mean <= 5e-3, identical grids",
+            same_grids and difference.max() <= 1e-1 and difference.mean() <= 5e-3,
+        )
+        calls = {
+            "slow (CPU)": partial(slow, image, return_tensors="pt"),
+            "fast (CPU)": partial(fast_cpu, image, return_tensors="pt"),
+            f"fast ({device})": partial(fast, image, return_tensors="pt"),
+        }
+        seconds = median_times(calls, device, 1, 5)
+        ours = seconds[f"fast ({device})"]
+        table.add(
+            f"fast image processor on {device}, {side}x{side} px multi-scale: time",
+            f"{ours * 1e3:.1f} ms",
+            ", ".join(f"{name} {value * 1e3:.0f} ms ({value / ours:.1f}x)" for name, value in seconds.items()),
+        )
+
+
 def stop_on_timeout(signum, frame):
     raise TimeLimit
 
@@ -332,7 +369,8 @@ def main(argv=None):
     table = Table()
     signal.signal(signal.SIGTERM, stop_on_timeout)  # gpu_check.sh's time limit: still print the rows measured
     try:
-        for step in (precision_checks, bitsandbytes_checks, flash_attention_checks, speed_checks):
+        steps = (precision_checks, bitsandbytes_checks, flash_attention_checks, image_processor_checks, speed_checks)
+        for step in steps:
             try:
                 step(table, device)
             except Exception as error:  # one broken step must not hide the others' rows

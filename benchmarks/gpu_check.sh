@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check of NaViL: precision of bf16/fp16 against the golden float32 outputs, decode speed of the
 # NaViL-2B shape against the GPU's bandwidth limit, time to first token of a 1024x1024 image, bitsandbytes 8/4-bit
-# chat and flash_attention_2 (when installed). Prints one table; exits non-zero when a check fails.
+# chat, flash_attention_2 (when installed) and the fast image processor on the GPU. Prints one table; exits non-zero
+# when a check fails.
 #
 #   bash benchmarks/gpu_check.sh [--json out.json]        # a CUDA GPU: under 8 minutes on an H100/H200
 #   bash benchmarks/gpu_check.sh --cpu [--json out.json]  # dry run of every step with small shapes on the CPU

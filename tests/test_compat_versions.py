@@ -130,7 +130,11 @@ def test_processor_files_are_in_the_form_every_release_reads(folder, tmp_path):
     # 4.x passes every key of processor_config.json to __init__ and reads the image processor from its own file
     assert "image_processor" not in processor_config
     assert image_processor_config["image_processor_type"] == "NaViLImageProcessor"
-    assert image_processor_config["auto_map"]["AutoImageProcessor"] == "image_processing_navil.NaViLImageProcessor"
+    # both image processors, slow first: the form with which AutoImageProcessor picks the fast one on request
+    assert image_processor_config["auto_map"]["AutoImageProcessor"] == [
+        "image_processing_navil.NaViLImageProcessor",
+        "image_processing_navil_fast.NaViLImageProcessorFast",
+    ]
 
 
 def test_processor_tokenizer_pads_on_the_left():
