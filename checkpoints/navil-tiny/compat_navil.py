@@ -298,6 +298,25 @@ def make_saved_processor_portable(save_directory) -> None:
     if image_processor_config is not None:
         _write_json(directory / "preprocessor_config.json", image_processor_config)
         _write_json(processor_file, processor_config)
+    offer_fast_image_processor(directory)
+
+
+def offer_fast_image_processor(directory: Path) -> None:
+    """Names the fast image processor next to the slow one in the folder's `auto_map` (`[slow, fast]`, the form with
+    which `AutoImageProcessor` picks the fast one under `use_fast=True` or transformers 5's default backend), when its
+    file was saved with the code files."""
+    config_file = directory / "preprocessor_config.json"
+    if not (config_file.is_file() and (directory / "image_processing_navil_fast.py").is_file()):
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    slow = config.get("auto_map", {}).get("AutoImageProcessor")
+    if isinstance(slow, str) and slow.endswith("image_processing_navil.NaViLImageProcessor"):
+        repository = slow[: -len("image_processing_navil.NaViLImageProcessor")]  # "owner/name--" or ""
+        config["auto_map"]["AutoImageProcessor"] = [
+            slow,
+            f"{repository}image_processing_navil_fast.NaViLImageProcessorFast",
+        ]
+        _write_json(config_file, config)
 
 
 # -- training -----------------------------------------------------------------------------------------------------

@@ -835,63 +835,56 @@ class NaViLImageProcessor(BaseImageProcessor):
                 "multiscale=False), or raise the image processor's max_patches_per_call (None disables it)."
             )
 
-    def _single_pass(
-        self,
-        image: Image.Image,
-        min_pixels: float,
-        max_pixels: Union[float, np.float32],
-        table: np.ndarray,
-        used: int = 0,
-    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """One pass on an RGB image: [patches, 3 * P * P] float32 pixel values and the (t, h, w) patch grid.
+    def _plan_pass(
+        self, size: tuple[int, int], min_pixels: float, max_pixels: Union[float, np.float32], used: int
+    ) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """Resized (height, width) and (t, h, w) patch grid of one pass on an image of `size` (width, height).
 
-        `used` patches of the call are already taken; the pass is refused before resizing if it would exceed a limit.
+        `used` patches of the call are already taken; the pass is refused if it would exceed a limit.
         """
-        patch, merge = self.patch_size, self.merge_size
-        width, height = image.size
-        resized_height, resized_width = smart_resize(height, width, min_pixels, max_pixels)
-        unit = patch * merge
-        padded_height = math.ceil(resized_height / unit) * unit
-        padded_width = math.ceil(resized_width / unit) * unit
-        patches = (padded_height // patch) * (padded_width // patch)
-        self._check_patches(patches, used, image.size, (resized_height, resized_width), min_pixels, max_pixels)
-        if (resized_width, resized_height) != image.size:
-            image = image.resize((resized_width, resized_height), resample=self.resample)
-        pixels = np.zeros((padded_height, padded_width, 3), dtype=np.uint8)
-        pixels[:resized_height, :resized_width] = np.asarray(image)
-        values = torch.from_numpy(table[np.arange(3), pixels])  # [H, W, 3]
-        grid_h, grid_w = padded_height // patch, padded_width // patch
-        values = values.view(grid_h // merge, merge, patch, grid_w // merge, merge, patch, 3)
-        values = values.permute(0, 3, 1, 4, 6, 2, 5)  # [h/M, w/M, M, M, 3, P, P]
-        return values.reshape(grid_h * grid_w, 3 * patch * patch), (1, grid_h, grid_w)
+        width, height = size
+        resized = smart_resize(height, width, min_pixels, max_pixels)
+        unit = self.patch_size * self.merge_size
+        grid = tuple(math.ceil(side / unit) * self.merge_size for side in resized)
+        self._check_patches(grid[0] * grid[1], used, size, resized, min_pixels, max_pixels)
+        return resized, (1, *grid)
 
-    def _pyramid(
-        self,
-        image: Image.Image,
-        min_pixels: float,
-        max_pixels: float,
-        multiscale: bool,
-        table: np.ndarray,
-        used: int = 0,
-    ) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
-        """All scales of one image, smallest first (only the full-size pass when `multiscale` is False), after `used`
-        patches of earlier images of the call."""
-        values, grid = self._single_pass(image, min_pixels, max_pixels, table, used)
-        used += len(values)
-        scales, grids = [values], [grid]
+    def _plan_pyramid(
+        self, size: tuple[int, int], min_pixels: float, max_pixels: float, multiscale: bool, used: int = 0
+    ) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
+        """(resized size, grid) of every scale of an image of `size` (width, height), smallest first (only the
+        full-size pass when `multiscale` is False), after `used` patches of earlier images of the call."""
+        plans = [self._plan_pass(size, min_pixels, max_pixels, used)]
+        used += math.prod(plans[0][1])
         ratio = np.float32(self.scale_downsample_ratio**2)
         while multiscale:
-            smallest = math.prod(grids[0])
+            smallest = math.prod(plans[0][1])
             next_max = np.float32(smallest * self.patch_size**2) * ratio
             if next_max < min_pixels:
                 break
-            values, grid = self._single_pass(image, min_pixels, next_max, table, used)
-            if math.prod(grid) >= smallest:
+            plan = self._plan_pass(size, min_pixels, next_max, used)
+            if math.prod(plan[1]) >= smallest:
                 break
-            used += len(values)
-            scales.insert(0, values)
-            grids.insert(0, grid)
-        return scales, grids
+            used += math.prod(plan[1])
+            plans.insert(0, plan)
+        return plans
+
+    def _pyramid(self, image: Image.Image, plans: list, table: np.ndarray, device=None) -> torch.Tensor:
+        """[patches, 3 * P * P] float32 pixel values of all planned scales of an RGB image (smallest first), each
+        resized from the original with PIL; `device` is unused here (the caller moves the result)."""
+        patch, merge = self.patch_size, self.merge_size
+        scales = []
+        for (resized_height, resized_width), (_, grid_h, grid_w) in plans:
+            resized = image
+            if (resized_width, resized_height) != image.size:
+                resized = image.resize((resized_width, resized_height), resample=self.resample)
+            pixels = np.zeros((grid_h * patch, grid_w * patch, 3), dtype=np.uint8)
+            pixels[:resized_height, :resized_width] = np.asarray(resized)
+            values = torch.from_numpy(table[np.arange(3), pixels])  # [H, W, 3]
+            values = values.view(grid_h // merge, merge, patch, grid_w // merge, merge, patch, 3)
+            values = values.permute(0, 3, 1, 4, 6, 2, 5)  # [h/M, w/M, M, M, 3, P, P]
+            scales.append(values.reshape(grid_h * grid_w, 3 * patch * patch))
+        return torch.cat(scales)
 
     def preprocess(
         self,
@@ -905,6 +898,7 @@ class NaViLImageProcessor(BaseImageProcessor):
         do_normalize: Optional[bool] = None,
         image_mean: Optional[Union[float, list[float]]] = None,
         image_std: Optional[Union[float, list[float]]] = None,
+        device: Optional[Union[str, torch.device]] = None,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -926,6 +920,9 @@ class NaViLImageProcessor(BaseImageProcessor):
             do_rescale, rescale_factor, do_normalize, image_mean, image_std (*optional*):
                 Override the instance's value mapping for this call: `x * rescale_factor` when `do_rescale`, then
                 `(x - mean) / std` when `do_normalize`.
+            device (`str` or `torch.device`, *optional*):
+                Device of the returned tensors (with `return_tensors="pt"`). [`NaViLImageProcessorFast`] also
+                resizes and normalizes there.
 
         Returns:
             [`BatchFeature`] with `pixel_values` (float32 `[patches, 3 * patch_size**2]`, all scales of all images,
@@ -962,21 +959,26 @@ class NaViLImageProcessor(BaseImageProcessor):
             try:
                 rgb = self.load_image(image, name)
                 used = sum(len(values) for values in pixel_values)
-                scales, image_grids = self._pyramid(rgb, min_pixels, max_pixels, multiscale, table, used)
+                plans = self._plan_pyramid(rgb.size, min_pixels, max_pixels, multiscale, used)
+                values = self._pyramid(rgb, plans, table, device)
             except ValueError as error:
                 if len(flat) == 1:
                     raise
                 raise ValueError(f"Image {index} of {len(flat)}: {error}") from None
-            pixel_values.extend(scales)
-            grids.extend(image_grids)
-            num_scales.append(len(image_grids))
+            pixel_values.append(values)
+            grids.extend(grid for _, grid in plans)
+            num_scales.append(len(plans))
+        if len(pixel_values) != 1:  # one image keeps its pyramid without a copy
+            pixel_values = [torch.cat(pixel_values) if pixel_values else torch.zeros(0, 3 * self.patch_size**2)]
         data = {
-            "pixel_values": torch.cat(pixel_values) if pixel_values else torch.zeros(0, 3 * self.patch_size**2),
+            "pixel_values": pixel_values[0],
             "image_grid_thw": torch.tensor(grids, dtype=torch.int64).view(-1, 3),
             "num_scales": torch.tensor(num_scales, dtype=torch.int64),
         }
         if return_tensors != "pt":
-            data = {key: value.numpy() for key, value in data.items()}
+            data = {key: value.cpu().numpy() for key, value in data.items()}
+        elif device is not None:
+            data = {key: value.to(device) for key, value in data.items()}
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     @staticmethod

@@ -81,6 +81,7 @@ from .configuration_navil import (
 
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file here.
 from .image_processing_navil import NaViLImageProcessor  # noqa: F401
+from .image_processing_navil_fast import NaViLImageProcessorFast  # noqa: F401
 from .processing_navil import NaViLProcessor  # noqa: F401
 
 
@@ -165,13 +166,17 @@ class NaViLVisionRotaryEmbedding(nn.Module):
         return (positions[..., None].float() * inv_freq).flatten(1)
 
 
-def apply_vision_rotary(query, key, cos, sin):
-    """Rotate-half RoPE in float32 on [patches, heads, head_dim]; cos/sin [patches, 1, head_dim] in float32."""
-    rotated = []
-    for states in (query, key):
-        states_fp32 = states.float()
-        rotated.append((states_fp32 * cos + rotate_half(states_fp32) * sin).to(states.dtype))
-    return rotated
+def apply_vision_rotary(query_key, cos, signed_sin):
+    """Rotate-half RoPE in float32 on queries and keys at once, [patches, 2, heads, head_dim].
+
+    `cos` and `signed_sin` are [patches, 1, 1, head_dim] in float32, the sine negated in its first half, so that
+    `x * cos + rotate_half(x) * sin` becomes `x * cos + swap_halves(x) * signed_sin`: the same values in three
+    kernels.
+    """
+    states = query_key.float()
+    first, second = states.chunk(2, dim=-1)
+    rotated = (states * cos).addcmul_(torch.cat((second, first), dim=-1), signed_sin)
+    return rotated.to(query_key.dtype)
 
 
 def get_window_index(grid_thw: torch.Tensor, window_size: int, merge_size: int):
@@ -216,12 +221,14 @@ class NaViLVisionAttention(nn.Module):
 
     def forward(self, hidden_states, rotary_embeddings, blocks: AttentionBlocks):
         num_patches, width = hidden_states.shape
-        query, key, value = self.qkv(hidden_states).view(num_patches, 3, self.num_heads, self.head_dim).unbind(1)
+        qkv = self.qkv(hidden_states).view(num_patches, 3, self.num_heads, self.head_dim)
+        query_key, value = qkv[:, :2], qkv[:, 2]
         if self.qk_normalization:
             # normalised over the full width, then split into heads
-            query = self.q_norm(query.reshape(num_patches, width)).view(num_patches, self.num_heads, self.head_dim)
-            key = self.k_norm(key.reshape(num_patches, width)).view(num_patches, self.num_heads, self.head_dim)
-        query, key = apply_vision_rotary(query, key, *rotary_embeddings)
+            query, key = query_key.reshape(num_patches, 2, width).unbind(1)
+            query_key = torch.stack((self.q_norm(query), self.k_norm(key)), dim=1)
+            query_key = query_key.view(num_patches, 2, self.num_heads, self.head_dim)
+        query, key = apply_vision_rotary(query_key, *rotary_embeddings).unbind(1)
         output, weights = block_diagonal_attention(
             query, key, value, blocks, self.config._attn_implementation or "sdpa", self.scaling
         )
@@ -260,8 +267,8 @@ class NaViLVisionLayer(GradientCheckpointingLayer):
     def forward(self, hidden_states, rotary_embeddings, image_blocks, window_blocks):
         blocks = image_blocks if self.full_attention else window_blocks
         attn_output, attn_weights = self.attn(self.norm1(hidden_states), rotary_embeddings, blocks)
-        hidden_states = hidden_states + self.ls1 * attn_output
-        return hidden_states + self.ls2 * self.mlp(self.norm2(hidden_states)), attn_weights
+        hidden_states = torch.addcmul(hidden_states, self.ls1, attn_output)
+        return torch.addcmul(hidden_states, self.ls2, self.mlp(self.norm2(hidden_states))), attn_weights
 
 
 class NaViLPreTrainedModel(PreTrainedModel):
@@ -412,8 +419,12 @@ class NaViLVisionModel(NaViLPreTrainedModel):
         hidden_states = hidden_states.view(-1, merge_units, width)[window_index].view(-1, width)
         angles = self.rotary(grid_thw, device)
         angles = angles.view(-1, merge_units, angles.shape[-1])[window_index].view(-1, angles.shape[-1])
-        angles = torch.cat((angles, angles), dim=-1)
-        rotary_embeddings = angles.cos()[:, None, :], angles.sin()[:, None, :]  # shared by all layers
+        sin = angles.sin()
+        # shared by all layers: [patches, 1, 1, head_dim] cos and sine with its first half negated
+        rotary_embeddings = (
+            torch.cat((angles, angles), dim=-1).cos()[:, None, None],
+            torch.cat((-sin, sin), -1)[:, None, None],
+        )
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None

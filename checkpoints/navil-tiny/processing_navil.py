@@ -32,6 +32,7 @@ from .configuration_navil import (
     write_model_card,
 )
 from .image_processing_navil import NaViLImageProcessor, NaViLImageProcessorKwargs
+from .image_processing_navil_fast import NaViLImageProcessorFast, wants_fast_image_processor
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -364,9 +365,12 @@ class NaViLProcessor(ProcessorMixin):
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Loads the sub-processors: the sibling [`NaViLImageProcessor`] class directly (so that a plain
+        """Loads the sub-processors: the sibling [`NaViLImageProcessor`] class, or [`NaViLImageProcessorFast`] under
+        `use_fast=True`, `backend="torchvision"` or transformers' default for these, directly (so that a plain
         `NaViLProcessor.from_pretrained` needs no remote code for it) and the tokenizer with `load_navil_tokenizer`."""
-        image_processor = NaViLImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        fast = wants_fast_image_processor(kwargs.get("use_fast"), kwargs.get("backend"))
+        image_processor_class = NaViLImageProcessorFast if fast else NaViLImageProcessor
+        image_processor = image_processor_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
         tokenizer = load_navil_tokenizer(pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
 
