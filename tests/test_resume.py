@@ -211,3 +211,20 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_resume_from_checkpoin
     assert_same_weights(continued, uninterrupted)
     model, tokenizer = load_model(str(continued / "checkpoint-20"))
     assert model.chat(tokenizer, IMAGE, "Describe the image.", {"max_new_tokens": 4})
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--loss-reduction", "sample"], "--loss-reduction.*packing is off"),
+        (["--max-packed-tokens", "512"], "--max-packed-tokens.*packing is off"),
+        (["--packing", "--max-length", "256"], "--max-length.*--max-packed-tokens"),
+        (["--packing", "--streaming", "--packing-strategy", "best_fit"], "--packing-strategy.*greedy"),
+    ],
+)
+def test_packing_flags_that_cannot_work_together_are_refused_naming_the_flags_before_the_model_loads(
+    flags, message, tmp_path
+):
+    with pytest.raises(SystemExit, match=message):
+        main(["finetune", "--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
