@@ -394,7 +394,19 @@ def _checkpoints_kept(num_examples: Optional[int], save_steps: Optional[int], li
     return min(saved, limit + 1) if limit else saved
 
 
-def _warn_too_long(packs, budget: int) -> None:
+def _is_streaming_dataset(dataset) -> bool:
+    from .streaming import StreamingDataset  # streaming builds on this module
+
+    return isinstance(dataset, StreamingDataset)
+
+
+def _check_packs(packs, budget: int) -> None:
+    """Refuses a run whose every example is longer than the budget; warns of the examples left out."""
+    if not len(packs):
+        raise ValueError(
+            f"Every training example is longer than max_packed_tokens={budget} (packs never cut an example); raise "
+            "--max-packed-tokens."
+        )
     if packs.num_skipped:
         warnings.warn(
             f"Left out {packs.num_skipped} training examples longer than max_packed_tokens={budget} (packs never cut "
@@ -472,6 +484,12 @@ def finetune(
         packing_strategy=packing_strategy,
         loss_reduction=loss_reduction,
     )
+    if packing and streaming and not _is_streaming_dataset(train_dataset):
+        raise ValueError(
+            "packing=True packs a stream (resumably) only when it is a streaming.StreamingDataset (navil finetune "
+            f"--streaming), got {type(train_dataset).__name__}; wrap the data in a StreamingDataset, or pass a list "
+            "or map-style dataset."
+        )
     checkpoint = None
     if resume and not overwrite:  # found before the folder is touched: a finished run's folder stays complete
         checkpoint = latest_checkpoint(output_dir) if resume is True else Path(resume)
@@ -511,7 +529,7 @@ def finetune(
                     PackedDataset(examples, collator.encode, budget, strategy, too_long="skip") if examples else []
                     for examples in (train_dataset, held_out)
                 )
-                _warn_too_long(train_dataset, budget)
+                _check_packs(train_dataset, budget)
         else:
             from .streaming import (
                 STREAMING_TRAINING_ARGUMENTS,
@@ -520,12 +538,6 @@ def finetune(
                 StreamingStateCallback,
             )
 
-            if packing and not isinstance(train_dataset, StreamingDataset):
-                raise ValueError(
-                    f"packing=True packs a stream exactly only when it is a StreamingDataset (navil finetune "
-                    f"--streaming), got {type(train_dataset).__name__}; wrap the data in a StreamingDataset, or pass "
-                    "a list or map-style dataset."
-                )
             if packing:
                 budget = packing_settings["max_packed_tokens"]
                 train_dataset = StreamedPacks(train_dataset, collator.encode, budget, too_long="skip")
