@@ -149,7 +149,17 @@ def _streaming_dataset(args, model: str):
 
 def run_finetune(args) -> int:
     from .training import close_process_group, finetune
+    from .training.finetune import check_packing
 
+    packing = dict(
+        max_packed_tokens=args.max_packed_tokens,
+        packing_strategy=args.packing_strategy,
+        loss_reduction=args.loss_reduction,
+    )
+    try:  # a flag that cannot work with the others is refused before anything loads
+        check_packing(args.packing, args.streaming, args.max_length, **packing)
+    except ValueError as error:
+        raise SystemExit(f"navil finetune: {error}") from None
     model = args.model or str(EMBEDDED_MODEL_DIR)
     streamed = _streaming_dataset(args, model) if args.streaming else None
     if streamed is None and not Path(args.data).is_file():
@@ -180,6 +190,8 @@ def run_finetune(args) -> int:
         save_total_limit=args.save_total_limit,
         resume=args.resume_from_checkpoint or args.resume,
         overwrite=args.overwrite,
+        packing=args.packing,
+        **packing,
     )
     close_process_group()  # under `accelerate launch`; the trainer (and its model) went with finetune's frame
     print(f"saved the fine-tuned model to {args.output_dir}")
@@ -434,6 +446,13 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     tune.add_argument("--streaming", action="store_true", help="stream --data: a .jsonl/.tar shard, folder or glob")
     tune.add_argument("--shuffle-buffer", type=int, default=1000, help="with --streaming: examples mixed at a time")
     tune.add_argument("--config", help="a stage config (stage1, stage2, sft, smoke or a JSON file); flags override it")
+    # packed batches (navil.training.packing): --batch-size then counts packs
+    tune.add_argument("--packing", action="store_true", help="train on packs of whole examples, one row per batch")
+    tune.add_argument("--max-packed-tokens", type=positive_int, help="with --packing: token budget of a pack (8192)")
+    tune.add_argument("--packing-strategy", choices=["greedy", "best_fit"], help="with --packing (default: greedy)")
+    tune.add_argument(
+        "--loss-reduction", choices=["token", "sample", "square"], help="with --packing: weight of each example's loss"
+    )
     tune.set_defaults(run=run_finetune)
 
     evaluation = commands.add_parser("eval", help="exact-match accuracy per question type on fresh synthetic data")

@@ -171,3 +171,26 @@ def test_torchrun_streamed_and_packed_follow_one_process_of_the_same_global_batc
     torch.testing.assert_close(single["packed"][0], single["plain"][0], rtol=0, atol=1e-4)
     model = AutoModel.from_pretrained(tmp_path / parallel, trust_remote_code=True)
     assert_chats_the_same_in_a_fresh_process(tmp_path / parallel, model, processor)
+
+
+def test_packed_ddp_of_navil_finetune_follows_one_process_of_the_same_global_batch_and_its_checkpoint_chats(
+    processor, tmp_path
+):
+    def packed_finetune(launcher, output_dir, batch_size):
+        command = [*launcher, "-m", "navil.cli", "finetune", "--data", str(DATA), "--output-dir", str(output_dir)]
+        command += ["--packing", "--max-packed-tokens", "512", "--loss-reduction", "sample", "--max-steps", "4"]
+        command += ["--batch-size", str(batch_size), "--save-steps", "4", "--eval-fraction", "0", "--no-multiscale"]
+        command += ["--learning-rate", "5e-4", "--quiet"]
+        result = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD, cwd="/")
+        assert result.returncode == 0, result.stderr[-3000:]
+        history = json.loads((output_dir / "log_history.json").read_text())
+        return [entry["loss"] for entry in history if "loss" in entry]
+
+    # 2 packs per step: both in one process's row, or one in each process's (the weights summed over both)
+    single = packed_finetune([sys.executable], tmp_path / "single", 2)
+    ddp = packed_finetune(ACCELERATE_TWO_PROCESSES, tmp_path / "ddp", 1)
+    assert len(ddp) == len(single) == 4
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=0, atol=1e-4)
+    checkpoint = tmp_path / "ddp" / "checkpoint-4"
+    saved = AutoModel.from_pretrained(checkpoint, trust_remote_code=True)
+    assert_chats_the_same_in_a_fresh_process(checkpoint, saved, processor)

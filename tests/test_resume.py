@@ -24,6 +24,10 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 20 steps of 2 examples (23 examples, 3 held out), a checkpoint every 5 steps, float32 on the CPU
 RUN = ["finetune", "--data", str(DATA), "--max-steps", "20", "--save-steps", "5", "--batch-size", "2"]
 RUN += ["--no-multiscale", "--learning-rate", "5e-4", "--eval-fraction", "0.13", "--quiet"]
+# the same run on packs (2 packs of at most 512 tokens per step), each example's loss weighed 1/sqrt(its targets);
+# with --streaming the examples come from the JSONL file as a stream
+PACKED = ["--packing", "--max-packed-tokens", "512", "--loss-reduction", "square"]
+STREAMED = [*PACKED, "--streaming", "--shuffle-buffer", "8"]
 # `navil finetune` in a process that kills itself with SIGKILL at a chosen point: after a training step
 # (KILL_AFTER_STEP) or while writing the checkpoint of a step, once its weights and optimizer are written but before
 # its RNG state (KILL_WHILE_SAVING_STEP). The callback is added to Trainer's default callbacks from outside navil.
@@ -116,6 +120,29 @@ def test_a_run_killed_with_sigkill_after_step_12_and_resumed_ends_with_the_weigh
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("packing", [PACKED, STREAMED], ids=["packed", "streamed-packed"])
+def test_a_packed_run_killed_with_sigkill_after_step_12_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(
+    packing, tmp_path
+):
+    uninterrupted = tmp_path / "uninterrupted"
+    finished = navil_finetune(uninterrupted, *packing)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    output_dir = tmp_path / "run"
+    killed = navil_finetune(output_dir, *packing, kill={"KILL_AFTER_STEP": "12"}, tmp=tmp_path)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    resumed = navil_finetune(output_dir, *packing, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # bit for bit: the same packs in the same order (a stream continues at the exact next example)
+    assert_same_weights(output_dir, uninterrupted)
+    history = json.loads(Path(output_dir, "log_history.json").read_text())
+    assert losses(output_dir) == losses(uninterrupted) and len(losses(output_dir)) == 20
+    assert all("tokens_per_s" in entry for entry in history if "loss" in entry)  # the packing trainer's logs
+    if "--streaming" in packing:
+        assert (output_dir / "checkpoint-10" / "data_state_rank0.json").is_file()
+
+
+@pytest.mark.multiprocess
 def test_a_run_killed_while_writing_a_checkpoint_leaves_no_checkpoint_of_that_step_and_resumes_from_the_one_before(
     uninterrupted, tmp_path
 ):
@@ -184,3 +211,20 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_resume_from_checkpoin
     assert_same_weights(continued, uninterrupted)
     model, tokenizer = load_model(str(continued / "checkpoint-20"))
     assert model.chat(tokenizer, IMAGE, "Describe the image.", {"max_new_tokens": 4})
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--loss-reduction", "sample"], "--loss-reduction.*packing is off"),
+        (["--max-packed-tokens", "512"], "--max-packed-tokens.*packing is off"),
+        (["--packing", "--max-length", "256"], "--max-length.*--max-packed-tokens"),
+        (["--packing", "--streaming", "--packing-strategy", "best_fit"], "--packing-strategy.*greedy"),
+    ],
+)
+def test_packing_flags_that_cannot_work_together_are_refused_naming_the_flags_before_the_model_loads(
+    flags, message, tmp_path
+):
+    with pytest.raises(SystemExit, match=message):
+        main(["finetune", "--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()

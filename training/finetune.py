@@ -11,8 +11,9 @@ An example is a conversation in the format TRL and `datasets` use for vision-lan
 on the assistant turns only; `freeze` (in `loop`) sets the trainable parameters of a training stage of the paper;
 `lora_target_modules` names the layers LoRA adapts; `causal_lm_loss` is the token-mean loss over the whole global
 batch (`Trainer(compute_loss_func=causal_lm_loss)`), so that several processes train exactly as one;
-`check_combination` refuses settings that cannot work; `finetune` is what `navil finetune` runs, with the checkpoints,
-resume and output safety of `checkpointing`.
+`check_combination` and `check_packing` refuse settings that cannot work; `finetune` is what `navil finetune` runs,
+with the checkpoints, resume and output safety of `checkpointing` and, with `packing=True`, the packed batches of
+`packing`.
 """
 
 import gc
@@ -344,6 +345,39 @@ def check_combination(model, lora: Optional[str], training_arguments: Mapping) -
     )
 
 
+# `finetune(packing=True)` settings a run leaves at None take these values.
+PACKING_DEFAULTS = {"max_packed_tokens": 8192, "packing_strategy": "greedy", "loss_reduction": "token"}
+
+
+def check_packing(packing: bool, streaming: bool, max_length: Optional[int], **packing_settings) -> dict:
+    """The packing settings of a run (`PACKING_DEFAULTS` where None), after refusing the combinations that cannot
+    work: a packing setting without `packing`, `max_length` with it (packs never cut an example: the budget is
+    `max_packed_tokens`), and the "best_fit" strategy on a stream, whose packs must be greedy to resume exactly."""
+    given = {name: value for name, value in packing_settings.items() if value is not None}
+    flag = {name: "--" + name.replace("_", "-") for name in PACKING_DEFAULTS}
+    if not packing:
+        if given:
+            name = next(iter(given))
+            raise ValueError(
+                f"{name}={given[name]!r} ({flag[name]}) sets how examples are packed, but packing is off; pass "
+                f"packing=True (--packing) or leave {flag[name]} out."
+            )
+        return {}
+    if max_length is not None:
+        raise ValueError(
+            "max_length (--max-length) cuts examples, which packing never does (a cut could split an image block); "
+            "with packing=True (--packing) set the token budget of a pack with max_packed_tokens (--max-packed-tokens)."
+        )
+    settings = {**PACKING_DEFAULTS, **given}
+    if streaming and settings["packing_strategy"] != "greedy":
+        raise ValueError(
+            f"packing_strategy={settings['packing_strategy']!r} (--packing-strategy) cannot pack a stream so that a "
+            "resumed run continues at the exact next example; streamed packs are greedy: leave --packing-strategy "
+            "out or pass greedy."
+        )
+    return settings
+
+
 def _checkpoints_kept(num_examples: Optional[int], save_steps: Optional[int], limit, settings: Mapping) -> int:
     """How many checkpoints a run holds at most at once (for the free-space check)."""
     if not save_steps:
@@ -358,6 +392,27 @@ def _checkpoints_kept(num_examples: Optional[int], save_steps: Optional[int], li
         )
     saved = max(steps // save_steps, 1)
     return min(saved, limit + 1) if limit else saved
+
+
+def _is_streaming_dataset(dataset) -> bool:
+    from .streaming import StreamingDataset  # streaming builds on this module
+
+    return isinstance(dataset, StreamingDataset)
+
+
+def _check_packs(packs, budget: int) -> None:
+    """Refuses a run whose every example is longer than the budget; warns of the examples left out."""
+    if not len(packs):
+        raise ValueError(
+            f"Every training example is longer than max_packed_tokens={budget} (packs never cut an example); raise "
+            "--max-packed-tokens."
+        )
+    if packs.num_skipped:
+        warnings.warn(
+            f"Left out {packs.num_skipped} training examples longer than max_packed_tokens={budget} (packs never cut "
+            "an example); raise --max-packed-tokens to train on them.",
+            stacklevel=3,
+        )
 
 
 def finetune(
@@ -376,6 +431,10 @@ def finetune(
     save_total_limit: Optional[int] = None,
     resume: Union[bool, str, Path] = False,
     overwrite: bool = False,
+    packing: bool = False,
+    max_packed_tokens: Optional[int] = None,
+    packing_strategy: Optional[str] = None,
+    loss_reduction: Optional[str] = None,
     **training_arguments,
 ):
     """Fine-tunes the model in `model_dir` on the JSONL file `data` with `transformers.Trainer` and
@@ -399,6 +458,13 @@ def finetune(
     `resume=True` continues from the newest checkpoint, `resume=<folder>` from that one. Map-style examples are all
     checked before step 1 (`streaming.check_examples`): bad ones are left out, counted and logged.
     A non-finite loss, gradient or weight stops the run with `checkpointing.NonFiniteError` naming the step.
+
+    `packing=True` trains on packs of whole examples of at most `max_packed_tokens` tokens (`packing`; default 8192)
+    laid in one row per batch, with `per_device_train_batch_size` packs per batch and the `loss_reduction` ("token",
+    "sample" or "square") over the global batch: map-style examples are packed with `PackedDataset`
+    (`packing_strategy` "greedy" or "best_fit"), a `StreamingDataset` with `StreamedPacks` (greedy, with its position
+    saved in each checkpoint). An example longer than the budget is left out with a warning. `check_packing` refuses
+    the settings that cannot work together.
     """
     from transformers import TrainingArguments
 
@@ -409,6 +475,21 @@ def finetune(
         raise ValueError("Pass the training examples either as data (a JSONL file) or as train_dataset, not both.")
     if save_total_limit is not None and not save_steps:
         raise ValueError("save_total_limit keeps the newest checkpoints, which only save_steps writes; pass both.")
+    streaming = isinstance(train_dataset, torch.utils.data.IterableDataset)
+    packing_settings = check_packing(
+        packing,
+        streaming,
+        max_length,
+        max_packed_tokens=max_packed_tokens,
+        packing_strategy=packing_strategy,
+        loss_reduction=loss_reduction,
+    )
+    if packing and streaming and not _is_streaming_dataset(train_dataset):
+        raise ValueError(
+            "packing=True packs a stream (resumably) only when it is a streaming.StreamingDataset (navil finetune "
+            f"--streaming), got {type(train_dataset).__name__}; wrap the data in a StreamingDataset, or pass a list "
+            "or map-style dataset."
+        )
     checkpoint = None
     if resume and not overwrite:  # found before the folder is touched: a finished run's folder stays complete
         checkpoint = latest_checkpoint(output_dir) if resume is True else Path(resume)
@@ -425,7 +506,7 @@ def finetune(
         check_finetune_setup(model.config, processor.tokenizer, stage, lora)
         collator = NaViLDataCollator(processor, max_length=max_length, multiscale=multiscale)
         held_out, callbacks, settings = [], [], {}
-        if train_dataset is None or not isinstance(train_dataset, torch.utils.data.IterableDataset):
+        if not streaming:
             from .streaming import check_examples
 
             examples = load_jsonl(data) if train_dataset is None else list(train_dataset)
@@ -440,10 +521,27 @@ def finetune(
                 train_dataset, held_out = split_examples(checked.examples, eval_fraction)
             else:
                 train_dataset = checked.examples
-        else:
-            from .streaming import STREAMING_TRAINING_ARGUMENTS, StreamingDataset, StreamingStateCallback
+            if packing:
+                from .packing import PackedDataset
 
-            if isinstance(train_dataset, StreamingDataset):
+                budget, strategy = packing_settings["max_packed_tokens"], packing_settings["packing_strategy"]
+                train_dataset, held_out = (
+                    PackedDataset(examples, collator.encode, budget, strategy, too_long="skip") if examples else []
+                    for examples in (train_dataset, held_out)
+                )
+                _check_packs(train_dataset, budget)
+        else:
+            from .streaming import (
+                STREAMING_TRAINING_ARGUMENTS,
+                StreamedPacks,
+                StreamingDataset,
+                StreamingStateCallback,
+            )
+
+            if packing:
+                budget = packing_settings["max_packed_tokens"]
+                train_dataset = StreamedPacks(train_dataset, collator.encode, budget, too_long="skip")
+            if isinstance(train_dataset, (StreamingDataset, StreamedPacks)):
                 callbacks.append(StreamingStateCallback(train_dataset, resume_from_checkpoint=checkpoint))
                 settings.update(STREAMING_TRAINING_ARGUMENTS)
         if lora is not None:
@@ -468,15 +566,23 @@ def finetune(
             num_examples = None if isinstance(train_dataset, torch.utils.data.IterableDataset) else len(train_dataset)
             kept = _checkpoints_kept(num_examples, save_steps, save_total_limit, settings)
             check_free_space(output_dir, needed_space(model, kept))
-        trainer = NaViLTrainer(
+        if packing:
+            from .packing import PackingCollator, packing_trainer_class
+
+            trainer_class = packing_trainer_class(NaViLTrainer)
+            collator = PackingCollator(processor, packing_settings["loss_reduction"])
+            loss = {}  # the packed loss of the collator's reduction (PackingTrainerMixin)
+        else:
+            trainer_class, loss = NaViLTrainer, {"compute_loss_func": causal_lm_loss}
+        trainer = trainer_class(
             model=model,
             args=TrainingArguments(**with_checkpointing_names(settings)),
             train_dataset=train_dataset,
             eval_dataset=held_out or None,
             data_collator=collator,
             processing_class=processor,  # saved with its tokenizer into every checkpoint and the final folder
-            compute_loss_func=causal_lm_loss,
             callbacks=callbacks,
+            **loss,
         )
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         if held_out:
