@@ -258,10 +258,11 @@ def keep_study(args):
 
     reference = replies(load(CHECKPOINT, "float32"))
     rows = [("float32", "—", 0, accuracy(reference), 1.0)]
-    for mode in ("torchao int8", "torchao int4"):
+    for mode in args.keep_modes:
         for label, modules in KEEP_CHOICES.items():
             model = load(CHECKPOINT, mode, modules)
             quantized = sum(hasattr(type(parameter), "__tensor_flatten__") for parameter in model.parameters())
+            quantized += sum(isinstance(module, DynamicInt8Linear) for module in model.modules())
             answers = replies(model)
             same = sum(a == b for a, b in zip(answers, reference)) / len(samples)
             rows.append((mode, label, quantized, accuracy(answers), same))
@@ -288,6 +289,13 @@ def parse_args(argv):
     parser.add_argument("--decode-tokens", type=int, default=64, help="new tokens per timed decode run")
     parser.add_argument("--keep-study", action="store_true", help="the full-precision study on navil-tiny instead")
     parser.add_argument("--questions", type=int, default=200, help="held-out questions of --keep-study")
+    parser.add_argument(
+        "--keep-modes",
+        nargs="+",
+        choices=[mode for mode, settings in MODES.items() if "bits" in settings or settings.get("dynamic", 0) is None],
+        default=["torchao int8", "torchao int4", "int8 dynamic (quantize_for_cpu)"],
+        help="quantized modes of --keep-study",
+    )
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     return parser.parse_args(argv)
 
