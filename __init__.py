@@ -28,6 +28,7 @@ _LAZY = {
     "NaViLProcessor": ".processing_navil",
     "NaViLVisionModel": ".modeling_navil",
     "add_navil_special_tokens": ".processing_navil",
+    "quantize_for_cpu": ".cpu_quantization_navil",
 }
 
 
@@ -49,4 +50,5 @@ __all__ = [
     "NaViLVisionConfig",
     "NaViLVisionModel",
     "add_navil_special_tokens",
+    "quantize_for_cpu",
 ]

@@ -8,7 +8,9 @@ The main table builds the preset of bench.py with random weights (NaViL only), s
 `from_pretrained` once per mode: float32, bfloat16, torchao int8 weight-only (one scale per output row) and torchao
 int4 weight-only (one scale per group of 32 inputs; `IntxWeightOnlyConfig`, since `Int4WeightOnlyConfig` has CPU
 kernels for none of its layouts). The quantized modes compute in float32 and keep the model's full-precision modules
-(`_modules_to_not_quantize`). Per mode:
+(`_modules_to_not_quantize`). Two more modes quantize dynamically to int8 with `navil.quantize_for_cpu` (int8
+weights and activations, the CPU's int8 GEMM): with the model's full-precision modules kept, and with the LM head
+quantized too. Per mode:
 - weight memory: bytes of all parameters and buffers (of a quantized tensor: its integer data and scales);
 - prefill: median time of the forward of one image prompt of the preset (vision encoder + LLM, last-position
   logits);
@@ -51,6 +53,7 @@ from bench import (
 from transformers import StoppingCriteriaList, TorchAoConfig
 
 import navil
+from navil.cpu_quantization_navil import DynamicInt8Linear
 from navil.modeling_navil import NaViLForConditionalGeneration
 
 CHECKPOINT = Path(navil.__file__).parent / "checkpoints" / "navil-tiny"
@@ -72,6 +75,8 @@ MODES = {
     "bfloat16": dict(dtype=torch.bfloat16),
     "torchao int8": dict(dtype=torch.float32, bits=8),
     "torchao int4": dict(dtype=torch.float32, bits=4),
+    "int8 dynamic (quantize_for_cpu)": dict(dtype=torch.float32, dynamic=None),
+    "int8 dynamic, LM head too": dict(dtype=torch.float32, dynamic=["mlp1"]),
 }
 
 
@@ -83,7 +88,11 @@ def load(folder, mode, modules_to_not_convert=None):
         quantization = TorchAoConfig(torchao_quant_type(settings["bits"]))
         quantization.modules_to_not_convert = modules_to_not_convert  # None: the model's own list
         kwargs["quantization_config"] = quantization
-    return NaViLForConditionalGeneration.from_pretrained(folder, dtype=settings["dtype"], **kwargs).eval()
+    model = NaViLForConditionalGeneration.from_pretrained(folder, dtype=settings["dtype"], **kwargs).eval()
+    if "dynamic" in settings:
+        keep = settings["dynamic"] if modules_to_not_convert is None else modules_to_not_convert
+        navil.quantize_for_cpu(model, keep)
+    return model
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -94,8 +103,16 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.nbytes
 
 
+def packed_bytes(module: DynamicInt8Linear) -> int:
+    """Storage of a prepacked int8 linear: its int8 weights, per-row scales and zero points, and bias."""
+    weight, bias = torch.ops.quantized.linear_unpack(module.packed)
+    parts = (weight.int_repr(), weight.q_per_channel_scales(), weight.q_per_channel_zero_points())
+    return sum(part.nbytes for part in parts) + (0 if bias is None else bias.nbytes)
+
+
 def weight_bytes(model) -> int:
-    return sum(tensor_bytes(tensor) for tensor in (*model.parameters(), *model.buffers()))
+    packed = sum(packed_bytes(module) for module in model.modules() if isinstance(module, DynamicInt8Linear))
+    return packed + sum(tensor_bytes(tensor) for tensor in (*model.parameters(), *model.buffers()))
 
 
 class Prompts:
@@ -241,10 +258,11 @@ def keep_study(args):
 
     reference = replies(load(CHECKPOINT, "float32"))
     rows = [("float32", "—", 0, accuracy(reference), 1.0)]
-    for mode in ("torchao int8", "torchao int4"):
+    for mode in args.keep_modes:
         for label, modules in KEEP_CHOICES.items():
             model = load(CHECKPOINT, mode, modules)
             quantized = sum(hasattr(type(parameter), "__tensor_flatten__") for parameter in model.parameters())
+            quantized += sum(isinstance(module, DynamicInt8Linear) for module in model.modules())
             answers = replies(model)
             same = sum(a == b for a, b in zip(answers, reference)) / len(samples)
             rows.append((mode, label, quantized, accuracy(answers), same))
@@ -271,6 +289,13 @@ def parse_args(argv):
     parser.add_argument("--decode-tokens", type=int, default=64, help="new tokens per timed decode run")
     parser.add_argument("--keep-study", action="store_true", help="the full-precision study on navil-tiny instead")
     parser.add_argument("--questions", type=int, default=200, help="held-out questions of --keep-study")
+    parser.add_argument(
+        "--keep-modes",
+        nargs="+",
+        choices=[mode for mode, settings in MODES.items() if "bits" in settings or settings.get("dynamic", 0) is None],
+        default=["torchao int8", "torchao int4", "int8 dynamic (quantize_for_cpu)"],
+        help="quantized modes of --keep-study",
+    )
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     return parser.parse_args(argv)
 
