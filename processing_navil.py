@@ -775,5 +775,5 @@ def _find_last(sequence: list[int], pattern: list[int]) -> Optional[int]:
 
 
 NaViLProcessor.register_for_auto_class()
-register_image_processor(NaViLConfig, NaViLImageProcessor)
+register_image_processor(NaViLConfig, NaViLImageProcessor, NaViLImageProcessorFast)
 register_processor_for_pipelines(NaViLConfig, NaViLProcessor)
