@@ -132,10 +132,11 @@ def check_fields(owner: str, kind: str, **fields) -> None:
 
 
 def check_range(owner: str, name: str, value, low: float, high: float, hint: str) -> None:
-    """Raises a `ValueError` naming `owner.name` unless `low < value < high` (a value already checked as a number):
-    finite but absurd values (a RoPE base of 1e-300, an epsilon of 5) build a model that answers garbage."""
-    if not low < value < high:
-        raise ValueError(f"{owner}.{name} must lie between {low} and {high} {hint}, got {value!r:.40}.")
+    """Raises a `ValueError` naming `owner.name` unless `low < value <= high` (a value already checked as a number):
+    finite but absurd values (a RoPE base of 1e-300, an epsilon of 5) build a model that answers garbage. An epsilon
+    of 1 is allowed: transformers' common tests set it to compare attention kernels on well-scaled activations."""
+    if not low < value <= high:
+        raise ValueError(f"{owner}.{name} must be above {low} and at most {high} {hint}, got {value!r:.40}.")
 
 
 def check_dtype_field(owner: str, kwargs: dict) -> None:
