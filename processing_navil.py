@@ -1,5 +1,6 @@
 """Processor for NaViL: the original chat prompt format, image-token expansion, tokenisation and reply decoding."""
 
+import copy
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -53,6 +54,9 @@ CHAT_TEMPLATES = {
         "separator": END_OF_TURN_TOKEN,
     },
 }
+
+# What the template and `render_conversation` say of a message of another role (its role follows).
+ROLE_ORDER_ERROR = "NaViL chats take user and assistant messages after an optional first system message, got role "
 
 # Keys under which an image content block of a chat message holds its image (as transformers reads them).
 _IMAGE_SOURCES = ("image", "url", "path", "base64")
@@ -186,6 +190,31 @@ def check_conversations(conversation, tokenize: bool = True) -> None:
                     )
 
 
+def render_content(content) -> str:
+    """The text of a message's content as the chat template renders it: a string as is; for a list of blocks, one
+    `<image>\\n` per image block (like the original's automatic prefix), then the text blocks joined."""
+    if isinstance(content, str):
+        return content
+    blocks = [block for block in content or () if isinstance(block, Mapping)]
+    images = sum(block.get("type") == "image" for block in blocks)
+    return f"{IMAGE_PLACEHOLDER}\n" * images + "".join(
+        block["text"] for block in blocks if block.get("type") == "text"
+    )
+
+
+def image_processor_of(config: NaViLConfig, multiscale: bool = True) -> NaViLImageProcessor:
+    """The image processor of a NaViL config: its patch and merge sizes, pixel limits and scale ratio."""
+    patch = config.vision_config.patch_size
+    return NaViLImageProcessor(
+        patch_size=patch,
+        merge_size=config.vision_config.merge_size,
+        min_pixels=config.min_dynamic_patch * patch * patch,
+        max_pixels=config.max_dynamic_patch * patch * patch,
+        scale_downsample_ratio=config.scale_downsample_ratio,
+        multiscale=multiscale,
+    )
+
+
 def _jinja_string(value: str) -> str:
     """`value` as a Jinja string literal."""
     return json.dumps(value, ensure_ascii=False)
@@ -219,8 +248,7 @@ def build_chat_template(template: str, system_message: Optional[str] = None) -> 
         "{%- if message['role'] == 'user' -%}{%- set role = " + user + " -%}"
         "{%- elif message['role'] == 'assistant' -%}{%- set role = " + assistant + " -%}"
         "{%- elif message['role'] == 'system' and loop.first -%}{%- set role = none -%}"
-        "{%- else -%}{{- raise_exception('NaViL chats take user and assistant messages after an optional first "
-        "system message, got role ' ~ message['role']) -}}"
+        "{%- else -%}{{- raise_exception(" + _jinja_string(ROLE_ORDER_ERROR) + " ~ message['role']) -}}"
         "{%- endif -%}"
         "{%- if role is not none -%}"
         "{%- set text = render(message['content']) -%}"
@@ -343,8 +371,22 @@ class NaViLProcessor(ProcessorMixin):
             image_processor = NaViLImageProcessor()
         if chat_template is None:
             chat_template = build_chat_template(template, system_message)
+        tokenizer = copy.copy(tokenizer)  # padded on the left here; the caller's tokenizer keeps its settings
         tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_model_config(cls, config: NaViLConfig, tokenizer, multiscale: bool = True, **kwargs) -> "NaViLProcessor":
+        """The processor of a NaViL config: the image processor of its patch/merge sizes and pixel limits
+        ([`image_processor_of`]), its template and system message. `tokenizer` is left unchanged (the processor
+        holds a copy); `kwargs` go to the constructor."""
+        return cls(
+            image_processor=image_processor_of(config, multiscale=multiscale),
+            tokenizer=tokenizer,
+            template=config.template,
+            system_message=config.system_message,
+            **kwargs,
+        )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`ProcessorMixin.save_pretrained`, in files that every supported transformers release reads (see
@@ -417,24 +459,56 @@ class NaViLProcessor(ProcessorMixin):
             raise ValueError(f"The question must be a string, got {type(question).__name__}.")
         check_history(history)
         roles = self.roles
-        if system_message is None:
-            system_message = DEFAULT_SYSTEM_MESSAGE if self.system_message is None else self.system_message
         if history is None and num_images and IMAGE_PLACEHOLDER not in (question or ""):
             question = f"{IMAGE_PLACEHOLDER}\n" * num_images + (question or "")
         turns = []
         for old_question, old_answer in history or []:
-            turns += [(roles["user"], old_question), (roles["assistant"], old_answer)]
-        turns += [(roles["user"], question), (roles["assistant"], None)]
-        prompt = roles["system"] + system_message + roles["separator"]
+            turns += [("user", old_question), ("assistant", old_answer)]
+        turns += [("user", question), ("assistant", None)]
+        prompt = self._system_header(system_message)
         for role, message in turns:
-            prompt += self._render_message(role, message)
+            prompt += self._render_message(roles[role], message)
         return prompt
+
+    def render_conversation(self, messages, add_generation_prompt: bool = False) -> str:
+        """Transformers-format messages as text, as the chat template renders them (one renderer, the template
+        proven equal to it in tests/test_prompt_format.py): an optional first system message replaces the system
+        message, then each user and assistant message is its role, its content (see [`render_content`]) and the
+        separator (an empty message is its bare role); `add_generation_prompt` appends the assistant header."""
+        check_conversations(messages, tokenize=False)
+        messages = _as_dicts(list(messages))
+        system_message = None
+        if messages[0]["role"] == "system":
+            system_message, messages = render_content(messages[0]["content"]), messages[1:]
+        turns = []
+        for message in messages:
+            if message["role"] not in ("user", "assistant"):
+                raise ValueError(ROLE_ORDER_ERROR + str(message["role"]))
+            turns.append((message["role"], render_content(message["content"])))
+        if add_generation_prompt:
+            turns.append(("assistant", None))
+        prompt = self._system_header(system_message)
+        return prompt + "".join(self._render_message(self.roles[role], text) for role, text in turns)
+
+    def turn_prompts(self, questions: Sequence[str], num_images: int = 0, system_message: Optional[str] = None):
+        """The text a conversation adds before each of its answers, as `chat()` builds it turn by turn:
+        `build_prompt` for the first question (with `num_images`), `next_turn_prompt` for each later one. Each
+        prompt, followed by its answer and the separator, adds up to [`~NaViLProcessor.render_conversation`]."""
+        first, *later = questions
+        prompts = [self.build_prompt(first, num_images=num_images, system_message=system_message)]
+        return prompts + [self.next_turn_prompt(question) for question in later]
 
     def next_turn_prompt(self, question: str) -> str:
         """What a conversation adds for a new `question` after the previous answer and its separator: the user
         message and the assistant header. `build_prompt(question, history)` is the prompt of the first question,
         then for each later question the previous answer, the separator and this text."""
         return self._render_message(self.roles["user"], question) + self.roles["assistant"]
+
+    def _system_header(self, system_message: Optional[str]) -> str:
+        """The system turn a prompt starts with: `system_message`, else the processor's, else the default one."""
+        if system_message is None:
+            system_message = DEFAULT_SYSTEM_MESSAGE if self.system_message is None else self.system_message
+        return self.roles["system"] + system_message + self.roles["separator"]
 
     def _render_message(self, role: str, message: Optional[str]) -> str:
         """One message of a prompt: its role, the message and the separator; an empty message is its bare role."""
