@@ -28,6 +28,7 @@ import torch
 from ..checks_navil import check_save_complete
 from ..compat_navil import with_checkpointing_names
 from ..configuration_navil import IMAGE_PLACEHOLDER, IMG_END_TOKEN, hub_repo_id_of, write_model_card
+from ..layouts_navil import VE_SUFFIX
 from ..processing_navil import NaViLProcessor
 from .checkpointing import (
     NaViLTrainer,
@@ -47,17 +48,6 @@ from .collators import (
 )
 from .loop import freeze
 
-# Layers of the language model that LoRA adapts, per backbone: the attention projections (with their visual-expert twins
-# `<name>_ve`) and the feed-forward layers (twins under `<ffn module>_ve`).
-LORA_LAYERS = {
-    "internlm2": {"attention": ("attention", ("wqkv", "wo")), "ffn": ("feed_forward", ("w1", "w2", "w3"))},
-    "qwen3": {
-        "attention": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-        "ffn": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-    },
-}
-
-
 def lora_target_modules(config, experts: str = "both") -> str:
     """PEFT `target_modules` (a regular expression over module names) for the language model of a NaViL `config`:
     the attention projections and feed-forward layers of the text experts (`experts="text"`), of the visual experts
@@ -66,7 +56,8 @@ def lora_target_modules(config, experts: str = "both") -> str:
     InternLM2-VE: `attention.{wqkv,wo}`, `feed_forward.{w1,w2,w3}` and `attention.{wqkv_ve,wo_ve}`,
     `feed_forward_ve.{w1,w2,w3}`. Qwen3-VE: `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj` and
     `self_attn.{q,k,v,o}_proj_ve`, `mlp_ve.{gate,up,down}_proj`. The vision encoder's layers are never matched. A dense
-    model (`text_config.modality_experts=False`) has only the text layers, which every token uses.
+    model (`text_config.modality_experts=False`) has only the text layers, which every token uses. The names come
+    from the layout of `text_config` (`layouts_navil.Layout`: its attention projections and feed-forward parts).
     """
     if experts not in ("text", "visual", "both"):
         raise ValueError(f"experts must be 'text', 'visual' or 'both', got {experts!r}.")
@@ -75,10 +66,10 @@ def lora_target_modules(config, experts: str = "both") -> str:
             "experts='visual' adapts the visual experts, but this model is dense (text_config.modality_experts=False): "
             "its image tokens use the text weights. Use experts='text' (or 'both', the same layers here)."
         )
-    (attention_module, projections), (ffn_module, ffn_layers) = LORA_LAYERS[config.text_config.backbone].values()
-    suffix = {"text": "", "visual": "_ve", "both": "(_ve)?"}[experts]
-    attention = f"{attention_module}\\.({'|'.join(projections)}){suffix}"
-    feed_forward = f"{ffn_module}{suffix}\\.({'|'.join(ffn_layers)})"
+    layout = config.text_config.layout
+    suffix = {"text": "", "visual": VE_SUFFIX, "both": f"({VE_SUFFIX})?"}[experts]
+    attention = f"{layout.attention}\\.({'|'.join(layout.projections)}){suffix}"
+    feed_forward = f"{layout.ffn}{suffix}\\.({'|'.join(layout.ffn_parts)})"
     return f"language_model\\.model\\.layers\\.\\d+\\.({attention}|{feed_forward})"
 
 
