@@ -18,6 +18,21 @@ from transformers.activations import ACT2FN
 
 from .layouts_navil import INTERNLM2_VE_LAYOUT, LAYOUTS, QWEN3_VE_LAYOUT, Layout
 
+# The Hub files (this one among them): they import each other relatively and run as remote code next to a
+# checkpoint (`navil convert` copies them); every other module of the package lives in a subpackage.
+CODE_FILES = (
+    "configuration_navil.py",
+    "compat_navil.py",
+    "attention_navil.py",
+    "checks_navil.py",
+    "chat_navil.py",
+    "modeling_navil.py",
+    "image_processing_navil.py",
+    "image_processing_navil_fast.py",
+    "layouts_navil.py",
+    "processing_navil.py",
+)
+
 INTERNLM2_VE = INTERNLM2_VE_LAYOUT.architecture
 QWEN3_VE = QWEN3_VE_LAYOUT.architecture
 BACKBONES = {layout.architecture: layout.backbone for layout in LAYOUTS.values()}

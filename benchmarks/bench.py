@@ -44,8 +44,8 @@ from navil.configuration_navil import SPECIAL_TOKEN_EMBEDDING_ROWS, NaViLConfig
 from navil.image_processing_navil import NaViLImageProcessor
 from navil.image_processing_navil_fast import NaViLImageProcessorFast
 from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.testing.configs import ARCHITECTURES
 from navil.training import dense_text_config, special_token_ids_at_end
-from navil.training.configs import ARCHITECTURES
 
 MiB = 2**20
 PROCESSOR_SIDES = (1024, 2048)  # square images of the slow/fast image processor comparison, multi-scale

@@ -8,7 +8,7 @@ from conftest import greedy
 from transformers import CompileConfig
 
 from navil.modeling_navil import ModalityRouter, NaViLForConditionalGeneration, NaViLVisionModel, get_window_index
-from navil.training import tiny_config
+from navil.testing import tiny_config
 
 BACKBONES = ("internlm2", "qwen3")
 SPECIAL_IDS = tiny_config().special_token_ids

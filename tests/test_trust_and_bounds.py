@@ -19,11 +19,13 @@ from conftest import GOLDEN
 from PIL import Image, ImageFile
 
 import navil
-from navil import cli, image_processing_navil
-from navil.convert_navil import CODE_FILES, convert_checkpoint
+from navil import image_processing_navil
+from navil.configuration_navil import CODE_FILES
 from navil.image_processing_navil import NaViLImageProcessor
-from navil.loading_navil import auto_map_modules, load_navil_processor
 from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.tools import cli
+from navil.tools.convert import convert_checkpoint
+from navil.tools.loading import auto_map_modules, load_navil_processor
 
 EMBEDDED = Path(navil.__file__).parent / "checkpoints" / "navil-tiny"
 EXAMPLES = Path(navil.__file__).parent / "examples" / "finetune"

@@ -48,6 +48,7 @@ from .collators import (
 )
 from .loop import freeze
 
+
 def lora_target_modules(config, experts: str = "both") -> str:
     """PEFT `target_modules` (a regular expression over module names) for the language model of a NaViL `config`:
     the attention projections and feed-forward layers of the text experts (`experts="text"`), of the visual experts
@@ -377,7 +378,7 @@ def finetune(
     rank `lora_rank` on those experts instead, merged into the weights before saving. A random `eval_fraction` of the
     examples is held out and evaluated after training. `max_length` and `multiscale` go to the collator, further
     keyword arguments to `TrainingArguments`. Runs as it is under `accelerate launch` (DDP or FSDP). The installed
-    navil code loads `model_dir`; its own Python files run only with `trust_remote_code` (`navil.loading_navil`).
+    navil code loads `model_dir`; its own Python files run only with `trust_remote_code` (`navil.tools.loading`).
 
     Instead of `data`, `train_dataset` gives the training examples directly: a list, a map-style dataset, or an
     `IterableDataset`; a `streaming.StreamingDataset` has its position saved in each checkpoint
@@ -393,7 +394,7 @@ def finetune(
     """
     from transformers import TrainingArguments
 
-    from ..loading_navil import load_navil_model, load_navil_processor
+    from ..tools.loading import load_navil_model, load_navil_processor
 
     check_launch()
     if (data is None) == (train_dataset is None):

@@ -37,10 +37,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .configuration_navil import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_START_TOKEN, NaViLConfig
-from .image_processing_navil import SAVED_BOUNDS, NaViLImageProcessor
-from .modeling_navil import NaViLForConditionalGeneration
-from .training.configs import tiny_config
+from ..configuration_navil import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_START_TOKEN, NaViLConfig
+from ..image_processing_navil import SAVED_BOUNDS, NaViLImageProcessor
+from ..modeling_navil import NaViLForConditionalGeneration
+from .configs import tiny_config
 
 # The documented errors a random input may legitimately raise: kind -> pattern of the message.
 EXPECTED_ERRORS = {
@@ -739,7 +739,7 @@ def jsonl_cases(draw) -> JsonlCase:
 def check_jsonl_case(case: JsonlCase) -> str:
     """Reads a JSONL file of hostile lines with `navil.training.load_jsonl`: one example per non-blank line, relative
     images resolved against the file's folder; or a documented error naming the file."""
-    from .training.finetune import load_jsonl
+    from ..training.finetune import load_jsonl
 
     text = case.line_end.join(_jsonl_line(example) for example in case.examples)
     with tempfile.TemporaryDirectory() as folder:
@@ -776,7 +776,7 @@ def collator_cases(draw) -> CollatorCase:
 
 def check_collator_case(processor, case: CollatorCase) -> str:
     """Runs `NaViLDataCollator` on a batch of hostile examples: a batch whose tensors agree, or a documented error."""
-    from .training.finetune import NaViLDataCollator
+    from ..training.finetune import NaViLDataCollator
 
     examples = []
     for example_case in case.examples:
@@ -822,7 +822,7 @@ def cli_cases(draw) -> CliCase:
 def check_cli_case(case: CliCase) -> str:
     """Parses a `navil` command line of hostile flag values: it parses, or argparse refuses it with a message that
     names the flag (exit status 2); nothing else may escape."""
-    from .cli import build_parser
+    from ..tools.cli import build_parser
 
     argv = [case.command]
     for flag, value in case.flags:
