@@ -2,7 +2,7 @@
 
 Each `Layout` names the checkpoint modules of one backbone (InternLM2-VE, Qwen3-VE): the embedding and head, the
 attention block with its projections and q/k norms, the feed-forward block and its parts, and whether q/k/v are one
-fused, interleaved projection. Everything that needs those names (the vLLM loader's stacked parameters, upcycling's
+fused, interleaved projection. Everything that needs those names (the serving loader's stacked parameters, upcycling's
 visual-expert twins, LoRA targets, `_no_split_modules`, the modules kept out of quantization, the configuration's
 backbone and template tables) derives them from `LAYOUTS`; `modeling_navil.py` declares the same modules literally,
 and the tests check the two against each other. A new layout is one `register_layout` call (with its attention and
@@ -50,9 +50,9 @@ class Layout(NamedTuple):
         """The LM head's weight tied to the word embeddings, as causal-LM state-dict keys."""
         return {f"{self.head}.weight": f"model.{self.embedding}.weight"}
 
-    def vllm_stacked_params(self) -> list:
-        """(checkpoint name part, vLLM parameter name part, shard) of the layers vLLM fuses: q/k/v into `qkv_proj`
-        (a fused qkv layout keeps its name and is split by the loader) and gate/up into `gate_up_proj`."""
+    def stacked_params(self) -> list:
+        """(checkpoint name part, engine parameter name part, shard) of the layers serving engines fuse: q/k/v into
+        `qkv_proj` (a fused qkv layout keeps its name and is split by the loader) and gate/up into `gate_up_proj`."""
         stacked = []
         for expert in ("", VE_SUFFIX):
             if self.fused_qkv is None:

@@ -4,7 +4,8 @@ an SGLang one would be a second file beside it) only wraps these in its own laye
 - the architectures to register and the refusals of configs the served model does not cover;
 - the processor classes to register with transformers' Auto classes (a folder is then served with the installed code);
 - the image sizes to profile and the number of tokens of an image's block;
-- weight transforms from the checkpoint's tensors to fused layers (InternLM2's interleaved `wqkv`);
+- weight transforms from the checkpoint's tensors to fused layers (InternLM2's interleaved `wqkv`), named by the layout
+  spec (`layouts_navil`);
 - the embeddings of an image block (its `special_token_embedding` rows with the connector's features over the
   `<IMG_CONTEXT>` rows);
 - the embeddings and modality routing of one step, given which of its tokens the engine generated (the rule that a
@@ -12,7 +13,7 @@ an SGLang one would be a second file beside it) only wraps these in its own laye
 """
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from PIL import Image
@@ -94,6 +95,26 @@ def deinterleave_wqkv(weight: torch.Tensor, config: NaViLTextConfig) -> dict[str
     blocks = weight.view(kv_heads, groups + 2, dim, -1)
     shards = {"q": blocks[:, :groups], "k": blocks[:, groups], "v": blocks[:, groups + 1]}
     return {name: shard.reshape(-1, *weight.shape[1:]) for name, shard in shards.items()}
+
+
+def weight_shards(
+    name: str, tensor: torch.Tensor, config: NaViLConfig
+) -> list[tuple[str, torch.Tensor, Optional[Union[str, int]]]]:
+    """What the checkpoint tensor `name` loads into, as (engine parameter name, tensor, shard or None) triples, from
+    the layout of `config.text_config`: a part of a fused layer (`Layout.stacked_params`) goes to its shard, the fused,
+    interleaved qkv of InternLM2 as q, k and v shards of the same name; nothing for rotary tables and a tied head."""
+    text = config.text_config
+    layout = text.layout
+    if name.endswith("rotary_emb.inv_freq"):
+        return []
+    if text.tie_word_embeddings and name.startswith(f"language_model.{layout.head}."):
+        return []
+    if any(part in name for part in layout.fused_qkv_parts()):
+        return [(name, part, shard) for shard, part in deinterleave_wqkv(tensor, text).items()]
+    for part_name, fused_name, shard in layout.stacked_params():
+        if part_name in name:
+            return [(name.replace(part_name, fused_name), tensor, shard)]
+    return [(name, tensor, None)]
 
 
 def image_block_embeddings(

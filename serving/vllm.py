@@ -51,7 +51,6 @@ from ..processing_navil import check_placeholder_count, image_block_tokens
 from .core import (
     ARCHITECTURES,
     check_servable,
-    deinterleave_wqkv,
     image_block_embeddings,
     largest_image_size,
     num_image_tokens,
@@ -59,6 +58,7 @@ from .core import (
     rope_parameters,
     step_embeddings,
     visual_token_ids,
+    weight_shards,
 )
 
 # Head sizes of vLLM's attention kernels (the CPU kernels have the fewest); smaller heads are zero-padded to the next.
@@ -440,13 +440,6 @@ class Qwen3VEModel(ModalityExpertModel):
 
 
 class InternLM2VEForCausalLM(nn.Module):
-    # (checkpoint name part, parameter name part, shard): fused layers that load several checkpoint tensors
-    stacked_params = [
-        (f".{ffn}.{name}.", f".{ffn}.gate_up_proj.", shard)
-        for ffn in ("feed_forward", "feed_forward_ve")
-        for name, shard in (("w1", 0), ("w3", 1))
-    ]
-
     def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         self.model = InternLM2VEModel(config, vllm_config, f"{prefix}.model")
@@ -460,20 +453,6 @@ class InternLM2VEForCausalLM(nn.Module):
 
 
 class Qwen3VEForCausalLM(nn.Module):
-    stacked_params = [
-        (f".{name}{expert}.", f".{fused}{expert}.", shard)
-        for expert in ("", "_ve")
-        for name, fused, shard in (
-            ("q_proj", "qkv_proj", "q"),
-            ("k_proj", "qkv_proj", "k"),
-            ("v_proj", "qkv_proj", "v"),
-        )
-    ] + [
-        (f".{ffn}.{name}.", f".{ffn}.gate_up_proj.", shard)
-        for ffn in ("mlp", "mlp_ve")
-        for name, shard in (("gate_proj", 0), ("up_proj", 1))
-    ]
-
     def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         self.model = Qwen3VEModel(config, vllm_config, f"{prefix}.model")
@@ -599,24 +578,11 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads a NaViL state dict (original or saved by navil: the names are the same) into the vLLM modules:
-        fused layers from their parts, InternLM2's interleaved `wqkv` as q, k and v shards."""
-        text = self.config.text_config
+        fused layers from their parts, InternLM2's interleaved `wqkv` as q, k and v shards (`weight_shards`)."""
         params = dict(self.named_parameters())
-        stacked = self.language_model.stacked_params
         loaded = set()
         for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            if text.tie_word_embeddings and name.startswith(("language_model.output.", "language_model.lm_head.")):
-                continue
-            shards = [(name, tensor, None)]
-            if text.backbone == "internlm2" and (".attention.wqkv." in name or ".attention.wqkv_ve." in name):
-                shards = [(name, part, shard) for shard, part in deinterleave_wqkv(tensor, text).items()]
-            for part_name, fused_name, shard in stacked:
-                if part_name in name:
-                    shards = [(name.replace(part_name, fused_name), tensor, shard)]
-                    break
-            for param_name, part, shard in shards:
+            for param_name, part, shard in weight_shards(name, tensor, self.config):
                 param = params[param_name]
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 loader(param, part) if shard is None else loader(param, part, shard)

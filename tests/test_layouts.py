@@ -216,3 +216,63 @@ def test_registering_a_layout_twice_is_refused(toy_layout):
         register_language_model(toy_layout, ToyVEAttention, ToyMLP)
     with pytest.raises(TypeError, match="ModalityExpertAttention"):
         register_language_model(toy_layout._replace(architecture="OtherForCausalLM", backbone="other"), ToyMLP, ToyMLP)
+
+
+# -- the serving loader ----------------------------------------------------------------------------------------
+
+# The fused engine parameters of checkpoint name parts, as vLLM's NaViL model declares them (the loader's contract
+# before the layout spec, kept literally here to pin it).
+FUSED_PARTS = {
+    "internlm2": {
+        ".feed_forward.w1.": (".feed_forward.gate_up_proj.", 0),
+        ".feed_forward.w3.": (".feed_forward.gate_up_proj.", 1),
+        ".feed_forward_ve.w1.": (".feed_forward_ve.gate_up_proj.", 0),
+        ".feed_forward_ve.w3.": (".feed_forward_ve.gate_up_proj.", 1),
+    },
+    "qwen3": {
+        ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
+        ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
+        ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
+        ".self_attn.q_proj_ve.": (".self_attn.qkv_proj_ve.", "q"),
+        ".self_attn.k_proj_ve.": (".self_attn.qkv_proj_ve.", "k"),
+        ".self_attn.v_proj_ve.": (".self_attn.qkv_proj_ve.", "v"),
+        ".mlp.gate_proj.": (".mlp.gate_up_proj.", 0),
+        ".mlp.up_proj.": (".mlp.gate_up_proj.", 1),
+        ".mlp_ve.gate_proj.": (".mlp_ve.gate_up_proj.", 0),
+        ".mlp_ve.up_proj.": (".mlp_ve.gate_up_proj.", 1),
+    },
+}
+
+
+def expected_shards(backbone, name):
+    for part, (target, shard) in FUSED_PARTS[backbone].items():
+        if part in name:
+            return [(name.replace(part, target), shard)]
+    return [(name, None)]
+
+
+@pytest.mark.parametrize("layout", BUILT_IN, ids=lambda layout: layout.backbone)
+def test_the_serving_loader_maps_every_golden_tensor_as_vllms_model_declares(layout):
+    from conftest import GOLDEN
+    from safetensors.torch import load_file
+
+    from navil.configuration_navil import NaViLConfig
+    from navil.serving.core import deinterleave_wqkv, weight_shards
+
+    config = NaViLConfig.from_pretrained(GOLDEN / layout.golden_name)
+    text = config.text_config
+    for name, tensor in load_file(GOLDEN / layout.golden_name / "model.safetensors").items():
+        shards = weight_shards(name, tensor, config)
+        if ".attention.wqkv" in name:
+            parts = deinterleave_wqkv(tensor, text)
+            assert [(n, s) for n, _, s in shards] == [(name, "q"), (name, "k"), (name, "v")]
+            assert all(torch.equal(part, parts[s]) for _, part, s in shards)
+            rows = [part.shape[0] for _, part, _ in shards]
+            assert rows == [text.num_attention_heads * text.head_dim] + [text.num_key_value_heads * text.head_dim] * 2
+            continue
+        assert [(n, s) for n, _, s in shards] == expected_shards(layout.backbone, name), name
+    tied = NaViLConfig.from_pretrained(GOLDEN / layout.golden_name)
+    tied.text_config.tie_word_embeddings = True
+    head = f"language_model.{layout.head}.weight"
+    assert weight_shards(head, torch.zeros(1), tied) == []
+    assert weight_shards("language_model.model.layers.0.self_attn.rotary_emb.inv_freq", torch.zeros(1), config) == []
