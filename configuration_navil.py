@@ -35,7 +35,6 @@ CODE_FILES = (
 
 INTERNLM2_VE = INTERNLM2_VE_LAYOUT.architecture
 QWEN3_VE = QWEN3_VE_LAYOUT.architecture
-BACKBONES = {layout.architecture: layout.backbone for layout in LAYOUTS.values()}
 ROPE_TYPES = ("default", "linear", "dynamic")
 
 # Special-token strings: the one definition, used by the model, the processor and training.

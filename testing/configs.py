@@ -3,9 +3,9 @@ from): a 2-layer ViT and a 2-layer language model of either backbone."""
 
 from typing import Optional
 
-from ..configuration_navil import BACKBONES, SPECIAL_TOKEN_EMBEDDING_ROWS, NaViLConfig
+from ..configuration_navil import SPECIAL_TOKEN_EMBEDDING_ROWS, NaViLConfig
+from ..layouts_navil import layout_of_backbone
 
-ARCHITECTURES = {backbone: architecture for architecture, backbone in BACKBONES.items()}
 # The smallest useful NaViL: a 2-layer ViT (windows, then full attention) and a 2-layer language model.
 TINY_VISION = dict(
     hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64, fullatt_block_indexes=[1]
@@ -29,14 +29,14 @@ def tiny_config(
     **kwargs,
 ) -> NaViLConfig:
     """A tiny NaViL config: `TINY_VISION` and `TINY_TEXT` updated by `vision` and `text`, the `backbone` layout
-    ("internlm2" or "qwen3") and, unless `special_token_ids` is given, the special tokens on the last ids of the
+    ("internlm2", "qwen3" or a registered layout's) and, unless `special_token_ids` is given, the special tokens on the last ids of the
     vocabulary. Further keyword arguments go to `NaViLConfig`."""
     kwargs.setdefault("special_token_ids", special_token_ids_at_end(vocab_size))
     return NaViLConfig(
         vision_config={**TINY_VISION, **(vision or {})},
         text_config={
             **TINY_TEXT,
-            "architectures": [ARCHITECTURES[backbone]],
+            "architectures": [layout_of_backbone(backbone).architecture],
             "vocab_size": vocab_size,
             **(text or {}),
         },

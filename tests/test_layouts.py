@@ -156,7 +156,7 @@ def toy_layout():
 
 def toy_model():
     torch.manual_seed(0)
-    return NaViLForConditionalGeneration(tiny_config(text={"architectures": [TOY_LAYOUT.architecture]})).eval()
+    return NaViLForConditionalGeneration(tiny_config(TOY_LAYOUT.backbone)).eval()
 
 
 def test_a_third_layout_runs_forward_with_its_visual_experts_on_image_tokens_only(toy_layout):

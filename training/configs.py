@@ -6,10 +6,10 @@ from typing import Optional, Union
 
 from transformers import LlamaConfig, Qwen3Config
 
-from ..configuration_navil import NaViLConfig, NaViLTextConfig
+from ..configuration_navil import QWEN3_VE, NaViLConfig, NaViLTextConfig
 from ..image_processing_navil import NaViLImageProcessor
 from ..processing_navil import NaViLProcessor
-from ..testing.configs import ARCHITECTURES, tiny_config
+from ..testing.configs import tiny_config
 from .synthetic_data import TRAIN_SIZE_RANGE
 
 SYSTEM_MESSAGE = "Answer the question about the image."
@@ -45,7 +45,7 @@ def navil_text_config(text_config: Qwen3Config) -> dict:
     rope_theta = (getattr(text_config, "rope_parameters", None) or {}).get("rope_theta")
     return dict(
         {name: getattr(text_config, name) for name in DENSE_FIELDS},
-        architectures=[ARCHITECTURES["qwen3"]],
+        architectures=[QWEN3_VE],
         rope_theta=rope_theta if rope_theta is not None else getattr(text_config, "rope_theta", 10000.0),
         tie_word_embeddings=False,
     )
