@@ -13,7 +13,14 @@ from transformers import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .checks_navil import check_model_folder, check_saved_special_token_ids, check_tokenizer_folder
+from .checks_navil import (
+    NaViLInputError,
+    check_model_folder,
+    check_num_scales,
+    check_placeholder_count,
+    check_saved_special_token_ids,
+    check_tokenizer_folder,
+)
 from .compat_navil import (
     PROCESSOR_NAMES_SUBPROCESSOR_CLASSES,
     make_saved_processor_portable,
@@ -124,9 +131,10 @@ def check_texts(text) -> list[str]:
         try:
             item.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise ValueError(
+            raise NaViLInputError(
                 f"text {index} is not valid Unicode: it holds the lone surrogate {item[error.start]!r} at position "
-                f"{error.start}; remove it, or decode the source text with errors='replace'."
+                f"{error.start}; remove it, or decode the source text with errors='replace'.",
+                "text is not valid Unicode",
             ) from None
     return texts
 
@@ -271,17 +279,6 @@ def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
         check_tokenizer_folder(Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
     AutoConfig.register(NaViLConfig.model_type, NaViLConfig, exist_ok=True)
     return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-
-def check_placeholder_count(found: int, images: int) -> None:
-    """Refuses a prompt whose number of `<image>` placeholders is not the number of images."""
-    if found != images:
-        raise ValueError(
-            f"found {found} {IMAGE_PLACEHOLDER} placeholder{'s' if found != 1 else ''} in the text but "
-            f"{images} image{' was' if images == 1 else 's were'} given; put exactly one "
-            f"{IMAGE_PLACEHOLDER} per image in the text, in image order (build_prompt(question, num_images=...) "
-            "adds them), or pass as many images as placeholders."
-        )
 
 
 def image_block_tokens(grids: list[list[int]], merge: int, image_index: int = 0) -> list[str]:
@@ -537,18 +534,14 @@ class NaViLProcessor(ProcessorMixin):
         merge = self.image_processor.merge_size if merge_size is None else merge_size
         grids = torch.as_tensor(np.asarray(image_grid_thw, dtype=np.int64)).view(-1, 3).tolist()
         scales = torch.as_tensor(np.asarray(num_scales, dtype=np.int64)).view(-1).tolist()
-        if any(count < 1 for count in scales):
-            raise ValueError(
-                f"num_scales must give every image at least one scale, got {scales}; pass the image processor's "
-                "num_scales."
-            )
-        if sum(scales) != len(grids):
-            raise ValueError(
-                f"num_scales adds up to {sum(scales)} image-scales but image_grid_thw has {len(grids)} rows; pass the "
-                "image processor's outputs together."
-            )
+        check_num_scales(scales, grids)
+        check_placeholder_count(text.count(IMAGE_PLACEHOLDER), len(scales))
+        expanded, offsets = self._expand(text, grids, scales, merge)
+        return (expanded, offsets) if return_offsets else expanded
+
+    def _expand(self, text: str, grids: list, scales: list, merge: int) -> tuple[str, list[dict]]:
+        """`expand_image_placeholders` of checked inputs: one `<image>` per image, `scales` adding up to `grids`."""
         pieces = text.split(IMAGE_PLACEHOLDER)
-        check_placeholder_count(len(pieces) - 1, len(scales))
         expanded, offsets, row = [pieces[0]], [], 0
         start, new_start = len(pieces[0]), len(pieces[0])
         for image_index, count in enumerate(scales):
@@ -566,7 +559,7 @@ class NaViLProcessor(ProcessorMixin):
             start += len(IMAGE_PLACEHOLDER) + len(pieces[image_index + 1])
             new_start += len(replacement) + len(pieces[image_index + 1])
             row += count
-        return ("".join(expanded), offsets) if return_offsets else "".join(expanded)
+        return "".join(expanded), offsets
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The tokens that replace the `image_idx`-th `<image>`, given the image processor's outputs for all images
@@ -647,24 +640,24 @@ class NaViLProcessor(ProcessorMixin):
         if images is not None:
             for index, item in enumerate(texts):
                 if IMG_CONTEXT_TOKEN in item:
-                    raise ValueError(
+                    raise NaViLInputError(
                         f"text {index} already contains {IMG_CONTEXT_TOKEN}, the token reserved for image features; "
                         f"mark each image with {IMAGE_PLACEHOLDER} (expanded here), or pass an already expanded text "
-                        "without images."
+                        "without images.",
+                        "text contains <IMG_CONTEXT>",
                     )
             per_text = self._images_per_text(images, [item.count(IMAGE_PLACEHOLDER) for item in texts])
             image_inputs = self.image_processor(
                 [image for group in per_text for image in group], return_tensors="pt", **images_kwargs
             )
-            grids, scales = image_inputs["image_grid_thw"], image_inputs["num_scales"]
-            offsets = torch.cat([scales.new_zeros(1), scales.cumsum(0)]).tolist()
+            grids, scales = image_inputs["image_grid_thw"].tolist(), image_inputs["num_scales"].tolist()
+            offsets = np.cumsum([0, *scales]).tolist()
             expanded, first = [], 0
             for index, (item, group) in enumerate(zip(texts, per_text)):
                 last = first + len(group)
                 item_grids = grids[offsets[first] : offsets[last]]
-                item, replacement_offsets[index] = self.expand_image_placeholders(
-                    item, item_grids, scales[first:last], return_offsets=True
-                )
+                merge = self.image_processor.merge_size
+                item, replacement_offsets[index] = self._expand(item, item_grids, scales[first:last], merge)
                 expanded.append(item)
                 first = last
             texts = expanded
@@ -700,29 +693,26 @@ class NaViLProcessor(ProcessorMixin):
         """Splits `images` (one image, a flat list, or one list per text) into one list per text."""
         if isinstance(images, (list, tuple)) and images and all(isinstance(item, (list, tuple)) for item in images):
             if len(images) != len(counts):
-                raise ValueError(
+                raise NaViLInputError(
                     f"Got {len(images)} image lists for {len(counts)} texts, but the {IMAGE_PLACEHOLDER} tokens in the "
                     "prompts should be the same as the number of images of each text; pass one list per text or a flat "
-                    "list of images in placeholder order."
+                    "list of images in placeholder order.",
+                    "placeholder count mismatch",
                 )
             for index, (group, count) in enumerate(zip(images, counts)):
                 if len(group) != count:
-                    raise ValueError(
+                    raise NaViLInputError(
                         f"found {count} {IMAGE_PLACEHOLDER} placeholders in text {index} but {len(group)} images were "
-                        f"given for it; put exactly one {IMAGE_PLACEHOLDER} per image in each text."
+                        f"given for it; put exactly one {IMAGE_PLACEHOLDER} per image in each text.",
+                        "placeholder count mismatch",
                     )
             return [list(group) for group in images]
         flat = list(images) if isinstance(images, (list, tuple)) else [images]
         if any(isinstance(item, (list, tuple)) for item in flat):
-            raise ValueError("images mixes single images and lists; pass a flat list or one list per text.")
-        total = sum(counts)
-        if len(flat) != total:
-            raise ValueError(
-                f"found {total} {IMAGE_PLACEHOLDER} placeholder{'s' if total != 1 else ''} in the text but "
-                f"{len(flat)} image{' was' if len(flat) == 1 else 's were'} given; put exactly one "
-                f"{IMAGE_PLACEHOLDER} per image in the text, in image order (build_prompt(question, num_images=...) "
-                "adds them), or pass as many images as placeholders."
+            raise NaViLInputError(
+                "images mixes single images and lists; pass a flat list or one list per text.", "images per text"
             )
+        check_placeholder_count(sum(counts), len(flat))
         per_text, start = [], 0
         for count in counts:
             per_text.append(flat[start : start + count])
