@@ -85,12 +85,7 @@ def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True, trust_
     _copy_matching(src, out, WEIGHT_PATTERNS)
     probe.config.save_pretrained(out)
     probe.generation_config.save_pretrained(out)
-    processor = NaViLProcessor(
-        image_processor=probe.chat_processor(tokenizer).image_processor,
-        tokenizer=tokenizer,
-        template=probe.config.template,
-        system_message=probe.config.system_message,
-    )
+    processor = NaViLProcessor.from_model_config(probe.config, tokenizer)
     processor.save_pretrained(out)
     _copy_matching(tokenizer_src, out, TOKENIZER_PATTERNS)
     if trust_remote_code:

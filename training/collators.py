@@ -46,9 +46,8 @@ def collate_conversations(
     images, sequences = [], []
     for conversation, flag in zip(conversations, flags):
         has_image = conversation.image is not None
-        (first_question, _), *later_turns = conversation.turns
-        prompts = [processor.build_prompt(first_question, num_images=int(has_image))]
-        prompts += [processor.next_turn_prompt(question) for question, _ in later_turns]
+        questions = [question for question, _ in conversation.turns]
+        prompts = processor.turn_prompts(questions, num_images=int(has_image))
         answers = [answer for _, answer in conversation.turns]
         conversation_images = [conversation.image] if has_image else []
         ids, labels, image_inputs = encode_turns(

@@ -7,7 +7,6 @@ from typing import Optional, Union
 from transformers import LlamaConfig, Qwen3Config
 
 from ..configuration_navil import QWEN3_VE, NaViLConfig, NaViLTextConfig
-from ..image_processing_navil import NaViLImageProcessor
 from ..processing_navil import NaViLProcessor
 from ..testing.configs import tiny_config
 from .synthetic_data import TRAIN_SIZE_RANGE
@@ -154,19 +153,6 @@ def tiny_navil_config(args: TrainingArguments, text_config: Qwen3Config) -> NaVi
 
 
 def navil_processor(config: NaViLConfig, tokenizer) -> NaViLProcessor:
-    """The processor of a NaViL config: its patch/merge sizes, pixel limits, template and system message."""
-    patch = config.vision_config.patch_size
-    image_processor = NaViLImageProcessor(
-        patch_size=patch,
-        merge_size=config.vision_config.merge_size,
-        min_pixels=config.min_dynamic_patch * patch * patch,
-        max_pixels=config.max_dynamic_patch * patch * patch,
-        scale_downsample_ratio=config.scale_downsample_ratio,
-        multiscale=True,
-    )
-    return NaViLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        template=config.template,
-        system_message=config.system_message,
-    )
+    """The processor of a NaViL config ([`NaViLProcessor.from_model_config`]): its patch/merge sizes, pixel limits,
+    template and system message."""
+    return NaViLProcessor.from_model_config(config, tokenizer)

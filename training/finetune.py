@@ -27,9 +27,9 @@ import torch
 
 from ..checks_navil import check_save_complete
 from ..compat_navil import with_checkpointing_names
-from ..configuration_navil import IMAGE_PLACEHOLDER, IMG_END_TOKEN, hub_repo_id_of, write_model_card
+from ..configuration_navil import IMG_END_TOKEN, hub_repo_id_of, write_model_card
 from ..layouts_navil import VE_SUFFIX
-from ..processing_navil import NaViLProcessor
+from ..processing_navil import NaViLProcessor, render_content
 from .checkpointing import (
     NaViLTrainer,
     check_free_space,
@@ -139,8 +139,8 @@ def close_process_group() -> None:
 
 
 def _text_of(content, role: str, index: int) -> tuple[str, list]:
-    """The text of a message's content (a string or a list of blocks) as the chat template renders it, with one
-    `<image>\\n` per image block before the text, and the image blocks."""
+    """The text of a message's content (a string or a list of blocks) as the processor renders it
+    ([`render_content`]: one `<image>\\n` per image block before the text), and the image blocks."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, (list, tuple)):
@@ -148,21 +148,19 @@ def _text_of(content, role: str, index: int) -> tuple[str, list]:
             f"message {index} has content of type {type(content).__name__}; use a string or a list of "
             "{'type': 'text'|'image', ...} blocks."
         )
-    images, texts = [], []
+    images = []
     for block in content:
         kind = block.get("type") if isinstance(block, Mapping) else None
         if kind == "image":
             images.append(block)
-        elif kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
-        else:
+        elif kind != "text" or not isinstance(block.get("text"), str):
             raise ValueError(
                 f"message {index} has the content block {block!r:.80}; NaViL chats take {{'type': 'text', 'text': "
                 "...}} and {'type': 'image'} blocks."
             )
     if images and role != "user":
         raise ValueError(f"message {index} is a {role} message with an image; only user messages hold images.")
-    return f"{IMAGE_PLACEHOLDER}\n" * len(images) + "".join(texts), images
+    return render_content(content), images
 
 
 def conversation_turns(example: Mapping) -> tuple[Optional[str], list[tuple[str, str]], list]:
@@ -256,9 +254,7 @@ class NaViLDataCollator:
     def encode(self, example: Mapping) -> tuple[list[int], list[int], list[dict]]:
         """`(input_ids, labels, image_inputs)` of one example, before truncation."""
         system, turns, images = conversation_turns(example)
-        (first_question, _), *later_turns = turns
-        prompts = [self.processor.build_prompt(first_question, system_message=system)]
-        prompts += [self.processor.next_turn_prompt(question) for question, _ in later_turns]
+        prompts = self.processor.turn_prompts([question for question, _ in turns], system_message=system)
         answers = [answer for _, answer in turns]
         return encode_turns(self.processor, prompts, answers, images, self.multiscale)
 
