@@ -31,6 +31,7 @@ from .configuration_navil import (
     NaViLTextConfig,
     NaViLVisionConfig,
 )
+from .layouts_navil import VE_SUFFIX
 
 # The kinds of refused input, for programs (the fuzz classifies errors by them): kind -> what was refused.
 ERROR_KINDS = {
@@ -126,7 +127,7 @@ def check_loading_info(
     naming them, instead of letting them be initialised at random (only with `strict`). Visual-expert (`_ve`) weights
     and a dense config (`modality_experts=False`) are refused even without `strict`: the model would silently run the
     image tokens through the text weights."""
-    unexpected_experts = sorted(key for key in info["unexpected_keys"] if "_ve." in key)
+    unexpected_experts = sorted(key for key in info["unexpected_keys"] if f"{VE_SUFFIX}." in key)
     if not text_config.modality_experts and unexpected_experts:
         raise ValueError(
             f"The checkpoint at {checkpoint} has visual-expert weights ({len(unexpected_experts)} `_ve` tensors, e.g. "
@@ -136,7 +137,7 @@ def check_loading_info(
         )
     if not strict:
         return
-    missing_experts = sorted(key for key in info["missing_keys"] if "_ve." in key)
+    missing_experts = sorted(key for key in info["missing_keys"] if f"{VE_SUFFIX}." in key)
     # a dense checkpoint lacks the experts of every layer; a few missing ones are reported below as missing
     layers = {int(match.group(1)) for key in missing_experts if (match := re.search(r"\.layers\.(\d+)\.", key))}
     dense = layers == set(range(text_config.num_hidden_layers))
