@@ -213,6 +213,8 @@ class NaViLVisionAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # read by the registry's attention functions
+        self.num_key_value_groups = 1
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.qk_normalization = config.qk_normalization
@@ -231,7 +233,7 @@ class NaViLVisionAttention(nn.Module):
             query_key = query_key.view(num_patches, 2, self.num_heads, self.head_dim)
         query, key = apply_vision_rotary(query_key, *rotary_embeddings).unbind(1)
         output, weights = block_diagonal_attention(
-            query, key, value, blocks, self.config._attn_implementation or "sdpa", self.scaling
+            self, query, key, value, blocks, self.config._attn_implementation or "sdpa", self.scaling
         )
         return self.proj(output.reshape(num_patches, width)), weights
 
