@@ -47,6 +47,15 @@ ERROR_KINDS = {
     "generation length": "max_new_tokens / max_length out of range or beyond the model's positions",
     "generation setting out of range": "a generation setting chat checks is out of range",
     "generation key that chat owns": "a generate() argument that chat sets itself",
+    "JSONL file not UTF-8": "a fine-tuning JSONL file is not UTF-8",
+    "JSONL line not JSON": "a line of a fine-tuning JSONL file is not a JSON object",
+    "JSONL file without examples": "a fine-tuning JSONL file holds no examples",
+    "images is not a list of images": "a training example's 'images' is not a list of images",
+    "malformed chat example": "a training example is not user and assistant messages in turn with text/image blocks",
+    "images do not match image blocks": "a training example's images are not one per image block",
+    "image placeholders do not match images": "a training conversation's <image> placeholders are not one per image",
+    "empty batch": "the collator got no examples",
+    "example longer than max_length": "every example of a batch would be cut through an image",
 }
 
 

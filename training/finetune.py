@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..checks_navil import check_save_complete
+from ..checks_navil import NaViLInputError, check_save_complete
 from ..compat_navil import with_checkpointing_names
 from ..configuration_navil import IMG_END_TOKEN, hub_repo_id_of, write_model_card
 from ..layouts_navil import VE_SUFFIX
@@ -144,9 +144,10 @@ def _text_of(content, role: str, index: int) -> tuple[str, list]:
     if isinstance(content, str):
         return content, []
     if not isinstance(content, (list, tuple)):
-        raise ValueError(
+        raise NaViLInputError(
             f"message {index} has content of type {type(content).__name__}; use a string or a list of "
-            "{'type': 'text'|'image', ...} blocks."
+            "{'type': 'text'|'image', ...} blocks.",
+            "malformed chat example",
         )
     images = []
     for block in content:
@@ -154,12 +155,16 @@ def _text_of(content, role: str, index: int) -> tuple[str, list]:
         if kind == "image":
             images.append(block)
         elif kind != "text" or not isinstance(block.get("text"), str):
-            raise ValueError(
+            raise NaViLInputError(
                 f"message {index} has the content block {block!r:.80}; NaViL chats take {{'type': 'text', 'text': "
-                "...}} and {'type': 'image'} blocks."
+                "...}} and {'type': 'image'} blocks.",
+                "malformed chat example",
             )
     if images and role != "user":
-        raise ValueError(f"message {index} is a {role} message with an image; only user messages hold images.")
+        raise NaViLInputError(
+            f"message {index} is a {role} message with an image; only user messages hold images.",
+            "malformed chat example",
+        )
     return render_content(content), images
 
 
@@ -169,9 +174,10 @@ def conversation_turns(example: Mapping) -> tuple[Optional[str], list[tuple[str,
     message. Image blocks take their image from the block (`image`, `path` or `url`) or else, in order, from
     `images`. Raises `ValueError` naming the problem for any other shape."""
     if not isinstance(example, Mapping) or not isinstance(example.get("messages"), (list, tuple)):
-        raise ValueError(
+        raise NaViLInputError(
             "A training example must be a dict with a list under 'messages' (and its images under 'images'), got "
-            f"{example!r:.80}."
+            f"{example!r:.80}.",
+            "malformed chat example",
         )
     check_example_fields(example)
     messages = list(example["messages"])
@@ -182,27 +188,30 @@ def conversation_turns(example: Mapping) -> tuple[Optional[str], list[tuple[str,
         messages = messages[1:]
     offset = 1 if system is not None else 0
     if not messages or len(messages) % 2:
-        raise ValueError(
+        raise NaViLInputError(
             f"The conversation has {len(messages)} user/assistant messages; it needs user and assistant messages in "
-            "turn, ending with an assistant message (the text the model learns)."
+            "turn, ending with an assistant message (the text the model learns).",
+            "malformed chat example",
         )
     turns, images, next_supplied = [], [], 0
     for index, message in enumerate(messages, start=offset):
         role = "user" if (index - offset) % 2 == 0 else "assistant"
         if not isinstance(message, Mapping) or message.get("role") != role:
             found = message.get("role") if isinstance(message, Mapping) else message
-            raise ValueError(
+            raise NaViLInputError(
                 f"message {index} should be a {role} message (user and assistant take turns after an optional "
-                f"system message), got {found!r:.40}."
+                f"system message), got {found!r:.40}.",
+                "malformed chat example",
             )
         text, blocks = _text_of(message.get("content"), role, index)
         for block in blocks:
             source = next((block[key] for key in ("image", "path", "url") if block.get(key) is not None), None)
             if source is None:
                 if next_supplied == len(supplied):
-                    raise ValueError(
+                    raise NaViLInputError(
                         f"The conversation has more image blocks than the {len(supplied)} images under 'images'; "
-                        "give one image per {'type': 'image'} block."
+                        "give one image per {'type': 'image'} block.",
+                        "images do not match image blocks",
                     )
                 source = supplied[next_supplied]
                 next_supplied += 1
@@ -212,9 +221,10 @@ def conversation_turns(example: Mapping) -> tuple[Optional[str], list[tuple[str,
         else:
             turns[-1][1] = text
     if next_supplied != len(supplied):
-        raise ValueError(
+        raise NaViLInputError(
             f"The example has {len(supplied)} images under 'images' but {next_supplied} image blocks take them; "
-            "give one {'type': 'image'} block per image."
+            "give one {'type': 'image'} block per image.",
+            "images do not match image blocks",
         )
     return system, [tuple(turn) for turn in turns], images
 
@@ -282,9 +292,10 @@ class NaViLDataCollator:
             images += image_inputs
         if not sequences:
             check_batch(examples)
-            raise ValueError(
+            raise NaViLInputError(
                 f"Every example of the batch was dropped: max_length={self.max_length} cuts through their images. "
-                "Raise max_length, or use smaller images (the image processor's max_pixels)."
+                "Raise max_length, or use smaller images (the image processor's max_pixels).",
+                "example longer than max_length",
             )
         return pad_batch(self.processor, sequences, images)
 
