@@ -27,6 +27,7 @@ CODE_FILES = (
     "checks_navil.py",
     "chat_navil.py",
     "modeling_navil.py",
+    "image_loading_navil.py",
     "image_processing_navil.py",
     "image_processing_navil_fast.py",
     "layouts_navil.py",

@@ -19,7 +19,7 @@ from conftest import GOLDEN
 from PIL import Image, ImageFile
 
 import navil
-from navil import image_processing_navil
+from navil import image_loading_navil
 from navil.configuration_navil import CODE_FILES
 from navil.image_processing_navil import NaViLImageProcessor
 from navil.modeling_navil import NaViLForConditionalGeneration
@@ -194,7 +194,7 @@ def test_an_endless_image_url_body_is_refused_at_the_byte_cap_derived_from_max_i
 
 
 def test_a_dripping_image_url_is_refused_at_one_overall_deadline(hostile_server, monkeypatch):
-    monkeypatch.setattr(image_processing_navil, "DOWNLOAD_DEADLINE_S", 3.0)
+    monkeypatch.setattr(image_loading_navil, "DOWNLOAD_DEADLINE_S", 3.0)
     start = time.monotonic()
     with pytest.raises(ValueError, match="Could not download the image at .*/drip: .*3 s"):
         NaViLImageProcessor()(f"{hostile_server}/drip")
