@@ -89,7 +89,8 @@ def block_diagonal_attention(module, query, key, value, blocks: AttentionBlocks,
             for states in (query, key, value)
         ]
         # [blocks, length, heads, head_dim]: equal-length blocks need no mask
-        group_output, weights = attend(module, *batch, None, scaling=scaling, dropout=0.0)
+        # is_causal passed too: older registry functions ignore `module.is_causal`
+        group_output, weights = attend(module, *batch, None, scaling=scaling, dropout=0.0, is_causal=False)
         all_weights = all_weights + (weights,) if weights is not None and all_weights is not None else None
         group_output = group_output.reshape(-1, *query.shape[1:])
         if len(blocks.groups) == 1 and isinstance(group.tokens, slice):
