@@ -39,8 +39,12 @@ from .configuration_navil import (
     NaViLConfig,
     write_model_card,
 )
+
+# transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file it needs.
+from .image_loading_navil import NaViLImageLoader  # noqa: F401
 from .image_processing_navil import NaViLImageProcessor, NaViLImageProcessorKwargs
 from .image_processing_navil_fast import NaViLImageProcessorFast, wants_fast_image_processor
+from .layouts_navil import LAYOUTS  # noqa: F401
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
