@@ -28,7 +28,7 @@ _LAZY = {
     "NaViLProcessor": ".processing_navil",
     "NaViLVisionModel": ".modeling_navil",
     "add_navil_special_tokens": ".processing_navil",
-    "quantize_for_cpu": ".cpu_quantization_navil",
+    "quantize_for_cpu": ".serving.cpu_quantization",
 }
 
 

@@ -23,7 +23,7 @@ from .configuration_navil import (
     check_image_grid,
 )
 from .image_processing_navil import NaViLImageProcessor
-from .processing_navil import NaViLProcessor, clean_reply
+from .processing_navil import NaViLProcessor, clean_reply, image_processor_of
 
 
 class StopWhenSet(StoppingCriteria):
@@ -58,29 +58,20 @@ class NaViLChatMixin:
     @property
     def image_processor(self) -> NaViLImageProcessor:
         """The image processor the original builds from the config: single-scale per call, min/max from the config."""
-        patch = self.config.vision_config.patch_size
-        return NaViLImageProcessor(
-            patch_size=patch,
-            merge_size=self.config.vision_config.merge_size,
-            min_pixels=self.config.min_dynamic_patch * patch * patch,
-            max_pixels=self.config.max_dynamic_patch * patch * patch,
-            scale_downsample_ratio=self.config.scale_downsample_ratio,
-            multiscale=False,
-        )
+        return image_processor_of(self.config, multiscale=False)
 
     def chat_processor(self, tokenizer) -> NaViLProcessor:
-        """A processor with this model's image settings, chat template and system message."""
+        """The processor of this model's config for `tokenizer` ([`NaViLProcessor.from_model_config`]), built once
+        per tokenizer and config settings and reused by later calls."""
         if not self.config.special_token_ids:
             self.init_special_token_ids(tokenizer)
         check_special_token_ids(self.config.special_token_ids, tokenizer)
-        processor = NaViLProcessor(
-            image_processor=self.image_processor,
-            tokenizer=tokenizer,
-            template=self.config.template,
-            system_message=self.config.system_message,
-        )
-        processor.image_processor.multiscale = True
-        return processor
+        config = self.config
+        settings = (config.template, config.system_message, config.min_dynamic_patch, config.max_dynamic_patch)
+        cached = getattr(self, "_chat_processor", None)
+        if cached is None or cached[0] is not tokenizer or cached[1] != settings:
+            self._chat_processor = cached = (tokenizer, settings, NaViLProcessor.from_model_config(config, tokenizer))
+        return cached[2]
 
     def _generation_kwargs(self, generation_config, tokenizer, prompt_length: int) -> dict:
         """`generate` arguments of the chat helpers: greedy, up to 512 new tokens and stopping at `<|im_end|>` unless

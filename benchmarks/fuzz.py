@@ -2,7 +2,7 @@
 
     python benchmarks/fuzz.py --examples 10000 [--seed 0] [--model checkpoints/navil-tiny]
 
-Runs the generators and checks of navil.fuzzing_navil (the same as tests/test_fuzz.py) on the embedded tiny
+Runs the generators and checks of navil.testing.fuzzing (the same as tests/test_fuzz.py) on the embedded tiny
 checkpoint with a large hypothesis budget, split over images, prompts, per-call processor options, end-to-end
 forwards, cached against uncached generation, config values and corrupted weight files. Every case must give
 consistent outputs or a documented ValueError; anything else is counted as unexpected and the run goes on. Prints a
@@ -22,13 +22,13 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from navil import fuzzing_navil as fuzz
 from navil.modeling_navil import NaViLForConditionalGeneration
 from navil.processing_navil import load_navil_tokenizer
+from navil.testing import fuzzing as fuzz
 
-CHECKPOINT = Path(fuzz.__file__).resolve().parent / "checkpoints" / "navil-tiny"
+CHECKPOINT = Path(fuzz.__file__).resolve().parents[1] / "checkpoints" / "navil-tiny"
 # An original checkpoint (config.json with llm_config), for the config-file cases.
-GOLDEN = Path(fuzz.__file__).resolve().parent / "tests" / "fixtures" / "golden" / "qwen3_ve"
+GOLDEN = Path(fuzz.__file__).resolve().parents[1] / "tests" / "fixtures" / "golden" / "qwen3_ve"
 
 
 def run_property(name, strategy, check, examples, random_seed, outcomes, unexpected, slowest):

@@ -53,7 +53,7 @@ from bench import (
 from transformers import StoppingCriteriaList, TorchAoConfig
 
 import navil
-from navil.cpu_quantization_navil import DynamicInt8Linear
+from navil.serving.cpu_quantization import DynamicInt8Linear
 from navil.modeling_navil import NaViLForConditionalGeneration
 
 CHECKPOINT = Path(navil.__file__).parent / "checkpoints" / "navil-tiny"

@@ -1,4 +1,4 @@
-"""Throughput of serving NaViL: vLLM's offline engine (`LLM.chat`, navil.vllm_navil) against transformers' `batch_chat`
+"""Throughput of serving NaViL: vLLM's offline engine (`LLM.chat`, navil.serving.vllm) against transformers' `batch_chat`
 at batch 8 and `chat` one request at a time, on the same requests (one image and a question each, exactly N new tokens,
 greedy). Prints requests/s and generated tokens/s with the ratio to `chat`.
 

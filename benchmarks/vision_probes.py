@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from navil import NaViLForConditionalGeneration
-from navil.cli import load_model
 from navil.modeling_navil import get_window_index
+from navil.tools.cli import load_model
 from navil.training import TrainingArguments, tiny_navil_config, tiny_text_config
 from navil.training.synthetic_data import COLORS, SHAPES, TRAIN_SIZE_RANGE, WORDS, random_scene
 

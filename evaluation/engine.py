@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..cli import DTYPES, load_model
 from ..image_processing_navil import check_pixel_limit
+from ..tools.cli import DTYPES, load_model
 
 # The original demo's generation settings (greedy, at most 1024 new tokens); evaluations may lower max_new_tokens.
 DEFAULT_MAX_NEW_TOKENS = 1024

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from navil.layouts_navil import LAYOUTS
+
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
-BACKBONES = ("internlm2_ve", "qwen3_ve")
+BACKBONES = tuple(layout.golden_name for layout in LAYOUTS.values())  # the golden models: one per layout
 
 
 @pytest.fixture(scope="session")

@@ -164,7 +164,7 @@ def test_navil_chat_prints_no_deprecation_warning():
     arguments = ["chat", "--image", str(EXAMPLE_IMAGE), EXAMPLE["question"], "--max-new-tokens", "16"]
     result = run_python(
         sys.executable,
-        f"import sys, warnings; warnings.simplefilter('always'); from navil.cli import main; sys.exit(main({arguments!r}))",
+        f"import sys, warnings; warnings.simplefilter('always'); from navil.tools.cli import main; sys.exit(main({arguments!r}))",
     )
     assert result.stdout.strip() == EXAMPLE["answer"]
     warnings = [line for line in result.stderr.splitlines() if "deprecat" in line.lower() or "Warning:" in line]

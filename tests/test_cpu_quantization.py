@@ -6,7 +6,7 @@ from conftest import BACKBONES, load_golden_model
 from test_quantization import CHECKPOINT, EXAMPLE, readme_reply
 
 import navil
-from navil.cpu_quantization_navil import DynamicInt8Linear
+from navil.serving.cpu_quantization import DynamicInt8Linear
 from navil.modeling_navil import NaViLForConditionalGeneration
 
 

@@ -45,7 +45,17 @@ def shards(tmp_path):
 
 def finetune(launcher, shards, output_dir, batch_size, *flags):
     """`navil finetune --streaming` for 6 steps in fresh processes; the logged loss of every step."""
-    command = [*launcher, "-m", "navil.cli", "finetune", "--streaming", "--data", str(shards), "--shuffle-buffer", "8"]
+    command = [
+        *launcher,
+        "-m",
+        "navil.tools.cli",
+        "finetune",
+        "--streaming",
+        "--data",
+        str(shards),
+        "--shuffle-buffer",
+        "8",
+    ]
     command += ["--output-dir", str(output_dir), "--max-steps", "6", "--no-multiscale", "--learning-rate", "5e-4"]
     command += ["--batch-size", str(batch_size), "--save-steps", "3", "--quiet", *flags]
     result = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD, cwd="/")

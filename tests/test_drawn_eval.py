@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import navil
-from navil.cli import main
+from navil.tools.cli import main
 from navil.training.drawn_shapes import (
     DRAWN_QUESTION_TYPES,
     DRAWN_SHAPES,

@@ -12,8 +12,8 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 import navil
-from navil.cli import main
-from navil.convert_navil import CODE_FILES
+from navil.configuration_navil import CODE_FILES
+from navil.tools.cli import main
 from navil.training.synthetic_data import example_sample
 
 PACKAGE = Path(navil.__file__).parent
@@ -64,7 +64,7 @@ def test_navil_chat_with_another_model_folder_answers_without_a_remote_code_prom
     folder = shutil.copytree(CHECKPOINT, tmp_path / "my-navil")
     arguments = ["chat", "--model", str(folder), "--image", str(EXAMPLE_IMAGE), EXAMPLE["question"]]
     result = run_without_stdin(
-        f"import sys; from navil.cli import main; sys.exit(main({arguments + ['--max-new-tokens', '16']!r}))"
+        f"import sys; from navil.tools.cli import main; sys.exit(main({arguments + ['--max-new-tokens', '16']!r}))"
     )
     assert result.stdout.strip() == EXAMPLE["answer"]
 

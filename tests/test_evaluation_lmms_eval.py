@@ -155,7 +155,7 @@ def test_lmms_eval_navil_model_replies_equal_chat_and_write_the_metric_file(task
     results, logged = run_lmms_eval(
         task_dir, "navil", [TASK], "--model", "navil", "--model_args", model_args, "--batch_size", "4"
     )
-    from navil.cli import load_model
+    from navil.tools.cli import load_model
 
     model, tokenizer = load_model(str(CHECKPOINT), "cpu", "float32")
     expected = chat_replies(model, tokenizer)

@@ -265,7 +265,7 @@ def test_a_peft_wrapped_model_still_routes_tokens_by_modality(processor, backbon
     LoRA on the text experts changes the text-only prompt's."""
     peft = pytest.importorskip("peft")
     from navil.modeling_navil import NaViLForConditionalGeneration
-    from navil.training import tiny_config
+    from navil.testing import tiny_config
 
     torch.manual_seed(0)
     model = NaViLForConditionalGeneration(tiny_config(backbone, vocab_size=len(processor.tokenizer))).eval()
@@ -323,7 +323,7 @@ def test_freezing_stages_two_and_vision_frozen_and_unknown_stages():
 
 def run_finetune(launcher, output_dir, batch_size, *flags):
     """`navil finetune` on the example data for 10 steps, 20 training examples (3 held out), in a fresh process."""
-    command = [*launcher, "-m", "navil.cli", "finetune", "--data", str(DATA), "--output-dir", str(output_dir)]
+    command = [*launcher, "-m", "navil.tools.cli", "finetune", "--data", str(DATA), "--output-dir", str(output_dir)]
     command += ["--max-steps", "10", "--eval-fraction", "0.13", "--no-multiscale", "--learning-rate", "5e-4"]
     command += ["--batch-size", str(batch_size), "--quiet", *flags]
     result = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD, cwd="/")

@@ -1,14 +1,14 @@
 """Property-based tests: for any image, prompt, per-call option, config value or damaged weight file, navil returns
 consistent outputs or a documented ValueError; generation with the KV cache equals generation without it.
 
-The generators and checks live in navil/fuzzing_navil.py; benchmarks/fuzz.py runs them with a large budget.
+The generators and checks live in navil/testing/fuzzing.py; benchmarks/fuzz.py runs them with a large budget.
 """
 
 from conftest import GOLDEN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from navil.fuzzing_navil import (
+from navil.testing.fuzzing import (
     CI_SETTINGS,
     chat_settings_cases,
     check_chat_settings_case,

@@ -12,7 +12,7 @@ import torch
 from conftest import BACKBONES, GOLDEN, load_golden_model
 
 import navil
-from navil.convert_navil import CODE_FILES
+from navil.configuration_navil import CODE_FILES
 
 IMAGE = GOLDEN / "images" / "shapes.png"
 QUESTION = "Describe the image shortly."
@@ -93,7 +93,7 @@ def test_saved_folder_loads_with_auto_classes_and_pipeline_in_fresh_process(back
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_convert_turns_original_checkpoint_into_loadable_folder(backbone, tmp_path):
-    from navil.convert_navil import convert_checkpoint
+    from navil.tools.convert import convert_checkpoint
 
     out = convert_checkpoint(GOLDEN / backbone, tmp_path / "converted", tokenizer_dir=GOLDEN / "tokenizer")
     original = (GOLDEN / backbone / "model.safetensors").read_bytes()
@@ -166,7 +166,7 @@ MODEL_CARD = """
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_original_model_card_snippet_runs_unchanged_on_converted_checkpoint(backbone, tmp_path, manifest):
-    from navil.convert_navil import convert_checkpoint
+    from navil.tools.convert import convert_checkpoint
 
     out = convert_checkpoint(
         GOLDEN / backbone, tmp_path / "converted", tokenizer_dir=GOLDEN / "tokenizer", verify=False

@@ -403,7 +403,7 @@ def test_collator_refuses_bad_examples_and_an_empty_batch(processor):
     ],
 )
 def test_meaningless_cli_flags_get_a_flag_level_error(capsys, argv, message):
-    from navil.cli import build_parser
+    from navil.tools.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
@@ -412,7 +412,7 @@ def test_meaningless_cli_flags_get_a_flag_level_error(capsys, argv, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 def test_cuda_device_without_a_gpu_is_a_flag_level_error(capsys):
-    from navil.cli import build_parser
+    from navil.tools.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["chat", "--device", "cuda", "Hi"])
@@ -430,7 +430,7 @@ def test_eval_fraction_that_leaves_nothing_to_train_is_refused():
 def test_serve_without_vllm_names_the_extra(monkeypatch):
     import importlib.util
 
-    from navil.cli import main
+    from navil.tools.cli import main
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor, TrainingArguments
 
 from navil.checks_navil import RUN_STATUS_FILE
-from navil.cli import load_model, main
 from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.tools.cli import load_model, main
 from navil.training import NaViLDataCollator, causal_lm_loss, checkpointing, finetune, load_jsonl
 from navil.training.checkpointing import LOCK_FILE, NaViLTrainer, NonFiniteError, OutputFolderError, RunLock
 
@@ -43,7 +43,16 @@ def finetune_tiny(output_dir, data=DATA, model_dir=TINY, **overrides):
 
 
 def navil_finetune(output_dir, *flags):
-    command = [sys.executable, "-m", "navil.cli", "finetune", "--data", str(DATA), "--output-dir", str(output_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "navil.tools.cli",
+        "finetune",
+        "--data",
+        str(DATA),
+        "--output-dir",
+        str(output_dir),
+    ]
     command += ["--max-steps", "2", "--batch-size", "2", "--eval-fraction", "0", "--no-multiscale", "--quiet", *flags]
     return subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD, cwd="/")
 
@@ -328,7 +337,7 @@ def test_loss_4_of_two_runs_started_into_one_folder_only_one_succeeds(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "navil.cli",
+                "navil.tools.cli",
                 "finetune",
                 "--data",
                 str(DATA),

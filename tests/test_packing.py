@@ -12,6 +12,7 @@ from transformers import AutoProcessor, Trainer, TrainingArguments
 
 import navil.compat_navil as compat
 from navil.configuration_navil import IMG_END_TOKEN, IMG_START_TOKEN
+from navil.layouts_navil import LAYOUTS
 from navil.modeling_navil import NaViLForConditionalGeneration
 from navil.training import NaViLDataCollator, tiny_config, train_loop
 from navil.training.packing import (
@@ -31,7 +32,7 @@ from navil.training.synthetic_data import ShapesDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "checkpoints" / "navil-tiny"
-BACKBONES = ("qwen3", "internlm2")
+BACKBONES = tuple(layout.backbone for layout in LAYOUTS.values())
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -93,7 +93,7 @@ def test_the_base_model_of_a_converted_folder_is_named_in_its_card_and_survives_
 
 
 def test_navil_serve_on_a_24_gb_laptop_bounds_the_kv_cache_and_runs_eager():
-    from navil.cli import serve_defaults
+    from navil.tools.cli import serve_defaults
 
     arguments, reasons = serve_defaults(["--dtype", "float32"], on_cpu=True, available_memory=11 * GIB, env={})
     assert arguments == ["--kv-cache-memory-bytes", str(11 * GIB // 4 // (GIB // 4) * (GIB // 4)), "--enforce-eager"]
@@ -116,13 +116,13 @@ def test_navil_serve_on_a_24_gb_laptop_bounds_the_kv_cache_and_runs_eager():
     ids=["kv-bytes", "memory-fraction", "env-kv-space", "no-eager", "optimization-level", "compilation-config"],
 )
 def test_navil_serve_leaves_what_the_user_chose(flags, env, expected):
-    from navil.cli import serve_defaults
+    from navil.tools.cli import serve_defaults
 
     assert serve_defaults(flags, on_cpu=True, available_memory=11 * GIB, env=env)[0] == expected
 
 
 def test_navil_serve_adds_nothing_on_gpus():
-    from navil.cli import serve_defaults
+    from navil.tools.cli import serve_defaults
 
     assert serve_defaults([], on_cpu=False, available_memory=11 * GIB, env={}) == ([], [])
 
@@ -158,7 +158,7 @@ def test_a_bare_image_block_renders_the_placeholder_and_processor_images_text_an
 def test_navil_help_imports_no_model_classes_nor_quantization_libraries():
     # transformers' model classes import every installed quantization library (torchao prints lines at import)
     code = (
-        "import sys\nfrom navil.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom navil.tools.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(name for name in ('torchao', 'transformers.modeling_utils') if name in sys.modules))"
     )
     result = run_snippet(code, ROOT.parent)

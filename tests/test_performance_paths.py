@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from conftest import greedy
 from transformers import CompileConfig
 
+from navil.layouts_navil import LAYOUTS
 from navil.modeling_navil import ModalityRouter, NaViLForConditionalGeneration, NaViLVisionModel, get_window_index
-from navil.training import tiny_config
+from navil.testing import tiny_config
 
-BACKBONES = ("internlm2", "qwen3")
+BACKBONES = tuple(layout.backbone for layout in LAYOUTS.values())
 SPECIAL_IDS = tiny_config().special_token_ids
 
 

@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from navil.image_processing_navil import NaViLImageProcessor
+from navil.layouts_navil import LAYOUTS
 from navil.processing_navil import (
     CHAT_TEMPLATES,
     DEFAULT_SYSTEM_MESSAGE,
@@ -16,7 +17,7 @@ from navil.processing_navil import (
     add_navil_special_tokens,
 )
 
-TEMPLATES = {"internlm2_ve": "internlm2-chat", "qwen3_ve": "qwen3-chat"}
+TEMPLATES = {layout.golden_name: layout.template for layout in LAYOUTS.values()}
 CASE_NAMES = ("text", "one_image", "two_images", "odd_modes")
 CASES = [(model, case) for model in TEMPLATES for case in CASE_NAMES]
 PIXEL_KEYS = ("pixel_values", "image_grid_thw", "num_scales")

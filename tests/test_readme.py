@@ -105,7 +105,7 @@ def test_the_lora_example_lowers_the_loss_and_changes_no_reply_as_the_readme_say
     arguments = commands(line)[0].split()[1:]
     arguments[arguments.index("runs/lora")] = str(tmp_path / "lora")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "navil.cli", *arguments, "--quiet"]
+    command = [sys.executable, "-m", "navil.tools.cli", *arguments, "--quiet"]
     subprocess.run(command, check=True, capture_output=True, cwd=ROOT, env=env, timeout=1200)
     means = epoch_means(json.loads((tmp_path / "lora" / "log_history.json").read_text()))
     assert len(means) == 3 and means[-1] < means[0]

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from navil.checks_navil import RUN_STATUS_FILE
-from navil.cli import load_model, main
 from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.tools.cli import load_model, main
 from navil.training.checkpointing import STAGING_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def save_rng_state_or_die(self, output_dir):
 
 trainer.DEFAULT_CALLBACKS.append(KillAfterStep)
 save_rng_state, Trainer._save_rng_state = Trainer._save_rng_state, save_rng_state_or_die
-from navil.cli import main
+from navil.tools.cli import main
 
 sys.exit(main(sys.argv[1:]))
 """
@@ -69,7 +69,7 @@ def one_thread():
 def navil_finetune(output_dir, *flags, kill=None, tmp=None):
     """Runs `navil finetune` in a fresh process; with `kill={"KILL_AFTER_STEP": "12"}` (or KILL_WHILE_SAVING_STEP) it
     dies by SIGKILL there. Returns the finished process."""
-    command = [sys.executable, "-m", "navil.cli"]
+    command = [sys.executable, "-m", "navil.tools.cli"]
     env = ONE_THREAD
     if kill is not None:
         launcher = Path(tmp, "killing_launcher.py")

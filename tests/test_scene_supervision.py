@@ -4,7 +4,7 @@ loss the recipe can train on."""
 import pytest
 import torch
 
-from navil.cli import build_parser, run_train
+from navil.tools.cli import build_parser, run_train
 from navil.training import QUICK_RECIPE, TrainingArguments, load_tokenizer, navil_processor
 from navil.training.collators import question_batches, scene_batches
 from navil.training.configs import tiny_navil_config, tiny_text_config

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from navil.cli import build_parser
+from navil.tools.cli import build_parser
 from navil.training.stage_configs import STAGE_CONFIG_DIR, load_stage_config, with_stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_flags_given_on_the_command_line_override_the_config_and_unknown_keys_ar
 
 
 def test_the_smoke_config_trains_on_cpu_with_the_flags_over_it_and_saves_a_loadable_model(tmp_path):
-    command = [sys.executable, "-m", "navil.cli", "finetune", "--config", "smoke", "--data", str(DATA)]
+    command = [sys.executable, "-m", "navil.tools.cli", "finetune", "--config", "smoke", "--data", str(DATA)]
     command += ["--output-dir", str(tmp_path), "--max-steps", "3"]
     result = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd="/"

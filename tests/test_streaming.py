@@ -444,7 +444,7 @@ def test_a_streamed_navil_finetune_killed_and_resumed_sees_every_example_once_an
 
 
 def test_navil_finetune_streaming_asks_for_max_steps_and_names_a_data_path_without_shards(tmp_path, capsys):
-    from navil.cli import main
+    from navil.tools.cli import main
 
     with pytest.raises(SystemExit, match="give the run's length with --max-steps"):
         main(["finetune", "--streaming", "--data", str(tmp_path), "--output-dir", str(tmp_path / "out")])

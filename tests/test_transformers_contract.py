@@ -41,7 +41,7 @@ from navil.configuration_navil import (
 from navil.image_processing_navil import NaViLImageProcessor
 from navil.modeling_navil import NaViLForConditionalGeneration
 from navil.processing_navil import NaViLProcessor
-from navil.training import tiny_config
+from navil.testing import tiny_config
 
 SOURCE_VARIABLE = "NAVIL_TRANSFORMERS_SRC"
 SOURCE = Path(os.environ.get(SOURCE_VARIABLE) or Path.home() / ".cache" / "navil" / "transformers-src")

@@ -19,11 +19,13 @@ from conftest import GOLDEN
 from PIL import Image, ImageFile
 
 import navil
-from navil import cli, image_processing_navil
-from navil.convert_navil import CODE_FILES, convert_checkpoint
+from navil import image_loading_navil
+from navil.configuration_navil import CODE_FILES
 from navil.image_processing_navil import NaViLImageProcessor
-from navil.loading_navil import auto_map_modules, load_navil_processor
 from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.tools import cli
+from navil.tools.convert import convert_checkpoint
+from navil.tools.loading import auto_map_modules, load_navil_processor
 
 EMBEDDED = Path(navil.__file__).parent / "checkpoints" / "navil-tiny"
 EXAMPLES = Path(navil.__file__).parent / "examples" / "finetune"
@@ -192,7 +194,7 @@ def test_an_endless_image_url_body_is_refused_at_the_byte_cap_derived_from_max_i
 
 
 def test_a_dripping_image_url_is_refused_at_one_overall_deadline(hostile_server, monkeypatch):
-    monkeypatch.setattr(image_processing_navil, "DOWNLOAD_DEADLINE_S", 3.0)
+    monkeypatch.setattr(image_loading_navil, "DOWNLOAD_DEADLINE_S", 3.0)
     start = time.monotonic()
     with pytest.raises(ValueError, match="Could not download the image at .*/drip: .*3 s"):
         NaViLImageProcessor()(f"{hostile_server}/drip")

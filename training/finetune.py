@@ -26,10 +26,11 @@ from typing import Optional, Union
 
 import torch
 
-from ..checks_navil import check_save_complete
+from ..checks_navil import NaViLInputError, check_save_complete
 from ..compat_navil import with_checkpointing_names
-from ..configuration_navil import IMAGE_PLACEHOLDER, IMG_END_TOKEN, hub_repo_id_of, write_model_card
-from ..processing_navil import NaViLProcessor
+from ..configuration_navil import IMG_END_TOKEN, hub_repo_id_of, write_model_card
+from ..layouts_navil import VE_SUFFIX
+from ..processing_navil import NaViLProcessor, render_content
 from .checkpointing import (
     NaViLTrainer,
     check_free_space,
@@ -48,16 +49,6 @@ from .collators import (
 )
 from .loop import freeze
 
-# Layers of the language model that LoRA adapts, per backbone: the attention projections (with their visual-expert twins
-# `<name>_ve`) and the feed-forward layers (twins under `<ffn module>_ve`).
-LORA_LAYERS = {
-    "internlm2": {"attention": ("attention", ("wqkv", "wo")), "ffn": ("feed_forward", ("w1", "w2", "w3"))},
-    "qwen3": {
-        "attention": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-        "ffn": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-    },
-}
-
 
 def lora_target_modules(config, experts: str = "both") -> str:
     """PEFT `target_modules` (a regular expression over module names) for the language model of a NaViL `config`:
@@ -67,7 +58,8 @@ def lora_target_modules(config, experts: str = "both") -> str:
     InternLM2-VE: `attention.{wqkv,wo}`, `feed_forward.{w1,w2,w3}` and `attention.{wqkv_ve,wo_ve}`,
     `feed_forward_ve.{w1,w2,w3}`. Qwen3-VE: `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj` and
     `self_attn.{q,k,v,o}_proj_ve`, `mlp_ve.{gate,up,down}_proj`. The vision encoder's layers are never matched. A dense
-    model (`text_config.modality_experts=False`) has only the text layers, which every token uses.
+    model (`text_config.modality_experts=False`) has only the text layers, which every token uses. The names come
+    from the layout of `text_config` (`layouts_navil.Layout`: its attention projections and feed-forward parts).
     """
     if experts not in ("text", "visual", "both"):
         raise ValueError(f"experts must be 'text', 'visual' or 'both', got {experts!r}.")
@@ -76,10 +68,10 @@ def lora_target_modules(config, experts: str = "both") -> str:
             "experts='visual' adapts the visual experts, but this model is dense (text_config.modality_experts=False): "
             "its image tokens use the text weights. Use experts='text' (or 'both', the same layers here)."
         )
-    (attention_module, projections), (ffn_module, ffn_layers) = LORA_LAYERS[config.text_config.backbone].values()
-    suffix = {"text": "", "visual": "_ve", "both": "(_ve)?"}[experts]
-    attention = f"{attention_module}\\.({'|'.join(projections)}){suffix}"
-    feed_forward = f"{ffn_module}{suffix}\\.({'|'.join(ffn_layers)})"
+    layout = config.text_config.layout
+    suffix = {"text": "", "visual": VE_SUFFIX, "both": f"({VE_SUFFIX})?"}[experts]
+    attention = f"{layout.attention}\\.({'|'.join(layout.projections)}){suffix}"
+    feed_forward = f"{layout.ffn}{suffix}\\.({'|'.join(layout.ffn_parts)})"
     return f"language_model\\.model\\.layers\\.\\d+\\.({attention}|{feed_forward})"
 
 
@@ -148,30 +140,33 @@ def close_process_group() -> None:
 
 
 def _text_of(content, role: str, index: int) -> tuple[str, list]:
-    """The text of a message's content (a string or a list of blocks) as the chat template renders it, with one
-    `<image>\\n` per image block before the text, and the image blocks."""
+    """The text of a message's content (a string or a list of blocks) as the processor renders it
+    ([`render_content`]: one `<image>\\n` per image block before the text), and the image blocks."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, (list, tuple)):
-        raise ValueError(
+        raise NaViLInputError(
             f"message {index} has content of type {type(content).__name__}; use a string or a list of "
-            "{'type': 'text'|'image', ...} blocks."
+            "{'type': 'text'|'image', ...} blocks.",
+            "malformed chat example",
         )
-    images, texts = [], []
+    images = []
     for block in content:
         kind = block.get("type") if isinstance(block, Mapping) else None
         if kind == "image":
             images.append(block)
-        elif kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
-        else:
-            raise ValueError(
+        elif kind != "text" or not isinstance(block.get("text"), str):
+            raise NaViLInputError(
                 f"message {index} has the content block {block!r:.80}; NaViL chats take {{'type': 'text', 'text': "
-                "...}} and {'type': 'image'} blocks."
+                "...}} and {'type': 'image'} blocks.",
+                "malformed chat example",
             )
     if images and role != "user":
-        raise ValueError(f"message {index} is a {role} message with an image; only user messages hold images.")
-    return f"{IMAGE_PLACEHOLDER}\n" * len(images) + "".join(texts), images
+        raise NaViLInputError(
+            f"message {index} is a {role} message with an image; only user messages hold images.",
+            "malformed chat example",
+        )
+    return render_content(content), images
 
 
 def conversation_turns(example: Mapping) -> tuple[Optional[str], list[tuple[str, str]], list]:
@@ -180,9 +175,10 @@ def conversation_turns(example: Mapping) -> tuple[Optional[str], list[tuple[str,
     message. Image blocks take their image from the block (`image`, `path` or `url`) or else, in order, from
     `images`. Raises `ValueError` naming the problem for any other shape."""
     if not isinstance(example, Mapping) or not isinstance(example.get("messages"), (list, tuple)):
-        raise ValueError(
+        raise NaViLInputError(
             "A training example must be a dict with a list under 'messages' (and its images under 'images'), got "
-            f"{example!r:.80}."
+            f"{example!r:.80}.",
+            "malformed chat example",
         )
     check_example_fields(example)
     messages = list(example["messages"])
@@ -193,27 +189,30 @@ def conversation_turns(example: Mapping) -> tuple[Optional[str], list[tuple[str,
         messages = messages[1:]
     offset = 1 if system is not None else 0
     if not messages or len(messages) % 2:
-        raise ValueError(
+        raise NaViLInputError(
             f"The conversation has {len(messages)} user/assistant messages; it needs user and assistant messages in "
-            "turn, ending with an assistant message (the text the model learns)."
+            "turn, ending with an assistant message (the text the model learns).",
+            "malformed chat example",
         )
     turns, images, next_supplied = [], [], 0
     for index, message in enumerate(messages, start=offset):
         role = "user" if (index - offset) % 2 == 0 else "assistant"
         if not isinstance(message, Mapping) or message.get("role") != role:
             found = message.get("role") if isinstance(message, Mapping) else message
-            raise ValueError(
+            raise NaViLInputError(
                 f"message {index} should be a {role} message (user and assistant take turns after an optional "
-                f"system message), got {found!r:.40}."
+                f"system message), got {found!r:.40}.",
+                "malformed chat example",
             )
         text, blocks = _text_of(message.get("content"), role, index)
         for block in blocks:
             source = next((block[key] for key in ("image", "path", "url") if block.get(key) is not None), None)
             if source is None:
                 if next_supplied == len(supplied):
-                    raise ValueError(
+                    raise NaViLInputError(
                         f"The conversation has more image blocks than the {len(supplied)} images under 'images'; "
-                        "give one image per {'type': 'image'} block."
+                        "give one image per {'type': 'image'} block.",
+                        "images do not match image blocks",
                     )
                 source = supplied[next_supplied]
                 next_supplied += 1
@@ -223,9 +222,10 @@ def conversation_turns(example: Mapping) -> tuple[Optional[str], list[tuple[str,
         else:
             turns[-1][1] = text
     if next_supplied != len(supplied):
-        raise ValueError(
+        raise NaViLInputError(
             f"The example has {len(supplied)} images under 'images' but {next_supplied} image blocks take them; "
-            "give one {'type': 'image'} block per image."
+            "give one {'type': 'image'} block per image.",
+            "images do not match image blocks",
         )
     return system, [tuple(turn) for turn in turns], images
 
@@ -265,9 +265,7 @@ class NaViLDataCollator:
     def encode(self, example: Mapping) -> tuple[list[int], list[int], list[dict]]:
         """`(input_ids, labels, image_inputs)` of one example, before truncation."""
         system, turns, images = conversation_turns(example)
-        (first_question, _), *later_turns = turns
-        prompts = [self.processor.build_prompt(first_question, system_message=system)]
-        prompts += [self.processor.next_turn_prompt(question) for question, _ in later_turns]
+        prompts = self.processor.turn_prompts([question for question, _ in turns], system_message=system)
         answers = [answer for _, answer in turns]
         return encode_turns(self.processor, prompts, answers, images, self.multiscale)
 
@@ -295,9 +293,10 @@ class NaViLDataCollator:
             images += image_inputs
         if not sequences:
             check_batch(examples)
-            raise ValueError(
+            raise NaViLInputError(
                 f"Every example of the batch was dropped: max_length={self.max_length} cuts through their images. "
-                "Raise max_length, or use smaller images (the image processor's max_pixels)."
+                "Raise max_length, or use smaller images (the image processor's max_pixels).",
+                "example longer than max_length",
             )
         return pad_batch(self.processor, sequences, images)
 
@@ -445,7 +444,7 @@ def finetune(
     rank `lora_rank` on those experts instead, merged into the weights before saving. A random `eval_fraction` of the
     examples is held out and evaluated after training. `max_length` and `multiscale` go to the collator, further
     keyword arguments to `TrainingArguments`. Runs as it is under `accelerate launch` (DDP or FSDP). The installed
-    navil code loads `model_dir`; its own Python files run only with `trust_remote_code` (`navil.loading_navil`).
+    navil code loads `model_dir`; its own Python files run only with `trust_remote_code` (`navil.tools.loading`).
 
     Instead of `data`, `train_dataset` gives the training examples directly: a list, a map-style dataset, or an
     `IterableDataset`; a `streaming.StreamingDataset` has its position saved in each checkpoint
@@ -468,7 +467,7 @@ def finetune(
     """
     from transformers import TrainingArguments
 
-    from ..loading_navil import load_navil_model, load_navil_processor
+    from ..tools.loading import load_navil_model, load_navil_processor
 
     check_launch()
     if (data is None) == (train_dataset is None):

@@ -11,33 +11,29 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from ..configuration_navil import SPECIAL_TOKEN_EMBEDDING_ROWS
+from ..layouts_navil import LAYOUTS, VE_SUFFIX
 from ..modeling_navil import NaViLForConditionalGeneration
 
-# Text modules and their visual-expert twins, as substrings of state-dict keys (Qwen3 and InternLM2 layouts).
-EXPERT_TWINS = (
-    (".self_attn.q_proj.", ".self_attn.q_proj_ve."),
-    (".self_attn.k_proj.", ".self_attn.k_proj_ve."),
-    (".self_attn.v_proj.", ".self_attn.v_proj_ve."),
-    (".self_attn.o_proj.", ".self_attn.o_proj_ve."),
-    (".self_attn.q_norm.", ".self_attn.q_norm_ve."),
-    (".self_attn.k_norm.", ".self_attn.k_norm_ve."),
-    (".mlp.", ".mlp_ve."),
-    (".attention.wqkv.", ".attention.wqkv_ve."),
-    (".attention.wo.", ".attention.wo_ve."),
-    (".feed_forward.", ".feed_forward_ve."),
-)
-# Output heads and input embeddings of the two layouts (a tied text model has no head in its state dict).
-HEADS_AND_EMBEDDINGS = (
-    ("lm_head.weight", "model.embed_tokens.weight"),
-    ("output.weight", "model.tok_embeddings.weight"),
-)
+
+def expert_twins() -> list[tuple[str, str]]:
+    """Text modules and their visual-expert twins of every registered layout, as substrings of state-dict keys
+    (`.self_attn.q_proj.` -> `.self_attn.q_proj_ve.`, `.feed_forward.` -> `.feed_forward_ve.`, …)."""
+    return [(f".{text}.", f".{visual}.") for layout in LAYOUTS.values() for text, visual in layout.expert_twins()]
+
+
+def heads_and_embeddings() -> list[tuple[str, str]]:
+    """Output heads and input embeddings of every registered layout (a tied text model has no head in its state
+    dict)."""
+    return [pair for layout in LAYOUTS.values() for pair in layout.tied_weights().items()]
+
+
 # Rotary tables some older checkpoints store; they are recomputed, never loaded.
 _IGNORED_KEY = re.compile(r"rotary_emb\.inv_freq$")
 
 
 def is_visual_expert(name: str) -> bool:
     """Whether a parameter name of the language model belongs to a visual expert (`q_proj_ve`, `mlp_ve`, …)."""
-    return "_ve." in name
+    return f"{VE_SUFFIX}." in name
 
 
 class UpcycleReport(NamedTuple):
@@ -53,7 +49,7 @@ class UpcycleReport(NamedTuple):
 
 
 def _expert_twin(key: str) -> Optional[str]:
-    for text_name, visual_name in EXPERT_TWINS:
+    for text_name, visual_name in expert_twins():
         if text_name in key:
             return key.replace(text_name, visual_name, 1)
     return None
@@ -96,7 +92,7 @@ def upcycle_from_text_model(
         if isinstance(text_model_or_state_dict, torch.nn.Module)
         else text_model_or_state_dict
     )
-    for head, embeddings in HEADS_AND_EMBEDDINGS:
+    for head, embeddings in heads_and_embeddings():
         if embeddings in source and head not in source:
             source[head] = source[embeddings]
     targets = navil_model.state_dict()

@@ -24,12 +24,66 @@ from safetensors import safe_open
 
 from .compat_navil import DTYPE_KWARG
 from .configuration_navil import (
+    IMAGE_PLACEHOLDER,
     IMG_CONTEXT_TOKEN,
     IMG_FRAME_BREAK_TOKEN,
     NaViLConfig,
     NaViLTextConfig,
     NaViLVisionConfig,
 )
+from .layouts_navil import VE_SUFFIX
+
+# The kinds of refused input, for programs (the fuzz classifies errors by them): kind -> what was refused.
+ERROR_KINDS = {
+    "placeholder count mismatch": "the <image> placeholders of a prompt are not one per image",
+    "images per text": "images is not one image, a flat list or one list per text",
+    "text contains <IMG_CONTEXT>": "a prompt given with images already holds the token reserved for image features",
+    "text is not valid Unicode": "a text holds a lone surrogate",
+    "image grid": "image_grid_thw or num_scales do not describe the images",
+    "image tokens without images": "a prompt holds image tokens but no pixel_values were given",
+    "image tokens do not match the images": "the prompt's image tokens are not the ones the image grids give",
+    "pixel values": "pixel_values the vision tower cannot take",
+    "prompt": "a prompt the model cannot run (shape, dtype, device, ids or length)",
+    "generation length": "max_new_tokens / max_length out of range or beyond the model's positions",
+    "generation setting out of range": "a generation setting chat checks is out of range",
+    "generation key that chat owns": "a generate() argument that chat sets itself",
+    "JSONL file not UTF-8": "a fine-tuning JSONL file is not UTF-8",
+    "JSONL line not JSON": "a line of a fine-tuning JSONL file is not a JSON object",
+    "JSONL file without examples": "a fine-tuning JSONL file holds no examples",
+    "images is not a list of images": "a training example's 'images' is not a list of images",
+    "malformed chat example": "a training example is not user and assistant messages in turn with text/image blocks",
+    "images do not match image blocks": "a training example's images are not one per image block",
+    "image placeholders do not match images": "a training conversation's <image> placeholders are not one per image",
+    "empty batch": "the collator got no examples",
+    "example longer than max_length": "every example of a batch would be cut through an image",
+}
+
+
+class NaViLInputError(ValueError):
+    """A refused input: the message names the problem and the fix for people, `kind` (a key of `ERROR_KINDS`)
+    names the problem for programs."""
+
+    def __init__(self, message: str, kind: str):
+        if kind not in ERROR_KINDS:
+            raise KeyError(f"{kind!r} is not one of ERROR_KINDS")
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):
+        return type(self), (str(self), self.kind)
+
+
+def check_placeholder_count(found: int, images: int) -> None:
+    """Refuses a prompt whose number of `<image>` placeholders is not the number of images."""
+    if found != images:
+        raise NaViLInputError(
+            f"found {found} {IMAGE_PLACEHOLDER} placeholder{'s' if found != 1 else ''} in the text but {images} "
+            f"image{' was' if images == 1 else 's were'} given; put exactly one {IMAGE_PLACEHOLDER} per image in "
+            "the text, in image order (build_prompt(question, num_images=...) adds them), or pass as many images as "
+            "placeholders.",
+            "placeholder count mismatch",
+        )
+
 
 # Written by `navil finetune` into its output folder and each checkpoint: `{"complete": false}` while files are being
 # written, `{"complete": true, ...}` once the folder holds the whole model.
@@ -82,7 +136,7 @@ def check_loading_info(
     naming them, instead of letting them be initialised at random (only with `strict`). Visual-expert (`_ve`) weights
     and a dense config (`modality_experts=False`) are refused even without `strict`: the model would silently run the
     image tokens through the text weights."""
-    unexpected_experts = sorted(key for key in info["unexpected_keys"] if "_ve." in key)
+    unexpected_experts = sorted(key for key in info["unexpected_keys"] if f"{VE_SUFFIX}." in key)
     if not text_config.modality_experts and unexpected_experts:
         raise ValueError(
             f"The checkpoint at {checkpoint} has visual-expert weights ({len(unexpected_experts)} `_ve` tensors, e.g. "
@@ -92,7 +146,7 @@ def check_loading_info(
         )
     if not strict:
         return
-    missing_experts = sorted(key for key in info["missing_keys"] if "_ve." in key)
+    missing_experts = sorted(key for key in info["missing_keys"] if f"{VE_SUFFIX}." in key)
     # a dense checkpoint lacks the experts of every layer; a few missing ones are reported below as missing
     layers = {int(match.group(1)) for key in missing_experts if (match := re.search(r"\.layers\.(\d+)\.", key))}
     dense = layers == set(range(text_config.num_hidden_layers))
@@ -173,9 +227,10 @@ def check_image_tokens(config: NaViLConfig, input_ids, context_mask, image_grid_
     per_frame = (grid[:, 1] * grid[:, 2] // config.vision_config.merge_size**2).repeat_interleave(grid[:, 0])
     found, expected = int(context_mask.sum()), int(per_frame.sum())
     if found != expected:
-        raise ValueError(
+        raise NaViLInputError(
             f"The prompt has {found} {IMG_CONTEXT_TOKEN} tokens but the images give {expected} features; build "
-            "the prompt with the processor (or expand each <image> with the same image_grid_thw)."
+            "the prompt with the processor (or expand each <image> with the same image_grid_thw).",
+            "image tokens do not match the images",
         )
     frame_break = config.special_token_ids.get(IMG_FRAME_BREAK_TOKEN)
     if frame_break is None or not expected or input_ids is None:
@@ -187,10 +242,11 @@ def check_image_tokens(config: NaViLConfig, input_ids, context_mask, image_grid_
         frame = next(i for i, (a, b) in enumerate(zip(counts.tolist(), per_frame.tolist() + [0])) if a != b)
         has = int(counts[frame])
         wants = int(per_frame[frame]) if frame < len(per_frame) else 0
-        raise ValueError(
+        raise NaViLInputError(
             f"The prompt's image tokens do not follow image_grid_thw: frame {frame} of the image-scales has {has} "
             f"{IMG_CONTEXT_TOKEN} tokens but its grid gives {wants} features, so features would land on another "
-            "image's tokens. Take the prompt and the images from one processor call, in the same order."
+            "image's tokens. Take the prompt and the images from one processor call, in the same order.",
+            "image tokens do not match the images",
         )
 
 
@@ -206,41 +262,51 @@ def check_prompt(
     text = config.text_config
     tokens = input_ids if input_ids is not None else inputs_embeds
     if tokens.device != device:
-        raise ValueError(
-            f"The inputs are on {tokens.device} but the model is on {device}; move them with .to(model.device)."
+        raise NaViLInputError(
+            f"The inputs are on {tokens.device} but the model is on {device}; move them with .to(model.device).",
+            "prompt",
         )
     if input_ids is not None:
         if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}; convert with .long().")
+            raise NaViLInputError(
+                f"input_ids must be integer token ids, got {input_ids.dtype}; convert with .long().", "prompt"
+            )
         if input_ids.ndim != 2:
-            raise ValueError(
+            raise NaViLInputError(
                 f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}; add the batch dimension "
-                "with input_ids[None]."
+                "with input_ids[None].",
+                "prompt",
             )
     else:
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != text.hidden_size:
-            raise ValueError(
-                f"inputs_embeds must be [batch, seq, {text.hidden_size}], got shape {tuple(inputs_embeds.shape)}."
+            raise NaViLInputError(
+                f"inputs_embeds must be [batch, seq, {text.hidden_size}], got shape {tuple(inputs_embeds.shape)}.",
+                "prompt",
             )
     if tokens.shape[1] == 0:
-        raise ValueError("The prompt is empty (0 tokens); pass at least one token, e.g. from build_prompt.")
+        raise NaViLInputError(
+            "The prompt is empty (0 tokens); pass at least one token, e.g. from build_prompt.", "prompt"
+        )
     if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
         if attention_mask.shape != tokens.shape[:2]:
-            raise ValueError(
+            raise NaViLInputError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but the prompt is [batch, seq] = "
-                f"{tuple(tokens.shape[:2])}; pass the attention_mask returned with input_ids by the processor."
+                f"{tuple(tokens.shape[:2])}; pass the attention_mask returned with input_ids by the processor.",
+                "prompt",
             )
     if text.rope_type != "dynamic" and tokens.shape[1] > text.max_position_embeddings:
-        raise ValueError(
+        raise NaViLInputError(
             f"The prompt has {tokens.shape[1]} tokens but the model supports {text.max_position_embeddings} "
-            "positions; shorten the prompt or use fewer/smaller images (max_pixels)."
+            "positions; shorten the prompt or use fewer/smaller images (max_pixels).",
+            "prompt",
         )
     if input_ids is not None and input_ids.numel():
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= text.vocab_size:
-            raise ValueError(
+            raise NaViLInputError(
                 f"input_ids must lie in [0, {text.vocab_size}) but range over [{low}, {high}]; was the prompt "
-                "tokenized with this model's tokenizer?"
+                "tokenized with this model's tokenizer?",
+                "prompt",
             )
 
 
@@ -258,22 +324,28 @@ def check_generation_length(
     new_tokens, max_length = setting("max_new_tokens"), setting("max_length")
     for name, value in (("max_new_tokens", new_tokens), ("max_length", max_length)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be a whole number >= 0, got {value!r:.40}; e.g. {name}=64.")
+            raise NaViLInputError(
+                f"{name} must be a whole number >= 0, got {value!r:.40}; e.g. {name}=64.", "generation length"
+            )
     if new_tokens == 0:
-        raise ValueError("max_new_tokens=0 asks for no reply; pass at least 1, e.g. max_new_tokens=64.")
+        raise NaViLInputError(
+            "max_new_tokens=0 asks for no reply; pass at least 1, e.g. max_new_tokens=64.", "generation length"
+        )
     if new_tokens is None and max_length is not None and max_length <= prompt_length:
-        raise ValueError(
+        raise NaViLInputError(
             f"max_length={max_length} leaves no room for a reply after the prompt's {prompt_length} tokens (it counts "
-            "the prompt too); pass max_new_tokens instead, e.g. max_new_tokens=64."
+            "the prompt too); pass max_new_tokens instead, e.g. max_new_tokens=64.",
+            "generation length",
         )
     total = prompt_length + new_tokens if new_tokens is not None else max(max_length or 0, prompt_length)
     if text.rope_type != "dynamic" and total > text.max_position_embeddings:
         room = text.max_position_embeddings - prompt_length
-        raise ValueError(
+        raise NaViLInputError(
             f"The prompt has {prompt_length} tokens and up to {total - prompt_length} new tokens were asked for, "
             f"more than the model's {text.max_position_embeddings} positions; "
             + (f"lower max_new_tokens to at most {room}, or " if room > 0 else "")
-            + "shorten the prompt or history, or use fewer/smaller images (max_pixels)."
+            + "shorten the prompt or history, or use fewer/smaller images (max_pixels).",
+            "generation length",
         )
 
 
@@ -282,29 +354,43 @@ def check_pixel_values(pixel_values: torch.Tensor, vision: NaViLVisionConfig) ->
     3·P·P] or [patches, 3, P, P] for this patch size, or not finite."""
     patch_shape = (vision.num_channels, vision.patch_size, vision.patch_size)
     if not torch.is_floating_point(pixel_values):
-        raise ValueError(
-            f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}."
+        raise NaViLInputError(
+            f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}.",
+            "pixel values",
         )
     if pixel_values.device.type == "meta":
-        raise ValueError("pixel_values are on the meta device and hold no values; pass the processor's output.")
+        raise NaViLInputError(
+            "pixel_values are on the meta device and hold no values; pass the processor's output.", "pixel values"
+        )
     if pixel_values.shape[1:] not in ((patch_shape[0] * patch_shape[1] * patch_shape[2],), patch_shape):
-        raise ValueError(
+        raise NaViLInputError(
             f"pixel_values must be [patches, {patch_shape[0] * patch_shape[1] * patch_shape[2]}] or [patches, "
             f"{', '.join(map(str, patch_shape))}] for this model, got shape {tuple(pixel_values.shape)}; pass the "
-            "image processor's pixel_values with the model's patch_size."
+            "image processor's pixel_values with the model's patch_size.",
+            "pixel values",
         )
     if not bool(torch.isfinite(pixel_values).all()):
-        raise ValueError("pixel_values contain NaN or infinite values; check the image or preprocessing.")
+        raise NaViLInputError(
+            "pixel_values contain NaN or infinite values; check the image or preprocessing.", "pixel values"
+        )
 
 
 def check_num_scales(num_scales, image_grid_thw) -> None:
     """Refuses `num_scales` (scales per image) with an image of no scale, or not adding up to the image-scales."""
-    if num_scales is not None and bool((torch.as_tensor(num_scales) < 1).any()):
-        raise ValueError(f"num_scales must give every image at least one scale, got {num_scales.tolist()}.")
-    if num_scales is not None and image_grid_thw is not None and int(num_scales.sum()) != len(image_grid_thw):
-        raise ValueError(
+    if num_scales is None:
+        return
+    num_scales = torch.as_tensor(num_scales)
+    if bool((num_scales < 1).any()):
+        raise NaViLInputError(
+            f"num_scales must give every image at least one scale, got {num_scales.tolist()}; pass the image "
+            "processor's num_scales.",
+            "image grid",
+        )
+    if image_grid_thw is not None and int(num_scales.sum()) != len(image_grid_thw):
+        raise NaViLInputError(
             f"num_scales adds up to {int(num_scales.sum())} image-scales but image_grid_thw has "
-            f"{len(image_grid_thw)} rows."
+            f"{len(image_grid_thw)} rows; pass the image processor's outputs together.",
+            "image grid",
         )
 
 
@@ -359,21 +445,26 @@ def check_generation_settings(settings: Mapping, vocab_size: int) -> dict:
     vocabulary."""
     owned = sorted(key for key in settings if key in CHAT_OWNED_GENERATION_KEYS)
     if owned:
-        raise ValueError(
+        raise NaViLInputError(
             f"generation_config sets {', '.join(owned)}, which chat sets itself: "
             + "; ".join(f"{key}: {CHAT_OWNED_GENERATION_KEYS[key]}" for key in owned)
-            + "."
+            + ".",
+            "generation key that chat owns",
         )
     for name, (description, valid) in _GENERATION_VALUES.items():
         if settings.get(name) is not None and not valid(settings[name]):
-            raise ValueError(f"generation_config[{name!r}] must be {description}, got {settings[name]!r:.40}.")
+            raise NaViLInputError(
+                f"generation_config[{name!r}] must be {description}, got {settings[name]!r:.40}.",
+                "generation setting out of range",
+            )
     for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
         value = settings.get(name)
         ids = value if isinstance(value, (list, tuple)) else [value]
         if value is not None and not (ids and all(_whole(i) and 0 <= i < vocab_size for i in ids)):
-            raise ValueError(
+            raise NaViLInputError(
                 f"generation_config[{name!r}] must be a token id in [0, {vocab_size}) or a non-empty list of them, got "
-                f"{value!r:.40}; take it from the tokenizer (e.g. tokenizer.convert_tokens_to_ids('<|im_end|>'))."
+                f"{value!r:.40}; take it from the tokenizer (e.g. tokenizer.convert_tokens_to_ids('<|im_end|>')).",
+                "generation setting out of range",
             )
     floats = [name for name in _FLOAT_GENERATION_SETTINGS if _whole(settings.get(name))]
     return {**settings, **{name: float(settings[name]) for name in floats}}
@@ -433,10 +524,11 @@ def check_weight_dtypes(folder: Path) -> None:
 def check_no_image_tokens(context_mask: torch.Tensor) -> None:
     """Refuses a prompt with `<IMG_CONTEXT>` tokens but no `pixel_values`: it would be answered without the image."""
     if bool(context_mask.any()):
-        raise ValueError(
+        raise NaViLInputError(
             f"The prompt has {int(context_mask.sum())} {IMG_CONTEXT_TOKEN} tokens but no pixel_values were given, so "
             "the model would answer without seeing the image; pass the processor's pixel_values and image_grid_thw "
-            "with the prompt."
+            "with the prompt.",
+            "image tokens without images",
         )
 
 

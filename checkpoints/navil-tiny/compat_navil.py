@@ -231,15 +231,19 @@ def register_processor_for_pipelines(config_class, processor_class) -> None:
 # 5.x finds a processor's sub-processors from its `__init__` parameters and loads each through its Auto class (5.25
 # warns about an `image_processor_class` attribute); 4.x reads the class names from `<attribute>_class` attributes.
 PROCESSOR_NAMES_SUBPROCESSOR_CLASSES = not hasattr(ProcessorMixin, "get_attributes")
-_IMAGE_PROCESSOR_REGISTER_PARAMETERS = inspect.signature(AutoImageProcessor.register).parameters
+# 5.25 maps a config to one image processor per backend ("pil", "torchvision") and loads the one asked for.
+IMAGE_PROCESSOR_BACKENDS = "image_processor_classes" in inspect.signature(AutoImageProcessor.register).parameters
 
 
-def register_image_processor(config_class, image_processor_class) -> None:
-    """Maps `config_class` to `image_processor_class` in `AutoImageProcessor`, so that loading a folder's image
-    processor finds this (local) class instead of asking for remote code. 5.25 takes a dict per backend (a
-    `BaseImageProcessor` is the PIL one); earlier releases take it as the slow image processor."""
-    if "image_processor_classes" in _IMAGE_PROCESSOR_REGISTER_PARAMETERS:
-        classes = {"image_processor_classes": {"pil": image_processor_class}}
+def register_image_processor(config_class, image_processor_class, fast_image_processor_class) -> None:
+    """Maps `config_class` to its image processors in `AutoImageProcessor`, so that loading a folder's image
+    processor finds these (local) classes instead of asking for remote code. 5.25 takes a dict per backend (a
+    `BaseImageProcessor` is the PIL one, the torch one is "torchvision"'s). Earlier releases take the slow one only:
+    their fast slot wants a `BaseImageProcessorFast`, and `NaViLProcessor` picks the fast class itself there."""
+    if IMAGE_PROCESSOR_BACKENDS:
+        classes = {
+            "image_processor_classes": {"pil": image_processor_class, "torchvision": fast_image_processor_class}
+        }
     else:
         classes = {"slow_image_processor_class": image_processor_class}
     AutoImageProcessor.register(config_class, **classes, exist_ok=True)
@@ -298,25 +302,6 @@ def make_saved_processor_portable(save_directory) -> None:
     if image_processor_config is not None:
         _write_json(directory / "preprocessor_config.json", image_processor_config)
         _write_json(processor_file, processor_config)
-    offer_fast_image_processor(directory)
-
-
-def offer_fast_image_processor(directory: Path) -> None:
-    """Names the fast image processor next to the slow one in the folder's `auto_map` (`[slow, fast]`, the form with
-    which `AutoImageProcessor` picks the fast one under `use_fast=True` or transformers 5's default backend), when its
-    file was saved with the code files."""
-    config_file = directory / "preprocessor_config.json"
-    if not (config_file.is_file() and (directory / "image_processing_navil_fast.py").is_file()):
-        return
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    slow = config.get("auto_map", {}).get("AutoImageProcessor")
-    if isinstance(slow, str) and slow.endswith("image_processing_navil.NaViLImageProcessor"):
-        repository = slow[: -len("image_processing_navil.NaViLImageProcessor")]  # "owner/name--" or ""
-        config["auto_map"]["AutoImageProcessor"] = [
-            slow,
-            f"{repository}image_processing_navil_fast.NaViLImageProcessorFast",
-        ]
-        _write_json(config_file, config)
 
 
 # -- training -----------------------------------------------------------------------------------------------------

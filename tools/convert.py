@@ -12,18 +12,6 @@ from pathlib import Path
 
 import torch
 
-# The Hub files: they import each other relatively and run as remote code next to a checkpoint.
-CODE_FILES = (
-    "configuration_navil.py",
-    "compat_navil.py",
-    "attention_navil.py",
-    "checks_navil.py",
-    "chat_navil.py",
-    "modeling_navil.py",
-    "image_processing_navil.py",
-    "image_processing_navil_fast.py",
-    "processing_navil.py",
-)
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 TOKENIZER_PATTERNS = (
     "tokenizer*",
@@ -68,11 +56,12 @@ def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True, trust_
     The tokenizer loads without running its folder's code unless `trust_remote_code` (an original tokenizer that
     needs its `tokenization_*.py` is then refused, naming the flag); with it, that code must lie in the folder.
     """
-    from .compat_navil import make_saved_processor_portable
-    from .configuration_navil import hub_repo_id_of, write_model_card
-    from .loading_navil import auto_map_modules, load_navil_tokenizer_safely
-    from .modeling_navil import NaViLForConditionalGeneration
-    from .processing_navil import NaViLProcessor
+    from .. import configuration_navil
+    from ..compat_navil import make_saved_processor_portable
+    from ..configuration_navil import CODE_FILES, hub_repo_id_of, write_model_card
+    from ..modeling_navil import NaViLForConditionalGeneration
+    from ..processing_navil import NaViLProcessor
+    from .loading import auto_map_modules, load_navil_tokenizer_safely
 
     src, out = Path(src_dir), Path(out_dir)
     tokenizer_src = Path(tokenizer_dir) if tokenizer_dir is not None else src
@@ -96,12 +85,7 @@ def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True, trust_
     _copy_matching(src, out, WEIGHT_PATTERNS)
     probe.config.save_pretrained(out)
     probe.generation_config.save_pretrained(out)
-    processor = NaViLProcessor(
-        image_processor=probe.chat_processor(tokenizer).image_processor,
-        tokenizer=tokenizer,
-        template=probe.config.template,
-        system_message=probe.config.system_message,
-    )
+    processor = NaViLProcessor.from_model_config(probe.config, tokenizer)
     processor.save_pretrained(out)
     _copy_matching(tokenizer_src, out, TOKENIZER_PATTERNS)
     if trust_remote_code:
@@ -111,9 +95,9 @@ def convert_checkpoint(src_dir, out_dir, tokenizer_dir=None, verify=True, trust_
         _drop_tokenizer_auto_map(out)
     make_saved_processor_portable(out)  # the copied tokenizer config, in the form every transformers release reads
     write_model_card(out, base_model=hub_repo_id_of(src))
-    code_dir = Path(__file__).parent
+    hub_dir = Path(configuration_navil.__file__).parent
     for name in CODE_FILES:
-        shutil.copy2(code_dir / name, out / name)
+        shutil.copy2(hub_dir / name, out / name)
 
     if verify:
         verify_conversion(src, out, probe)

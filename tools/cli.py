@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Optional
 
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / "navil-tiny"
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "navil-tiny"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRUST_HELP = "run the model folder's own Python files (auto_map) instead of navil's; never files outside the folder"
 
@@ -42,8 +42,8 @@ def _dtype(name: str, device: str):
 def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
     """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat: with
     the installed package's code, or with the folder's own code only with `trust_remote_code` (see loading_navil)."""
-    from .checks_navil import check_save_complete
-    from .loading_navil import load_navil_model, load_navil_tokenizer_safely
+    from ..checks_navil import check_save_complete
+    from .loading import load_navil_model, load_navil_tokenizer_safely
 
     path = str(model) if model else str(EMBEDDED_MODEL_DIR)
     if Path(path).is_dir():
@@ -98,7 +98,7 @@ def run_chat(args) -> int:
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field of `TrainingArguments`, defaulting to the settings of the shipped model."""
-    from .training import TrainingArguments
+    from ..training import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
     for field in dataclasses.fields(TrainingArguments):
@@ -115,7 +115,7 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from .training import QUICK_RECIPE, TrainingArguments, train_tiny_navil
+    from ..training import QUICK_RECIPE, TrainingArguments, train_tiny_navil
 
     fields = {field.name: field.default for field in dataclasses.fields(TrainingArguments)}
     values = {name: value for name, value in vars(args).items() if name in fields}
@@ -130,8 +130,8 @@ def run_train(args) -> int:
 def _streaming_dataset(args, model: str):
     """The `StreamingDataset` of `navil finetune --streaming`: the shards of --data, checked with the model's
     processor, shuffled with --seed; every process reads the whole stream and keeps its part (accelerate)."""
-    from .loading_navil import load_navil_processor
-    from .training.streaming import StreamingDataset
+    from ..training.streaming import StreamingDataset
+    from .loading import load_navil_processor
 
     if args.max_steps <= 0:
         raise SystemExit("--streaming reads a stream without a known length; give the run's length with --max-steps.")
@@ -148,8 +148,8 @@ def _streaming_dataset(args, model: str):
 
 
 def run_finetune(args) -> int:
-    from .training import close_process_group, finetune
-    from .training.finetune import check_packing
+    from ..training import close_process_group, finetune
+    from ..training.finetune import check_packing
 
     packing = dict(
         max_packed_tokens=args.max_packed_tokens,
@@ -201,9 +201,9 @@ def run_finetune(args) -> int:
 def run_eval(args) -> int:
     import torch
 
-    from .training import evaluate, navil_processor
-    from .training.drawn_shapes import DRAWN_QUESTION_TYPES, DRAWN_SIZE_RANGE, DrawnShapesDataset
-    from .training.synthetic_data import OUT_OF_RANGE_SIZES, QUESTION_TYPES, TRAIN_SIZE_RANGE
+    from ..training import evaluate, navil_processor
+    from ..training.drawn_shapes import DRAWN_QUESTION_TYPES, DRAWN_SIZE_RANGE, DrawnShapesDataset
+    from ..training.synthetic_data import OUT_OF_RANGE_SIZES, QUESTION_TYPES, TRAIN_SIZE_RANGE
 
     data = None
     if args.drawn:
@@ -241,7 +241,7 @@ def run_eval(args) -> int:
 
 
 def run_convert(args) -> int:
-    from .convert_navil import convert_checkpoint
+    from .convert import convert_checkpoint
 
     convert_checkpoint(
         args.src_dir, args.out_dir, tokenizer_dir=args.tokenizer, trust_remote_code=args.trust_remote_code
@@ -251,7 +251,7 @@ def run_convert(args) -> int:
 
 
 def run_build_tokenizer(args) -> int:
-    from .training import build_tokenizer
+    from ..training import build_tokenizer
 
     tokenizer = build_tokenizer(args.out_dir)
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.out_dir}")
@@ -310,8 +310,8 @@ def run_serve(args) -> int:
 
     if importlib.util.find_spec("vllm") is None:
         raise SystemExit("navil serve needs vLLM, which is not installed: pip install navil[vllm]")
-    from .loading_navil import auto_map_modules
-    from .vllm_navil import memory_and_platform, serve
+    from ..serving.vllm import memory_and_platform, serve
+    from .loading import auto_map_modules
 
     model = args.model or str(EMBEDDED_MODEL_DIR)
     vllm_args = list(args.vllm_args)
@@ -496,7 +496,7 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the `navil` console script."""
-    from .training.stage_configs import with_stage_config
+    from ..training.stage_configs import with_stage_config
 
     argv = with_stage_config(sys.argv[1:] if argv is None else list(argv))
     args = build_parser(training_flags=argv[:1] == ["train"]).parse_args(argv)

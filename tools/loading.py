@@ -91,7 +91,7 @@ def load_navil_model(pretrained_model_name_or_path, trust_remote_code: bool = Fa
         from transformers import AutoModel
 
         return AutoModel.from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
-    from .modeling_navil import NaViLForConditionalGeneration
+    from ..modeling_navil import NaViLForConditionalGeneration
 
     return NaViLForConditionalGeneration.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -104,7 +104,7 @@ def load_navil_processor(pretrained_model_name_or_path, trust_remote_code: bool 
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(pretrained_model_name_or_path, trust_remote_code=True)
-    from .processing_navil import NaViLProcessor  # its image processor class is registered by navil/__init__.py
+    from ..processing_navil import NaViLProcessor  # its image processor class is registered by navil/__init__.py
 
     return NaViLProcessor.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False)
 
@@ -112,7 +112,7 @@ def load_navil_processor(pretrained_model_name_or_path, trust_remote_code: bool 
 def load_navil_tokenizer_safely(pretrained_model_name_or_path, trust_remote_code: bool = False):
     """The tokenizer of a NaViL folder: with the installed classes only (no `tokenization_*.py` of the folder runs),
     or with `trust_remote_code` after the `auto_map` check."""
-    from .processing_navil import load_navil_tokenizer
+    from ..processing_navil import load_navil_tokenizer
 
     _check_trust(pretrained_model_name_or_path, trust_remote_code)
     return load_navil_tokenizer(pretrained_model_name_or_path, trust_remote_code=trust_remote_code)

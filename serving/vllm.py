@@ -45,39 +45,33 @@ from vllm.multimodal.processing import (
     PromptUpdateDetails,
 )
 
-from .configuration_navil import (
-    IMAGE_PLACEHOLDER,
-    IMG_CONTEXT_TOKEN,
-    IMG_START_TOKEN,
-    SPECIAL_TOKEN_EMBEDDING_ROWS,
-    NaViLConfig,
-    NaViLTextConfig,
-    special_token_rows,
+from ..configuration_navil import IMAGE_PLACEHOLDER, SPECIAL_TOKEN_EMBEDDING_ROWS, NaViLConfig, NaViLTextConfig
+from ..modeling_navil import ModalityRouter, NaViLVisionModel, build_connector, pixel_shuffle, route
+from ..processing_navil import check_placeholder_count, image_block_tokens
+from .core import (
+    ARCHITECTURES,
+    check_servable,
+    image_block_embeddings,
+    largest_image_size,
+    num_image_tokens,
+    register_processors,
+    rope_parameters,
+    step_embeddings,
+    visual_token_ids,
+    weight_shards,
 )
-from .modeling_navil import ModalityRouter, NaViLVisionModel, build_connector, pixel_shuffle, route
-from .processing_navil import check_placeholder_count, image_block_tokens
 
-# The architecture names of navil's configs and of the original checkpoints (kept by `navil convert`).
-ARCHITECTURES = ("NaViLForConditionalGeneration", "NaViL")
 # Head sizes of vLLM's attention kernels (the CPU kernels have the fewest); smaller heads are zero-padded to the next.
 ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-# Aspect ratios tried for the image with the most tokens (profiling): at the pixel limit, taller images have more rows.
-PROFILED_ASPECT_RATIOS = ((1, 1), (1, 2), (2, 1), (1, 4), (4, 1), (1, 8))
 
 
 def register() -> None:
     """The `vllm.general_plugins` entry point: adds the NaViL architectures to vLLM's model registry, and navil's
     processor classes to the Auto classes, so that a folder is served with the installed code (its own files run
     only with `--trust-remote-code`)."""
-    from transformers import AutoImageProcessor, AutoProcessor
     from vllm import ModelRegistry
 
-    from .image_processing_navil import NaViLImageProcessor
-    from .processing_navil import NaViLProcessor
-
-    AutoProcessor.register(NaViLConfig, NaViLProcessor, exist_ok=True)
-    AutoImageProcessor.register(NaViLConfig, slow_image_processor_class=NaViLImageProcessor, exist_ok=True)
-
+    register_processors()
     for architecture in ARCHITECTURES:
         if architecture not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(architecture, f"{__name__}:NaViLForConditionalGeneration")
@@ -142,19 +136,11 @@ class NaViLProcessingInfo(BaseProcessingInfo):
         return {"image": None}
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        """Tokens of the `<img> … </img>` block of an image of this size, all scales of its pyramid included."""
-        image_processor = self.get_hf_processor().image_processor
-        image = Image.new("RGB", (image_width, image_height))
-        grids = image_processor(image, multiscale=True, return_tensors="pt")["image_grid_thw"]
-        return len(image_block_tokens(grids.tolist(), image_processor.merge_size))
+        return num_image_tokens(self.get_hf_processor().image_processor, image_width, image_height)
 
     def get_image_size_with_most_features(self) -> ImageSize:
-        max_pixels = self.get_hf_processor().image_processor.max_pixels
-        sizes = [
-            ImageSize(width=int((max_pixels * wide / tall) ** 0.5), height=int((max_pixels * tall / wide) ** 0.5))
-            for wide, tall in PROFILED_ASPECT_RATIOS
-        ]
-        return max(sizes, key=lambda size: self.get_num_image_tokens(image_width=size.width, image_height=size.height))
+        width, height = largest_image_size(self.get_hf_processor().image_processor)
+        return ImageSize(width=width, height=height)
 
 
 class NaViLDummyInputsBuilder(BaseDummyInputsBuilder[NaViLProcessingInfo]):
@@ -230,15 +216,6 @@ class NaViLMultiModalProcessor(BaseMultiModalProcessor[NaViLProcessingInfo]):
 def first(layer: nn.Module):
     """vLLM's linear layers return (output, bias); the router wants the output."""
     return lambda hidden_states: layer(hidden_states)[0]
-
-
-def rope_parameters(config: NaViLTextConfig) -> dict:
-    """vLLM's RoPE for the text config. Dynamic NTK changes nothing up to `max_position_embeddings`, the longest
-    context served (`max_model_len`), so it is served as plain RoPE."""
-    parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_type == "linear":
-        parameters.update(rope_type="linear", factor=config.rope_factor)
-    return parameters
 
 
 class ModalityExpertAttention(nn.Module):
@@ -462,24 +439,7 @@ class Qwen3VEModel(ModalityExpertModel):
         return self.embed_tokens(input_ids)
 
 
-def deinterleave_wqkv(weight: torch.Tensor, config: NaViLTextConfig) -> dict[str, torch.Tensor]:
-    """InternLM2's fused `wqkv` rows ([KV, G + 2, D] blocks: the G query heads of each key/value head, its key, its
-    value) as the "q", "k" and "v" shards of a `QKVParallelLinear` (weight [rows, hidden] or bias [rows])."""
-    kv_heads, dim = config.num_key_value_heads, config.head_dim
-    groups = config.num_attention_heads // kv_heads
-    blocks = weight.view(kv_heads, groups + 2, dim, -1)
-    shards = {"q": blocks[:, :groups], "k": blocks[:, groups], "v": blocks[:, groups + 1]}
-    return {name: shard.reshape(-1, *weight.shape[1:]) for name, shard in shards.items()}
-
-
 class InternLM2VEForCausalLM(nn.Module):
-    # (checkpoint name part, parameter name part, shard): fused layers that load several checkpoint tensors
-    stacked_params = [
-        (f".{ffn}.{name}.", f".{ffn}.gate_up_proj.", shard)
-        for ffn in ("feed_forward", "feed_forward_ve")
-        for name, shard in (("w1", 0), ("w3", 1))
-    ]
-
     def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         self.model = InternLM2VEModel(config, vllm_config, f"{prefix}.model")
@@ -493,20 +453,6 @@ class InternLM2VEForCausalLM(nn.Module):
 
 
 class Qwen3VEForCausalLM(nn.Module):
-    stacked_params = [
-        (f".{name}{expert}.", f".{fused}{expert}.", shard)
-        for expert in ("", "_ve")
-        for name, fused, shard in (
-            ("q_proj", "qkv_proj", "q"),
-            ("k_proj", "qkv_proj", "k"),
-            ("v_proj", "qkv_proj", "v"),
-        )
-    ] + [
-        (f".{ffn}.{name}.", f".{ffn}.gate_up_proj.", shard)
-        for ffn in ("mlp", "mlp_ve")
-        for name, shard in (("gate_proj", 0), ("up_proj", 1))
-    ]
-
     def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         self.model = Qwen3VEModel(config, vllm_config, f"{prefix}.model")
@@ -559,25 +505,14 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
         super().__init__()
         config: NaViLConfig = vllm_config.model_config.hf_config
         text, vision = config.text_config, config.vision_config
-        if not config.special_token_ids:
-            raise ValueError(
-                "This config has no special_token_ids; convert the checkpoint once with `navil convert` (weights "
-                "unchanged), which writes them with the tokenizer."
-            )
-        if not text.modality_experts:
-            raise ValueError(
-                "This is a dense NaViL (text_config.modality_experts=False), which navil's vLLM model does not serve; "
-                "serve it with transformers (model.chat / batch_chat)."
-            )
+        check_servable(config)
         self.config = config
         self.vision_model = NaViLVisionModel(vision)
         self.mlp1 = build_connector(vision, text)
         self.special_token_embedding = nn.Embedding(len(SPECIAL_TOKEN_EMBEDDING_ROWS), text.hidden_size)
         self.language_model = LANGUAGE_MODELS[text.backbone](text, vllm_config, "language_model")
         self.logits_processor = LogitsProcessor(text.vocab_size)
-        ids = config.special_token_ids
-        visual_ids = [ids[token] for token in (IMG_CONTEXT_TOKEN, IMG_START_TOKEN)]
-        self.register_buffer("visual_token_ids", torch.tensor(visual_ids), persistent=False)
+        self.register_buffer("visual_token_ids", visual_token_ids(config), persistent=False)
         self._step: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (input_ids, image-block mask) of the step
 
     def get_language_model(self) -> nn.Module:
@@ -596,16 +531,7 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         features = self.mlp1(pixel_shuffle(self.vision_model(pixel_values, grids).last_hidden_state, merge))
         num_scales = torch.as_tensor(num_scales).view(-1).tolist()
-        image_grids = grids.split(num_scales)
-        units = [int(grid.prod(-1).sum()) // merge**2 for grid in image_grids]
-        context_row = SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
-        blocks = []
-        for grid, image_features in zip(image_grids, features.split(units)):
-            tokens = image_block_tokens(grid.tolist(), merge)
-            rows = torch.tensor([SPECIAL_TOKEN_EMBEDDING_ROWS.index(token) for token in tokens], device=weight.device)
-            block = self.special_token_embedding(rows).to(features.dtype)  # [block tokens, hidden]
-            blocks.append(block.masked_scatter((rows == context_row)[:, None], image_features))
-        return blocks
+        return image_block_embeddings(self.special_token_embedding, features, grids, num_scales, merge)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         """Word embeddings, with each image block's embeddings over its placeholder. The special-token rows of prompt
@@ -626,17 +552,16 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
             return inputs_embeds, None
         input_ids, in_block = self._step
         self._step = None
-        num_tokens = inputs_embeds.shape[0]
-        input_ids = torch.nn.functional.pad(input_ids, (0, num_tokens - len(input_ids)))
-        in_block = torch.nn.functional.pad(in_block, (0, num_tokens - len(in_block)), value=False)
-        rows = special_token_rows(self.config.special_token_ids, input_ids).masked_fill(in_block, -1)
-        generated = decode_token_mask(num_tokens, inputs_embeds.device)
-        if generated is not None:
-            rows = rows.masked_fill(generated, -1)
-        special = self.special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
-        inputs_embeds = torch.where((rows >= 0)[:, None], special, inputs_embeds)
-        visual = in_block & torch.isin(input_ids, self.visual_token_ids)
-        return inputs_embeds, ModalityRouter.build(visual)
+        generated = decode_token_mask(inputs_embeds.shape[0], inputs_embeds.device)
+        return step_embeddings(
+            self.config,
+            self.special_token_embedding,
+            self.visual_token_ids,
+            inputs_embeds,
+            input_ids,
+            in_block,
+            generated,
+        )
 
     # -- forward -------------------------------------------------------------------------------------------------
 
@@ -653,24 +578,11 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads a NaViL state dict (original or saved by navil: the names are the same) into the vLLM modules:
-        fused layers from their parts, InternLM2's interleaved `wqkv` as q, k and v shards."""
-        text = self.config.text_config
+        fused layers from their parts, InternLM2's interleaved `wqkv` as q, k and v shards (`weight_shards`)."""
         params = dict(self.named_parameters())
-        stacked = self.language_model.stacked_params
         loaded = set()
         for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            if text.tie_word_embeddings and name.startswith(("language_model.output.", "language_model.lm_head.")):
-                continue
-            shards = [(name, tensor, None)]
-            if text.backbone == "internlm2" and (".attention.wqkv." in name or ".attention.wqkv_ve." in name):
-                shards = [(name, part, shard) for shard, part in deinterleave_wqkv(tensor, text).items()]
-            for part_name, fused_name, shard in stacked:
-                if part_name in name:
-                    shards = [(name.replace(part_name, fused_name), tensor, shard)]
-                    break
-            for param_name, part, shard in shards:
+            for param_name, part, shard in weight_shards(name, tensor, self.config):
                 param = params[param_name]
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 loader(param, part) if shard is None else loader(param, part, shard)
