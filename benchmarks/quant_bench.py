@@ -53,8 +53,8 @@ from bench import (
 from transformers import StoppingCriteriaList, TorchAoConfig
 
 import navil
-from navil.serving.cpu_quantization import DynamicInt8Linear
 from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.serving.cpu_quantization import DynamicInt8Linear
 
 CHECKPOINT = Path(navil.__file__).parent / "checkpoints" / "navil-tiny"
 MiB = 2**20

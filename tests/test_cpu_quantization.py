@@ -6,8 +6,8 @@ from conftest import BACKBONES, load_golden_model
 from test_quantization import CHECKPOINT, EXAMPLE, readme_reply
 
 import navil
-from navil.serving.cpu_quantization import DynamicInt8Linear
 from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.serving.cpu_quantization import DynamicInt8Linear
 
 
 def test_dynamic_int8_linear_computes_the_float_linear_within_int8_error():
