@@ -253,8 +253,8 @@ def expected_prompt_outcome(case: PromptCase) -> tuple[str, str]:
     count mismatch, the part of the message naming both counts."""
     if any(_LONE_SURROGATE in text for text in case.texts):
         return "text is not valid Unicode", ""
-    if case.images == "none":
-        return "ok", ""
+    if case.images == "none" or (case.images != "nested" and not any(case.image_seeds)):
+        return "ok", ""  # an empty list of images is no images (evaluation harnesses pass one)
     if any(IMG_CONTEXT_TOKEN in text for text in case.texts):
         return "text contains <IMG_CONTEXT>", ""
     counts = [text.count(IMAGE_PLACEHOLDER) for text in case.texts]

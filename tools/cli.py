@@ -496,9 +496,11 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the `navil` console script."""
-    from ..training.stage_configs import with_stage_config
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:  # the training package imports transformers' model classes: only when fine-tuning
+        from ..training.stage_configs import with_stage_config
 
-    argv = with_stage_config(sys.argv[1:] if argv is None else list(argv))
+        argv = with_stage_config(argv)
     args = build_parser(training_flags=argv[:1] == ["train"]).parse_args(argv)
     return args.run(args)
 
