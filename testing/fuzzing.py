@@ -524,7 +524,7 @@ def check_prompt_case(processor, case: PromptCase) -> str:
         assert outcome == expected and message in str(error), f"expected {expected} ({message}), got: {error}"
         return outcome
     assert expected == "ok", f"expected {expected}, the processor returned outputs"
-    num_images = None if images is None else sum(len(seeds) for seeds in case.image_seeds)
+    num_images = sum(len(seeds) for seeds in case.image_seeds) if images else None  # [] is no images
     check_processor_outputs(processor, case.texts, num_images, outputs)
     return "ok"
 

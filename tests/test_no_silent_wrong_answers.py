@@ -180,7 +180,7 @@ def test_save_pretrained_on_a_full_disk_raises_oserror_and_leaves_the_folder_as_
         (dict(image_mean=[9, 9, 9]), "image_mean must lie in \\[0, 1\\] and image_std in \\(0, 1\\]"),
         (dict(image_std=0), "image_mean must lie in \\[0, 1\\] and image_std in \\(0, 1\\]"),
         (dict(image_mean=float("nan")), "image_mean needs one finite number or three"),
-        (dict(rescale_factor=float("inf")), "rescale_factor must be a positive finite number"),
+        (dict(rescale_factor=float("inf")), "rescale_factor must be a finite non-zero number"),
     ],
 )
 def test_image_processor_flags_and_ranges_are_checked_in_files_and_calls(tmp_path, options, message):
@@ -201,7 +201,7 @@ def test_image_processor_flags_and_ranges_are_checked_in_files_and_calls(tmp_pat
         (dict(do_normalize="false"), "do_normalize must be True or False, got 'false'"),
         (dict(do_rescale="no"), "do_rescale must be True or False, got 'no'"),
         (dict(image_mean=[9, 9, 9]), "image_mean must lie in \\[0, 1\\] and image_std in \\(0, 1\\]"),
-        (dict(rescale_factor=float("nan")), "rescale_factor must be a positive finite number"),
+        (dict(rescale_factor=float("nan")), "rescale_factor must be a finite non-zero number"),
     ],
 )
 def test_image_processor_flags_and_ranges_are_checked_per_call(options, message):

@@ -137,6 +137,7 @@ class NaViLModelTester:
         self.text_tokens = text_tokens
         self.image_grid = image_grid
         self.is_training = True
+        self.text_only = False
         config = self.get_config()
         self.vision_config = config.vision_config.to_dict()
         self.text_config = config.text_config.to_dict()
@@ -164,6 +165,8 @@ class NaViLModelTester:
         text = first_text + modeling_common.ids_tensor(
             [self.batch_size, self.text_tokens], self.vocab_size - first_text
         )
+        if self.text_only:
+            return config, {"input_ids": text, "attention_mask": torch.ones_like(text)}
         image = torch.tensor(self.image_token_ids(config)).expand(self.batch_size, -1)
         half = self.text_tokens // 2
         input_ids = torch.cat((text[:, :half], image, text[:, half:]), dim=1)
@@ -189,6 +192,9 @@ class NaViLModelTestBase(modeling_common.ModelTesterMixin):
 
     def setUp(self):
         self.model_tester = NaViLModelTester(self, self.backbone)
+        # The eager/SDPA comparison passes only `input_ids` (cut and padded per row), never the pixels: its prompts are
+        # text, since image tokens without pixel_values are refused.
+        self.model_tester.text_only = self._testMethodName.startswith("test_eager_matches_sdpa_inference")
         # The mixin picks its image-text-to-text checks (labels for the training tests, the loss of shifted labels)
         # by class name from transformers' own mapping; NaViL is listed there for the duration of each test.
         listing = patch.dict(
