@@ -14,6 +14,16 @@ GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 BACKBONES = tuple(layout.golden_name for layout in LAYOUTS.values())  # the golden models: one per layout
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's training runs: its default thread count oversubscribes small CPUs shared
+    with other jobs (each step then takes seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def manifest():
     return json.loads((GOLDEN / "manifest.json").read_text())

@@ -27,12 +27,7 @@ IMAGE = str(DATA.parent / "shapes_0.png")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def finetune_tiny(output_dir, data=DATA, model_dir=TINY, **overrides):

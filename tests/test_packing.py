@@ -35,12 +35,7 @@ TINY = ROOT / "checkpoints" / "navil-tiny"
 BACKBONES = tuple(layout.backbone for layout in LAYOUTS.values())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
