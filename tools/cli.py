@@ -41,7 +41,7 @@ def _dtype(name: str, device: str):
 
 def load_model(model: Optional[str], device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
     """`(model, tokenizer)` from a folder or Hub id (the embedded tiny model when `model` is None), ready to chat: with
-    the installed package's code, or with the folder's own code only with `trust_remote_code` (see loading_navil)."""
+    the installed package's code, or with the folder's own code only with `trust_remote_code` (see tools/loading.py)."""
     from ..checks_navil import check_save_complete
     from .loading import load_navil_model, load_navil_tokenizer_safely
 
