@@ -311,9 +311,10 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
         float64, cast to float32, then subtract the mean and divide by the std in float32)."""
         check_flag(do_rescale, "do_rescale")
         check_flag(do_normalize, "do_normalize")
-        if not (_is_number(rescale_factor) and math.isfinite(rescale_factor) and rescale_factor > 0):
+        # a negative factor is allowed: transformers' processor tests pass -1 to see that the kwarg reaches the pixels
+        if not (_is_number(rescale_factor) and math.isfinite(rescale_factor) and rescale_factor != 0):
             raise ValueError(
-                f"rescale_factor must be a positive finite number, got {rescale_factor!r:.40}; e.g. 1/255."
+                f"rescale_factor must be a finite non-zero number, got {rescale_factor!r:.40}; e.g. 1/255."
             )
         levels = np.arange(256, dtype=np.float64)
         if do_rescale:
@@ -324,7 +325,7 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
         mean = np.asarray(self._per_channel(mean, "image_mean"), dtype=np.float32)[:, None]
         std = np.asarray(self._per_channel(std, "image_std"), dtype=np.float32)[:, None]
         top = float(levels[0, -1])  # the largest value before normalisation (1 after rescaling by 1/255)
-        if not ((mean >= 0).all() and (mean <= top).all() and (std > 0).all() and (std <= top).all()):
+        if top > 0 and not ((mean >= 0).all() and (mean <= top).all() and (std > 0).all() and (std <= top).all()):
             raise ValueError(
                 f"image_mean must lie in [0, {top:g}] and image_std in (0, {top:g}] (the range of the rescaled pixel "
                 f"values), got image_mean={mean.ravel().tolist()} and image_std={std.ravel().tolist()}; NaViL uses 0.5 "
