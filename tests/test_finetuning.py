@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
+from navil.compat_navil import with_checkpointing_names
 from navil.configuration_navil import END_OF_TURN_TOKEN
 from navil.training import NaViLDataCollator, causal_lm_loss, check_launch, freeze, load_jsonl, lora_target_modules
 from navil.training.synthetic_data import ShapesDataset
@@ -185,7 +186,7 @@ def test_trainer_with_gradient_checkpointing_reduces_the_loss_and_the_saved_mode
     processor, tmp_path
 ):
     model = freeze(tiny_model(), 2)
-    args = TrainingArguments(**training_arguments(tmp_path, gradient_checkpointing=True))
+    args = TrainingArguments(**with_checkpointing_names(training_arguments(tmp_path, gradient_checkpointing=True)))
     trainer = Trainer(
         model=model,
         args=args,

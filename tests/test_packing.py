@@ -11,6 +11,7 @@ import torch
 from transformers import AutoProcessor, Trainer, TrainingArguments
 
 import navil.compat_navil as compat
+from navil.compat_navil import with_checkpointing_names
 from navil.configuration_navil import IMG_END_TOKEN, IMG_START_TOKEN
 from navil.layouts_navil import LAYOUTS
 from navil.modeling_navil import NaViLForConditionalGeneration
@@ -278,11 +279,11 @@ def test_packing_trainer_normalises_over_the_accumulated_batch_and_logs_tokens_p
     dataset = PackedDataset(examples, encode, 400, strategy="best_fit")
     collator = PackingCollator(processor, "sample")
     args = TrainingArguments(
+        **with_checkpointing_names({"gradient_checkpointing": True}),
         output_dir=str(tmp_path),
         max_steps=2,
         per_device_train_batch_size=1,
         gradient_accumulation_steps=len(dataset),
-        gradient_checkpointing=True,
         learning_rate=1e-3,
         logging_steps=1,
         report_to="none",
