@@ -20,6 +20,7 @@ from typing import Optional
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "navil-tiny"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers' SchedulerType names
 TRUST_HELP = "run the model folder's own Python files (auto_map) instead of navil's; never files outside the folder"
 
 
@@ -130,12 +131,13 @@ def run_train(args) -> int:
 def _streaming_dataset(args, model: str):
     """The `StreamingDataset` of `navil finetune --streaming`: the shards of --data, checked with the model's
     processor, shuffled with --seed; every process reads the whole stream and keeps its part (accelerate)."""
+    from ..training.finetune import with_max_image_patches
     from ..training.streaming import StreamingDataset
     from .loading import load_navil_processor
 
     if args.max_steps <= 0:
         raise SystemExit("--streaming reads a stream without a known length; give the run's length with --max-steps.")
-    processor = load_navil_processor(model, args.trust_remote_code)
+    processor = with_max_image_patches(load_navil_processor(model, args.trust_remote_code), args.max_image_patches)
     multiscale = False if args.no_multiscale else None
     return StreamingDataset(
         args.data,
@@ -181,6 +183,12 @@ def run_finetune(args) -> int:
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler,
+        weight_decay=args.weight_decay,
+        adam_beta2=args.adam_beta2,
+        bf16=args.bf16,
+        max_image_patches=args.max_image_patches,
+        **({"warmup_steps": args.warmup_steps} if args.warmup_steps else {}),
         gradient_checkpointing=args.gradient_checkpointing,
         logging_steps=args.logging_steps,
         seed=args.seed,
@@ -419,13 +427,23 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     tune.add_argument("--model", help="model folder or Hub id (default: the embedded tiny model)")
     tune.add_argument("--data", required=True, help='JSONL file, one {"messages": [...], "images": [...]} per line')
     tune.add_argument("--output-dir", required=True, help="folder to save the fine-tuned model and processor to")
-    tune.add_argument("--stage", default="2", choices=["1", "2", "vision_frozen"], help="what trains (default: all)")
+    tune.add_argument(
+        "--stage", default="2", choices=["1", "1.2", "2", "vision_frozen"], help="what trains (default: 2, all)"
+    )
     tune.add_argument("--lora", choices=["text", "visual", "both"], help="train LoRA adapters on these experts")
     tune.add_argument("--lora-rank", type=int, default=8)
     tune.add_argument("--epochs", type=positive_float, default=3.0)
     tune.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: --epochs)")
     tune.add_argument("--batch-size", type=positive_int, default=4, help="examples per step and process")
     tune.add_argument("--learning-rate", type=float, default=1e-4)
+    tune.add_argument("--lr-scheduler", default="linear", choices=LR_SCHEDULERS, help="learning-rate schedule")
+    tune.add_argument("--warmup-steps", type=positive_int, help="steps of linear warm-up (default: none)")
+    tune.add_argument("--weight-decay", type=fraction, default=0.0, help="AdamW's decoupled weight decay")
+    tune.add_argument("--adam-beta2", type=fraction, default=0.999, help="AdamW's second-moment decay")
+    tune.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (where the device supports it)")
+    tune.add_argument(
+        "--max-image-patches", type=positive_int, help="resize larger images to this many 16-px patches (max_pixels)"
+    )
     tune.add_argument("--eval-fraction", type=fraction, default=0.1, help="examples held out for evaluation")
     tune.add_argument("--max-length", type=int, help="longest sequence in tokens (longer examples are cut or dropped)")
     tune.add_argument("--no-multiscale", action="store_true", help="encode images at full size only")
@@ -445,7 +463,9 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     # streaming and stage configs (navil.training.streaming, configs/stages)
     tune.add_argument("--streaming", action="store_true", help="stream --data: a .jsonl/.tar shard, folder or glob")
     tune.add_argument("--shuffle-buffer", type=int, default=1000, help="with --streaming: examples mixed at a time")
-    tune.add_argument("--config", help="a stage config (stage1, stage2, sft, smoke or a JSON file); flags override it")
+    tune.add_argument(
+        "--config", help="a stage config (stage1, stage1_2, stage2 or sft, smoke, or a JSON file); flags override it"
+    )
     # packed batches (navil.training.packing): --batch-size then counts packs
     tune.add_argument("--packing", action="store_true", help="train on packs of whole examples, one row per batch")
     tune.add_argument("--max-packed-tokens", type=positive_int, help="with --packing: token budget of a pack (8192)")

@@ -16,6 +16,7 @@ with the checkpoints, resume and output safety of `checkpointing` and, with `pac
 `packing`.
 """
 
+import copy
 import gc
 import math
 import os
@@ -414,6 +415,24 @@ def _check_packs(packs, budget: int) -> None:
         )
 
 
+def with_max_image_patches(processor: NaViLProcessor, max_image_patches: Optional[int]) -> NaViLProcessor:
+    """`processor`, or a copy whose image processor resizes images to at most `max_image_patches` patches (its
+    `max_pixels`); `processor` itself is left as it is."""
+    if max_image_patches is None:
+        return processor
+    image_processor = copy.deepcopy(processor.image_processor)
+    max_pixels = max_image_patches * image_processor.patch_size**2
+    if max_pixels < image_processor.min_pixels:
+        raise ValueError(
+            f"max_image_patches={max_image_patches} is below the image processor's lower limit of "
+            f"{image_processor.min_pixels // image_processor.patch_size**2} patches (min_pixels); raise it."
+        )
+    image_processor.max_pixels = max_pixels
+    training_processor = copy.copy(processor)
+    training_processor.image_processor = image_processor
+    return training_processor
+
+
 def finetune(
     model_dir: str,
     data: Optional[Union[str, Path]],
@@ -434,6 +453,7 @@ def finetune(
     max_packed_tokens: Optional[int] = None,
     packing_strategy: Optional[str] = None,
     loss_reduction: Optional[str] = None,
+    max_image_patches: Optional[int] = None,
     **training_arguments,
 ):
     """Fine-tunes the model in `model_dir` on the JSONL file `data` with `transformers.Trainer` and
@@ -464,6 +484,9 @@ def finetune(
     (`packing_strategy` "greedy" or "best_fit"), a `StreamingDataset` with `StreamedPacks` (greedy, with its position
     saved in each checkpoint). An example longer than the budget is left out with a warning. `check_packing` refuses
     the settings that cannot work together.
+
+    `max_image_patches` resizes the training images to at most that many patches (the paper's "maximum number of
+    image patches" of each stage); the saved processor keeps its own limit for inference.
     """
     from transformers import TrainingArguments
 
@@ -503,13 +526,14 @@ def finetune(
         if not model.config.special_token_ids:
             model.init_special_token_ids(processor.tokenizer)
         check_finetune_setup(model.config, processor.tokenizer, stage, lora)
-        collator = NaViLDataCollator(processor, max_length=max_length, multiscale=multiscale)
+        training_processor = with_max_image_patches(processor, max_image_patches)
+        collator = NaViLDataCollator(training_processor, max_length=max_length, multiscale=multiscale)
         held_out, callbacks, settings = [], [], {}
         if not streaming:
             from .streaming import check_examples
 
             examples = load_jsonl(data) if train_dataset is None else list(train_dataset)
-            checked = check_examples(examples, processor, max_length, multiscale)
+            checked = check_examples(examples, training_processor, max_length, multiscale)
             if checked.skipped:
                 warnings.warn(
                     f"Left out {len(checked.skipped)} of {len(examples)} training examples that cannot be trained on "
@@ -569,7 +593,7 @@ def finetune(
             from .packing import PackingCollator, packing_trainer_class
 
             trainer_class = packing_trainer_class(NaViLTrainer)
-            collator = PackingCollator(processor, packing_settings["loss_reduction"])
+            collator = PackingCollator(training_processor, packing_settings["loss_reduction"])
             loss = {}  # the packed loss of the collator's reduction (PackingTrainerMixin)
         else:
             trainer_class, loss = NaViLTrainer, {"compute_loss_func": causal_lm_loss}

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..layouts_navil import layout_of_backbone
 from ..modeling_navil import NaViLForConditionalGeneration
 from .upcycling import is_visual_expert
 
@@ -76,9 +77,10 @@ def train_loop(
     return losses
 
 
-# Training stages of the paper: what each one trains.
+# Training stages of the paper (S1.1, S1.2 and S2 of its Table 7): what each one trains.
 FREEZING_STAGES = {
     1: "vision encoder, connector (mlp1), visual experts (*_ve) and special_token_embedding; text weights frozen",
+    "1.2": "as stage 1, and the text weights of every attention block",
     2: "everything",
     "vision_frozen": "everything but the vision encoder",
 }
@@ -88,18 +90,21 @@ def freeze(model: NaViLForConditionalGeneration, stage) -> NaViLForConditionalGe
     """Sets `requires_grad` of every parameter of `model` for a training stage of the paper (`FREEZING_STAGES`) and
     returns `model`, ready for `Trainer` (which optimises the parameters that require gradients).
 
-    Stage 1 trains the vision encoder, the connector, the visual experts of the language model and
+    Stage 1 (the paper's S1.1) trains the vision encoder, the connector, the visual experts of the language model and
     `special_token_embedding` while the text weights (text experts, word embeddings, norms, LM head) stay frozen;
-    stage 2 trains everything; `"vision_frozen"` everything but the vision encoder. In a dense model
+    `"1.2"` (S1.2) also trains the text weights of the attention blocks (projections and q/k norms, the module the
+    layout names `attention`); stage 2 (S2, supervised fine-tuning) trains everything; `"vision_frozen"` everything
+    but the vision encoder. In a dense model
     (`text_config.modality_experts=False`) stage 1 has no visual experts to train: the vision encoder, connector and
     `special_token_embedding` learn to feed the frozen LLM (the usual alignment stage of a dense VLM).
     """
     if isinstance(stage, bool) or stage not in FREEZING_STAGES:  # True == 1 would act as stage 1
         raise ValueError(f"Unknown training stage {stage!r}; use one of {list(FREEZING_STAGES)}.")
+    attention = f".{layout_of_backbone(model.config.text_config.backbone).attention}."
     for name, parameter in model.named_parameters():
-        if stage == 1:
+        if stage in (1, "1.2"):
             text_weight = name.startswith("language_model.") and not is_visual_expert(name)
-            parameter.requires_grad = not text_weight
+            parameter.requires_grad = not text_weight or (stage == "1.2" and attention in name)
         else:
             parameter.requires_grad = stage == 2 or not name.startswith("vision_model.")
     return model

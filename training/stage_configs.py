@@ -1,10 +1,10 @@
 """The paper's training stages as config files for `navil finetune --config` (configs/stages/*.json, shipped in the
 package).
 
-A config is a JSON object with `description` (what the stage trains and why), `paper` (each hyper-parameter the NaViL
-paper, arXiv 2510.08565, states for the stage, or that it does not state it) and `finetune`: the values of
-`navil finetune` flags, named as the flags without the leading dashes (`learning-rate` or `learning_rate`). Flags
-given on the command line override the file's values.
+A config is a JSON object with `description` (what the stage trains and why), `paper` (what the NaViL paper, arXiv
+2510.08565, states for the stage, which `finetune` values come from it, and what it does not state) and `finetune`:
+the values of `navil finetune` flags, named as the flags without the leading dashes (`learning-rate` or
+`learning_rate`). Flags given on the command line override the file's values.
 """
 
 import json
@@ -12,17 +12,20 @@ from pathlib import Path
 from typing import Union
 
 STAGE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "stages"
+# Other names of shipped configs: the paper's stage 2 is its supervised fine-tuning.
+STAGE_CONFIG_ALIASES = {"sft": "stage2"}
 
 
 def stage_config_path(config: Union[str, Path]) -> Path:
-    """The file of `config`: a path, or the name of a shipped config (`stage1`, `stage2`, `sft`, `smoke`)."""
+    """The file of `config`: a path, or the name of a shipped config (`stage1`, `stage1_2`, `stage2` or `sft`,
+    `smoke`)."""
     path = Path(config)
     if path.is_file():
         return path
-    shipped = STAGE_CONFIG_DIR / f"{config}.json"
+    shipped = STAGE_CONFIG_DIR / f"{STAGE_CONFIG_ALIASES.get(str(config), config)}.json"
     if shipped.is_file():
         return shipped
-    names = ", ".join(sorted(item.stem for item in STAGE_CONFIG_DIR.glob("*.json")))
+    names = ", ".join(sorted([*(item.stem for item in STAGE_CONFIG_DIR.glob("*.json")), *STAGE_CONFIG_ALIASES]))
     raise FileNotFoundError(f"No stage config at {config}; pass a JSON file or one of the shipped configs: {names}.")
 
 
