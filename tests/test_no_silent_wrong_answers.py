@@ -475,3 +475,43 @@ def test_torchao_checkpoint_reloaded_in_another_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match="is a torchao checkpoint quantized in torch.float32.* dtype=torch.float32"):
         NaViLForConditionalGeneration.from_pretrained(tmp_path / "int4", dtype=torch.bfloat16)
     NaViLForConditionalGeneration.from_pretrained(tmp_path / "int4", dtype=torch.float32)  # its own dtype loads
+
+
+def lora_with_random_updates(model):
+    """`model` wrapped by PEFT with LoRA on every text and visual expert, its adapters initialised to non-zero
+    updates (PEFT's default makes them zero, which merging could not lose)."""
+    from peft import LoraConfig, get_peft_model
+
+    from navil.training.finetune import lora_target_modules
+
+    torch.manual_seed(0)
+    target = lora_target_modules(model.config, "both")
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=target, init_lora_weights=False))
+
+
+def test_merging_lora_into_torchao_weights_is_refused_naming_the_adapter():
+    pytest.importorskip("peft")
+    quantized = NaViLForConditionalGeneration.from_pretrained(
+        GOLDEN / "qwen3_ve", quantization_config=torchao_int4(32)
+    ).eval()
+    prompt = torch.tensor([[1, 5, 9, 200, 17, 33]])
+    with torch.no_grad():
+        base = quantized(input_ids=prompt).logits
+        adapted = lora_with_random_updates(quantized)
+        with_adapters = adapted(input_ids=prompt).logits
+        with pytest.raises(ValueError, match="adapter self_attn.q_proj of language-model layer 0 wraps a torchao"):
+            adapted.merge_and_unload()
+        assert torch.equal(adapted(input_ids=prompt).logits, with_adapters)  # nothing was merged
+        unloaded = adapted.unload()  # dropping the adapters (no merge) still works
+        assert not any(hasattr(module, "lora_A") for module in unloaded.modules())
+        assert torch.equal(unloaded(input_ids=prompt).logits, base)
+
+
+def test_merging_lora_into_full_precision_weights_still_works(model):
+    pytest.importorskip("peft")
+    prompt = torch.tensor([[1, 5, 9, 200, 17, 33]])
+    with torch.no_grad():
+        adapted = lora_with_random_updates(copy.deepcopy(model))
+        with_adapters = adapted(input_ids=prompt).logits
+        merged = adapted.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=prompt).logits, with_adapters, atol=1e-4, rtol=1e-4)
