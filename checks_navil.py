@@ -27,7 +27,10 @@ from .compat_navil import DTYPE_KWARG
 from .configuration_navil import (
     IMAGE_PLACEHOLDER,
     IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
     IMG_FRAME_BREAK_TOKEN,
+    IMG_LINE_BREAK_TOKEN,
+    IMG_START_TOKEN,
     NaViLConfig,
     NaViLTextConfig,
     NaViLVisionConfig,
@@ -233,6 +236,8 @@ def check_image_tokens(config: NaViLConfig, input_ids, context_mask, image_grid_
             "the prompt with the processor (or expand each <image> with the same image_grid_thw).",
             "image tokens do not match the images",
         )
+    if input_ids is not None:
+        check_image_block_tokens(config.special_token_ids, input_ids, context_mask)
     frame_break = config.special_token_ids.get(IMG_FRAME_BREAK_TOKEN)
     if frame_break is None or not expected or input_ids is None:
         return
@@ -249,6 +254,43 @@ def check_image_tokens(config: NaViLConfig, input_ids, context_mask, image_grid_
             "image's tokens. Take the prompt and the images from one processor call, in the same order.",
             "image tokens do not match the images",
         )
+
+
+def check_image_block_tokens(special_token_ids: Mapping, input_ids: torch.Tensor, context_mask: torch.Tensor) -> None:
+    """Refuses a prompt whose image blocks (`<img>`, per frame rows of `<IMG_CONTEXT>` each ending in
+    `<IMG_LINE_BREAK>`, `<IMG_FRAME_BREAK>`, ..., `</img>`) do not read as `config.special_token_ids` say: their ids
+    disagree with the tokenizer that built the prompt (swapped `<img>` / `</img>` move the logits without a word).
+    The model sees no tokenizer (a pipeline or `generate` hands it token ids), so the prompt is what is checked."""
+    tokens = (IMG_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_LINE_BREAK_TOKEN, IMG_FRAME_BREAK_TOKEN, IMG_END_TOKEN)
+    if not all(token in special_token_ids for token in tokens):
+        return
+    start, context_id, line_break, frame_break, end = (special_token_ids[token] for token in tokens)
+    flat, context = input_ids.flatten(), context_mask.flatten()
+    before = torch.cat((flat.new_full((1,), -1), flat[:-1]))
+    after = torch.cat((flat[1:], flat.new_full((1,), -1)))
+    ends_row = (flat == line_break) & torch.cat((context.new_zeros(1), context[:-1]))
+    ends_frame = (flat == frame_break) & torch.cat((ends_row.new_zeros(1), ends_row[:-1]))
+    starts_frame = context & (before != context_id) & (before != line_break)
+    rules = (  # (positions, their neighbour, the tokens an image block has there, where)
+        (context, after, (context_id, line_break), f"after {IMG_CONTEXT_TOKEN}"),
+        (ends_row, after, (context_id, frame_break), f"after the {IMG_LINE_BREAK_TOKEN} ending a row"),
+        (ends_frame, after, (context_id, end), f"after the {IMG_FRAME_BREAK_TOKEN} ending a frame"),
+        (starts_frame, before, (start, frame_break), f"before the first {IMG_CONTEXT_TOKEN} of a frame"),
+    )
+    names = {token_id: token for token, token_id in special_token_ids.items()}
+    for positions, neighbour, allowed, where in rules:
+        bad = positions & (neighbour != allowed[0]) & (neighbour != allowed[1])
+        if bool(bad.any()):
+            found = int(neighbour[bad.nonzero()[0, 0]])
+            raise NaViLInputError(
+                f"The prompt's image tokens do not follow config.special_token_ids: {where} comes id {found} "
+                f"({names.get(found, 'not a NaViL special token')} in the config), where an image block has "
+                f"{' or '.join(f'{names[token_id]} (id {token_id})' for token_id in allowed)}. config.special_token_ids "
+                "disagree with the tokenizer that built the prompt (or the prompt was not built by the NaViL "
+                "processor): use the tokenizer saved with the model, or re-read the ids with "
+                "model.init_special_token_ids(tokenizer).",
+                "image tokens do not match the images",
+            )
 
 
 def check_prompt(

@@ -11,7 +11,15 @@ import torch
 from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 
-from navil.configuration_navil import END_OF_TURN_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, NaViLConfig
+from navil.configuration_navil import (
+    END_OF_TURN_TOKEN,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_FRAME_BREAK_TOKEN,
+    IMG_LINE_BREAK_TOKEN,
+    IMG_START_TOKEN,
+    NaViLConfig,
+)
 from navil.modeling_navil import NaViLForConditionalGeneration
 
 GENERATION = dict(max_new_tokens=2, do_sample=False)
@@ -95,6 +103,41 @@ def test_a_model_folder_whose_special_token_ids_disagree_with_the_tokenizer_is_r
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"disagree with the tokenizer: {IMG_START_TOKEN} is {ids[IMG_START_TOKEN]}"):
         check_saved_special_token_ids(tmp_path, golden_tokenizer)
+
+
+def test_a_processor_built_in_memory_refuses_special_token_ids_that_disagree_with_the_tokenizer(
+    model, golden_tokenizer
+):
+    from navil.processing_navil import NaViLProcessor
+
+    config = copy.deepcopy(model.config)
+    NaViLProcessor.from_model_config(config, golden_tokenizer)
+    ids = config.special_token_ids
+    ids[IMG_START_TOKEN], ids[IMG_END_TOKEN] = ids[IMG_END_TOKEN], ids[IMG_START_TOKEN]
+    with pytest.raises(
+        ValueError, match=f"disagree with the tokenizer: .*{IMG_START_TOKEN} is {ids[IMG_START_TOKEN]}"
+    ):
+        NaViLProcessor.from_model_config(config, golden_tokenizer)
+
+
+@pytest.mark.parametrize("swap", [(IMG_START_TOKEN, IMG_END_TOKEN), (IMG_LINE_BREAK_TOKEN, IMG_FRAME_BREAK_TOKEN)])
+def test_the_pipeline_refuses_an_in_memory_model_whose_special_token_ids_disagree_with_the_tokenizer(
+    golden_tokenizer, swap
+):
+    from PIL import Image
+    from transformers import pipeline
+
+    model = NaViLForConditionalGeneration.from_pretrained(GOLDEN / "qwen3_ve").eval()
+    model.init_special_token_ids(golden_tokenizer)
+    pipe = pipeline("image-text-to-text", model=model, processor=model.chat_processor(golden_tokenizer))
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    pipe(text=messages, max_new_tokens=2)  # the ids the processor was built with answer
+    ids = model.config.special_token_ids
+    first, second = swap
+    ids[first], ids[second] = ids[second], ids[first]
+    with pytest.raises(ValueError, match="image tokens do not follow config.special_token_ids: .* disagree with the"):
+        pipe(text=messages, max_new_tokens=2)
 
 
 # -- 11. image tokens without images --------------------------------------------------------------------------------
