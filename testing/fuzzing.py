@@ -80,7 +80,10 @@ EXPECTED_ERRORS = {
     "image file not found": "Image file not found",
     "saved bound removed or raised": "a saved file may only lower it",
     "image above max_image_pixels": "more than max_image_pixels=",
-    "image processor setting": r"must be a positive whole number or None|must be a number of pixels",
+    "image processor setting": r"must be a positive whole number or None|must be a number of pixels|"
+    r"scale_downsample_ratio must be (a number )?in \(0, 1\)|resample must be one of PIL's resampling filters",
+    "image processor flag not a bool": "must be True or False, got",
+    "image mean or std out of range": r"needs one finite number or three|image_mean must lie in|rescale_factor must be",
     "config contradicts the weights": r"config.json says \w+\.\w+ = .*, but",
     "config too large for the memory": "GiB of memory available",
     "invalid config value": r"must be a positive whole number|must be divisible by|must be a multiple of|are outside the",
@@ -847,7 +850,35 @@ def check_cli_case(case: CliCase) -> str:
 
 
 _BOUND_VALUES = (None, 0, 1, -5, 64, 10**4, 10**6, 10**9, 10**18, 1.5, 4e8, math.inf, "100", True)
-PREPROCESSOR_FIELDS = ("min_pixels", "max_pixels", *SAVED_BOUNDS)
+_FLAG_FILE_VALUES = (True, False, None, "false", "no", "true", 0, 1, [])
+_CHANNEL_VALUES = (
+    [0.5, 0.5, 0.5],
+    [9, 9, 9],
+    [0, 0, 0],
+    [0.1, 0.2],
+    0.5,
+    -1,
+    math.nan,
+    "0.5",
+    None,
+    [0.4, math.inf, 0.4],
+)
+# The fields of a saved preprocessor_config.json and the hostile values each is given (items 5, 12 and 18).
+PREPROCESSOR_FILE_VALUES = {
+    **{name: _BOUND_VALUES for name in ("min_pixels", "max_pixels", *SAVED_BOUNDS)},
+    **{
+        name: _FLAG_FILE_VALUES
+        for name in ("do_normalize", "do_rescale", "load_truncated_images", "apply_exif_orientation", "multiscale")
+    },
+    "image_mean": _CHANNEL_VALUES,
+    "image_std": _CHANNEL_VALUES,
+    "rescale_factor": (1 / 255, 1.0, 0, -1, math.inf, math.nan, "x", None),
+    "patch_size": (16, "16", 14, 8, 0, -16, 1.5, None, True),
+    "merge_size": (2, 1, 3, 0, "2", None),
+    "scale_downsample_ratio": (0.7071, 0.5, 1.0, 0, -1, 2.0, math.nan, None, "0.5"),
+    "resample": (3, 0, 2, 99, "bicubic", None, 1.5),
+}
+PREPROCESSOR_FIELDS = tuple(PREPROCESSOR_FILE_VALUES)
 
 
 @dataclass(frozen=True)
@@ -857,8 +888,10 @@ class PreprocessorFileCase:
 
 @st.composite
 def preprocessor_file_cases(draw) -> PreprocessorFileCase:
-    pairs = st.tuples(st.sampled_from(PREPROCESSOR_FIELDS), st.sampled_from(_BOUND_VALUES))
-    return PreprocessorFileCase(tuple(draw(st.lists(pairs, min_size=1, max_size=4))))
+    fields = draw(st.lists(st.sampled_from(PREPROCESSOR_FIELDS), min_size=1, max_size=4))
+    return PreprocessorFileCase(
+        tuple((name, draw(st.sampled_from(PREPROCESSOR_FILE_VALUES[name]))) for name in fields)
+    )
 
 
 def check_preprocessor_file_case(source: Path, case: PreprocessorFileCase) -> str:

@@ -224,6 +224,8 @@ def test_save_pretrained_on_a_full_disk_raises_oserror_and_leaves_the_folder_as_
         (dict(image_std=0), "image_mean must lie in \\[0, 1\\] and image_std in \\(0, 1\\]"),
         (dict(image_mean=float("nan")), "image_mean needs one finite number or three"),
         (dict(rescale_factor=float("inf")), "rescale_factor must be a finite non-zero number"),
+        (dict(resample="bicubic"), "resample must be one of PIL's resampling filters \\(0 = NEAREST"),
+        (dict(resample=99), "resample must be one of PIL's resampling filters .*, got 99"),
     ],
 )
 def test_image_processor_flags_and_ranges_are_checked_in_files_and_calls(tmp_path, options, message):
