@@ -330,11 +330,11 @@ CONFIG_FIELDS = {
     "text_config": tuple(
         "architectures vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
         "num_key_value_heads head_dim hidden_act max_position_embeddings rms_norm_eps rope_theta rope_scaling "
-        "use_sliding_window sliding_window initializer_range".split()
+        "use_sliding_window sliding_window initializer_range rope_factor backbone".split()
     ),
     "": tuple(
         "downsample_ratio min_dynamic_patch max_dynamic_patch scale_downsample_ratio template system_message "
-        "special_token_ids".split()
+        "special_token_ids dtype".split()
     ),
 }
 _CONFIG_VALUES = (
@@ -342,6 +342,12 @@ _CONFIG_VALUES = (
     0.5,
     1.5,
     1e-30,
+    1e-300,
+    "float32",
+    "bfloat16",
+    "int8",
+    "qwen3",
+    "internlm2",
     -1.0,
     math.nan,
     math.inf,

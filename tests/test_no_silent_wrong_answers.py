@@ -283,6 +283,15 @@ def test_a_missing_model_folder_is_named(tmp_path):
             load(str(missing))
 
 
+@pytest.mark.parametrize("command", ["chat", "eval"])
+def test_navil_commands_name_a_missing_model_folder(tmp_path, command):
+    from navil.tools.cli import main
+
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(OSError, match=f"The model folder {missing} does not exist"):
+        main([command, "--model", str(missing), *(["Hi"] if command == "chat" else [])])
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
