@@ -500,13 +500,14 @@ def check_generation_settings(settings: Mapping, vocab_size: int) -> dict:
                 f"generation_config[{name!r}] must be {description}, got {settings[name]!r:.40}.",
                 "generation setting out of range",
             )
-    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):  # generate takes a list for eos_token_id only
         value = settings.get(name)
-        ids = value if isinstance(value, (list, tuple)) else [value]
+        ids = value if name == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
         if value is not None and not (ids and all(_whole(i) and 0 <= i < vocab_size for i in ids)):
+            lists = " or a non-empty list of them" if name == "eos_token_id" else ""
             raise NaViLInputError(
-                f"generation_config[{name!r}] must be a token id in [0, {vocab_size}) or a non-empty list of them, got "
-                f"{value!r:.40}; take it from the tokenizer (e.g. tokenizer.convert_tokens_to_ids('<|im_end|>')).",
+                f"generation_config[{name!r}] must be a token id in [0, {vocab_size}){lists}, got {value!r:.40}; take "
+                "it from the tokenizer (e.g. tokenizer.convert_tokens_to_ids('<|im_end|>')).",
                 "generation setting out of range",
             )
     floats = [name for name in _FLOAT_GENERATION_SETTINGS if _whole(settings.get(name))]
