@@ -17,7 +17,12 @@ outputs fail an assertion, and any other exception (or a `ValueError` with an un
 - configs: one field of a tiny config set to a hostile value; refused naming the field, or the model builds, runs
   a forward pass and encodes an image;
 - weights: a checkpoint's `model.safetensors` truncated, emptied, replaced by random bytes, given a huge or corrupted
-  header, changed in its data, or missing / reshaping / adding / retyping a tensor; loaded with and without `strict`.
+  header, changed in its data, or missing / reshaping / adding / retyping a tensor; loaded with and without `strict`;
+- chat settings: hostile `generation_config` values and keys chat owns;
+- JSONL files and collator batches: fine-tuning examples with broken encodings, lines, fields and images;
+- CLI flags: `navil` command lines with hostile flag values, parsed;
+- saved files: a `preprocessor_config.json` with hostile bounds, flags, means, sizes and filters, and a `config.json`
+  whose sizes disagree with the weights or the memory.
 """
 
 import contextlib
