@@ -459,7 +459,8 @@ _GENERATION_VALUES = {
     "typical_p": ("a number in (0, 1]", lambda v: _real(v) and 0 < v <= 1),
     "top_k": ("a whole number >= 0", lambda v: _whole(v) and v >= 0),
     "repetition_penalty": ("a positive finite number", lambda v: _real(v) and math.isfinite(v) and v > 0),
-    "length_penalty": ("a finite number", lambda v: _real(v) and math.isfinite(v)),
+    # beam scores are divided by length ** length_penalty, a Python float that overflows (OverflowError) beyond 50
+    "length_penalty": ("a number in [-50, 50]", lambda v: _real(v) and -50 <= v <= 50),
     "num_beams": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
     "num_beam_groups": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
     "num_return_sequences": ("1 (chat returns one reply per question)", lambda v: _whole(v) and v == 1),

@@ -162,6 +162,7 @@ def test_image_tokens_without_pixel_values_are_refused(model, processor):
         (dict(eos_token_id=-5), "'eos_token_id'\\] must be a token id in \\[0, "),
         (dict(pad_token_id=[1]), "'pad_token_id'\\] must be a token id in \\[0, \\d+\\), got \\[1\\]"),
         (dict(num_beams=0), "'num_beams'\\] must be a whole number >= 1"),
+        (dict(num_beams=2, length_penalty=1200), "'length_penalty'\\] must be a number in \\[-50, 50\\]"),
         (dict(return_dict_in_generate=True), "sets return_dict_in_generate, which chat sets itself"),
         (dict(streamer=None), "streamer: pass it as chat's streamer argument"),
         (dict(input_ids=torch.zeros(1, 2, dtype=torch.long)), "sets input_ids, which chat sets itself"),
@@ -169,8 +170,8 @@ def test_image_tokens_without_pixel_values_are_refused(model, processor):
         (dict(max_new_tokens=0), "max_new_tokens=0 asks for no reply"),
         (dict(max_length=3, max_new_tokens=None), "max_length=3 leaves no room for a reply after the prompt's"),
     ],
-    ids=["temperature-inf", "top_p-nan", "top_p-2", "eos-negative", "pad-list", "beams-0", "return-dict", "streamer"]
-    + ["ids", "pv", "no-new-tokens", "max-length-in-prompt"],
+    ids=["temperature-inf", "top_p-nan", "top_p-2", "eos-negative", "pad-list", "beams-0", "overflow", "return-dict"]
+    + ["streamer", "ids", "pv", "no-new-tokens", "max-length-in-prompt"],
 )
 def test_chat_generation_settings_are_validated(model, golden_tokenizer, settings, message):
     with pytest.raises(ValueError, match=message):
