@@ -282,13 +282,13 @@ def check_image_block_tokens(special_token_ids: Mapping, input_ids: torch.Tensor
         bad = positions & (neighbour != allowed[0]) & (neighbour != allowed[1])
         if bool(bad.any()):
             found = int(neighbour[bad.nonzero()[0, 0]])
+            expected = " or ".join(f"{names[token_id]} (id {token_id})" for token_id in allowed)
             raise NaViLInputError(
                 f"The prompt's image tokens do not follow config.special_token_ids: {where} comes id {found} "
                 f"({names.get(found, 'not a NaViL special token')} in the config), where an image block has "
-                f"{' or '.join(f'{names[token_id]} (id {token_id})' for token_id in allowed)}. config.special_token_ids "
-                "disagree with the tokenizer that built the prompt (or the prompt was not built by the NaViL "
-                "processor): use the tokenizer saved with the model, or re-read the ids with "
-                "model.init_special_token_ids(tokenizer).",
+                f"{expected}. config.special_token_ids disagree with the tokenizer that built the prompt (or the "
+                "prompt was not built by the NaViL processor): use the tokenizer saved with the model, or re-read the "
+                "ids with model.init_special_token_ids(tokenizer).",
                 "image tokens do not match the images",
             )
 
@@ -710,12 +710,12 @@ class RefusesQuantizedLoraMerge:
             weight = type(self.get_submodule(names[0]).get_base_layer().weight).__name__
             raise ValueError(
                 f"Cannot merge LoRA into torchao-quantized weights: the adapter {names[0]} of "
-                f"{self.quantized_merge_name} wraps a torchao {weight} weight. Merging dequantizes it, adds the adapter and quantizes "
-                "the sum again, which rounds most of the adapter's update away (logits change). Nothing in this layer "
-                "was changed. Keep the adapters unmerged (the PeftModel runs them on top of the quantized weights; "
-                "save_pretrained saves the adapter alone), or merge into the full-precision model: load the checkpoint "
-                "without quantization_config, PeftModel.from_pretrained(model, ADAPTER).merge_and_unload(), then "
-                "quantize the result."
+                f"{self.quantized_merge_name} wraps a torchao {weight} weight. Merging dequantizes it, adds the "
+                "adapter and quantizes the sum again, which rounds most of the adapter's update away (logits change). "
+                "Nothing in this layer was changed. Keep the adapters unmerged (the PeftModel runs them on top of the "
+                "quantized weights; save_pretrained saves the adapter alone), or merge into the full-precision model: "
+                "load the checkpoint without quantization_config, PeftModel.from_pretrained(model, "
+                "ADAPTER).merge_and_unload(), then quantize the result."
             )
         for name in names:
             parent, _, child = name.rpartition(".")
