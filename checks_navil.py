@@ -733,21 +733,22 @@ def _saved_config(model_class, name_or_path, kwargs: dict):
         return None
 
 
-# (config field, header name pattern, axis): the config's sizes each weight file states too; a layer count is the
-# number of distinct layer indices matched.
+# (config field, header name pattern, axis, rank): the config's sizes each weight file states too, at `axis` of a
+# tensor of `rank` dimensions; a layer count (axis None) is the number of distinct layer indices matched.
 _SHAPE_FIELDS = (
-    ("text_config.vocab_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 0),
-    ("text_config.hidden_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 1),
+    ("text_config.vocab_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 0, 2),
+    ("text_config.hidden_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 1, 2),
     (
         "text_config.intermediate_size",
         r"language_model\.model\.layers\.0\.(mlp\.gate_proj|feed_forward\.w1)\.weight",
         0,
+        2,
     ),
-    ("text_config.num_hidden_layers", r"language_model\.model\.layers\.(\d+)\.", None),
-    ("vision_config.hidden_size", r"vision_model\.embeddings\.patch_embedding\.weight", 0),
-    ("vision_config.patch_size", r"vision_model\.embeddings\.patch_embedding\.weight", 2),
-    ("vision_config.intermediate_size", r"vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight", 0),
-    ("vision_config.num_hidden_layers", r"vision_model\.encoder\.layers\.(\d+)\.", None),
+    ("text_config.num_hidden_layers", r"language_model\.model\.layers\.(\d+)\.", None, None),
+    ("vision_config.hidden_size", r"vision_model\.embeddings\.patch_embedding\.weight", 0, 4),
+    ("vision_config.patch_size", r"vision_model\.embeddings\.patch_embedding\.weight", 2, 4),
+    ("vision_config.intermediate_size", r"vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight", 0, 2),
+    ("vision_config.num_hidden_layers", r"vision_model\.encoder\.layers\.(\d+)\.", None, None),
 )
 
 
@@ -811,7 +812,7 @@ def check_config_against_weights(folder: Path, config_class, kwargs: dict, stric
                 shapes[key] = (tensor.get_shape(), path.name)
                 itemsize = max(itemsize, _FLOAT_BYTES.get(tensor.get_dtype(), 0))
     if strict:
-        for field, pattern, axis in _SHAPE_FIELDS:
+        for field, pattern, axis, rank in _SHAPE_FIELDS:
             section, name = field.split(".")
             value = getattr(getattr(config, section), name)
             matches = [(key, shape, file) for key, (shape, file) in shapes.items() if re.match(pattern, key)]
@@ -822,7 +823,9 @@ def check_config_against_weights(folder: Path, config_class, kwargs: dict, stric
                 where = f"the weight files hold {found} layers"
             else:
                 key, shape, file = matches[0]
-                found = shape[axis] if axis < len(shape) else None
+                if len(shape) != rank:
+                    continue  # a damaged tensor, not a size of the config: the load names it as mismatched
+                found = shape[axis]
                 where = f"{file} stores {key} with shape {list(shape)}"
             if found != value:
                 raise ValueError(

@@ -54,6 +54,15 @@ def test_one_missing_visual_expert_tensor_is_named_not_called_a_dense_checkpoint
         NaViLForConditionalGeneration.from_pretrained(golden_copy)
 
 
+def test_a_weight_of_the_wrong_rank_is_named_as_mismatched_not_blamed_on_the_config(golden_copy):
+    weights = load_file(golden_copy / "model.safetensors")
+    name = "vision_model.encoder.layers.0.mlp.fc1.weight"  # a tensor whose rows give vision_config.intermediate_size
+    weights[name] = torch.zeros(weights[name].numel() + 1)
+    save_file(weights, golden_copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"does not match NaViLForConditionalGeneration \\(mismatched_keys: {name}"):
+        NaViLForConditionalGeneration.from_pretrained(golden_copy)
+
+
 # -- 9. finite, sane float config fields ----------------------------------------------------------------------------
 
 
