@@ -270,6 +270,14 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
         self.do_normalize = do_normalize
         self.image_mean = self._per_channel(image_mean, "image_mean")
         self.image_std = self._per_channel(image_std, "image_std")
+        filters = {int(member): member.name for member in Image.Resampling}
+        if (
+            isinstance(resample, (bool, np.bool_))
+            or not isinstance(resample, (int, np.integer))
+            or resample not in filters
+        ):
+            names = ", ".join(f"{number} = {name}" for number, name in filters.items())
+            raise ValueError(f"resample must be one of PIL's resampling filters ({names}), got {resample!r:.40}.")
         self.resample = int(resample)
         self.max_image_pixels = check_count_limit(max_image_pixels, "max_image_pixels")
         self.apply_exif_orientation = apply_exif_orientation

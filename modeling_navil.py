@@ -39,6 +39,7 @@ from transformers.utils.generic import can_return_tuple
 from .attention_navil import AttentionBlocks, attention_interface, block_diagonal_attention
 from .chat_navil import NaViLChatMixin
 from .checks_navil import (
+    RefusesQuantizedLoraMerge,
     check_config_against_weights,
     check_generation_length,
     check_image_tokens,
@@ -256,9 +257,10 @@ def vision_norm(config: NaViLVisionConfig) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
-class NaViLVisionLayer(GradientCheckpointingLayer):
+class NaViLVisionLayer(RefusesQuantizedLoraMerge, GradientCheckpointingLayer):
     def __init__(self, config: NaViLVisionConfig, layer_idx: int):
         super().__init__()
+        self.quantized_merge_name = f"vision layer {layer_idx}"
         self.full_attention = config.fullatt_block_indexes is None or layer_idx in config.fullatt_block_indexes
         self.norm1 = vision_norm(config)
         self.attn = NaViLVisionAttention(config)
@@ -707,7 +709,7 @@ class Qwen3MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
-class ModalityExpertDecoderLayer(GradientCheckpointingLayer):
+class ModalityExpertDecoderLayer(RefusesQuantizedLoraMerge, GradientCheckpointingLayer):
     """Pre-norm layer: norms and attention are shared by all tokens, the feed-forward block is per modality.
 
     Each layout (below) declares its modules under the original checkpoint names and lists them in its
@@ -717,6 +719,10 @@ class ModalityExpertDecoderLayer(GradientCheckpointingLayer):
     @property
     def sliding_window(self) -> Optional[int]:
         return self.sublayers()[1].sliding_window
+
+    @property
+    def quantized_merge_name(self) -> str:
+        return f"language-model layer {self.sublayers()[1].layer_idx}"
 
     def forward(self, hidden_states, router, position_embeddings, attention_mask, cache=None, **kwargs):
         # -> hidden_states [batch, seq, hidden], attention weights [batch, heads, seq, kv_len] (eager only, else None)

@@ -19,6 +19,7 @@ from .checks_navil import (
     check_num_scales,
     check_placeholder_count,
     check_saved_special_token_ids,
+    check_special_token_ids,
     check_tokenizer_folder,
 )
 from .compat_navil import (
@@ -380,7 +381,9 @@ class NaViLProcessor(ProcessorMixin):
     def from_model_config(cls, config: NaViLConfig, tokenizer, multiscale: bool = True, **kwargs) -> "NaViLProcessor":
         """The processor of a NaViL config: the image processor of its patch/merge sizes and pixel limits
         ([`image_processor_of`]), its template and system message. `tokenizer` is left unchanged (the processor
-        holds a copy); `kwargs` go to the constructor."""
+        holds a copy); `kwargs` go to the constructor. Refuses `config.special_token_ids` that disagree with
+        `tokenizer`."""
+        check_special_token_ids(config.special_token_ids, tokenizer)
         return cls(
             image_processor=image_processor_of(config, multiscale=multiscale),
             tokenizer=tokenizer,

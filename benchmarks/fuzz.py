@@ -4,7 +4,8 @@
 
 Runs the generators and checks of navil.testing.fuzzing (the same as tests/test_fuzz.py) on the embedded tiny
 checkpoint with a large hypothesis budget, split over images, prompts, per-call processor options, end-to-end
-forwards, cached against uncached generation, config values and corrupted weight files. Every case must give
+forwards, cached against uncached generation, config values, corrupted weight files, chat generation settings, JSONL
+files, collator batches, CLI command lines, saved preprocessor configs and config.json sizes. Every case must give
 consistent outputs or a documented ValueError; anything else is counted as unexpected and the run goes on. Prints a
 summary (examples run, outcomes by kind, the slowest case, unexpected exceptions with their first cases) and exits
 with status 1 if any was unexpected.
@@ -108,7 +109,7 @@ def main():
     for name, _, _, _ in plan:
         counter = outcomes[name]
         details = ", ".join(f"{kind}: {count}" for kind, count in counter.most_common())
-        print(f"  {name:<11} {sum(counter.values()):>6} examples  ({details})")
+        print(f"  {name:<18} {sum(counter.values()):>6} examples  ({details})")
     print(f"slowest case: {slowest[0]:.2f} s ({slowest[1]}: {slowest[2]}); peak RSS of the run {peak:.2f} GiB")
     print(f"unexpected exceptions: {len(unexpected)}")
     for kind, _, _, _ in plan:  # the first three of each kind

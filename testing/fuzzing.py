@@ -17,7 +17,12 @@ outputs fail an assertion, and any other exception (or a `ValueError` with an un
 - configs: one field of a tiny config set to a hostile value; refused naming the field, or the model builds, runs
   a forward pass and encodes an image;
 - weights: a checkpoint's `model.safetensors` truncated, emptied, replaced by random bytes, given a huge or corrupted
-  header, changed in its data, or missing / reshaping / adding / retyping a tensor; loaded with and without `strict`.
+  header, changed in its data, or missing / reshaping / adding / retyping a tensor; loaded with and without `strict`;
+- chat settings: hostile `generation_config` values and keys chat owns;
+- JSONL files and collator batches: fine-tuning examples with broken encodings, lines, fields and images;
+- CLI flags: `navil` command lines with hostile flag values, parsed;
+- saved files: a `preprocessor_config.json` with hostile bounds, flags, means, sizes and filters, and a `config.json`
+  whose sizes disagree with the weights or the memory.
 """
 
 import contextlib
@@ -80,7 +85,10 @@ EXPECTED_ERRORS = {
     "image file not found": "Image file not found",
     "saved bound removed or raised": "a saved file may only lower it",
     "image above max_image_pixels": "more than max_image_pixels=",
-    "image processor setting": r"must be a positive whole number or None|must be a number of pixels",
+    "image processor setting": r"must be a positive whole number or None|must be a number of pixels|"
+    r"scale_downsample_ratio must be (a number )?in \(0, 1\)|resample must be one of PIL's resampling filters",
+    "image processor flag not a bool": "must be True or False, got",
+    "image mean or std out of range": r"needs one finite number or three|image_mean must lie in|rescale_factor must be",
     "config contradicts the weights": r"config.json says \w+\.\w+ = .*, but",
     "config too large for the memory": "GiB of memory available",
     "invalid config value": r"must be a positive whole number|must be divisible by|must be a multiple of|are outside the",
@@ -327,11 +335,11 @@ CONFIG_FIELDS = {
     "text_config": tuple(
         "architectures vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
         "num_key_value_heads head_dim hidden_act max_position_embeddings rms_norm_eps rope_theta rope_scaling "
-        "use_sliding_window sliding_window initializer_range".split()
+        "use_sliding_window sliding_window initializer_range rope_factor backbone".split()
     ),
     "": tuple(
         "downsample_ratio min_dynamic_patch max_dynamic_patch scale_downsample_ratio template system_message "
-        "special_token_ids".split()
+        "special_token_ids dtype".split()
     ),
 }
 _CONFIG_VALUES = (
@@ -339,6 +347,12 @@ _CONFIG_VALUES = (
     0.5,
     1.5,
     1e-30,
+    1e-300,
+    "float32",
+    "bfloat16",
+    "int8",
+    "qwen3",
+    "internlm2",
     -1.0,
     math.nan,
     math.inf,
@@ -847,7 +861,35 @@ def check_cli_case(case: CliCase) -> str:
 
 
 _BOUND_VALUES = (None, 0, 1, -5, 64, 10**4, 10**6, 10**9, 10**18, 1.5, 4e8, math.inf, "100", True)
-PREPROCESSOR_FIELDS = ("min_pixels", "max_pixels", *SAVED_BOUNDS)
+_FLAG_FILE_VALUES = (True, False, None, "false", "no", "true", 0, 1, [])
+_CHANNEL_VALUES = (
+    [0.5, 0.5, 0.5],
+    [9, 9, 9],
+    [0, 0, 0],
+    [0.1, 0.2],
+    0.5,
+    -1,
+    math.nan,
+    "0.5",
+    None,
+    [0.4, math.inf, 0.4],
+)
+# The fields of a saved preprocessor_config.json and the hostile values each is given (items 5, 12 and 18).
+PREPROCESSOR_FILE_VALUES = {
+    **{name: _BOUND_VALUES for name in ("min_pixels", "max_pixels", *SAVED_BOUNDS)},
+    **{
+        name: _FLAG_FILE_VALUES
+        for name in ("do_normalize", "do_rescale", "load_truncated_images", "apply_exif_orientation", "multiscale")
+    },
+    "image_mean": _CHANNEL_VALUES,
+    "image_std": _CHANNEL_VALUES,
+    "rescale_factor": (1 / 255, 1.0, 0, -1, math.inf, math.nan, "x", None),
+    "patch_size": (16, "16", 14, 8, 0, -16, 1.5, None, True),
+    "merge_size": (2, 1, 3, 0, "2", None),
+    "scale_downsample_ratio": (0.7071, 0.5, 1.0, 0, -1, 2.0, math.nan, None, "0.5"),
+    "resample": (3, 0, 2, 99, "bicubic", None, 1.5),
+}
+PREPROCESSOR_FIELDS = tuple(PREPROCESSOR_FILE_VALUES)
 
 
 @dataclass(frozen=True)
@@ -857,8 +899,10 @@ class PreprocessorFileCase:
 
 @st.composite
 def preprocessor_file_cases(draw) -> PreprocessorFileCase:
-    pairs = st.tuples(st.sampled_from(PREPROCESSOR_FIELDS), st.sampled_from(_BOUND_VALUES))
-    return PreprocessorFileCase(tuple(draw(st.lists(pairs, min_size=1, max_size=4))))
+    fields = draw(st.lists(st.sampled_from(PREPROCESSOR_FIELDS), min_size=1, max_size=4))
+    return PreprocessorFileCase(
+        tuple((name, draw(st.sampled_from(PREPROCESSOR_FILE_VALUES[name]))) for name in fields)
+    )
 
 
 def check_preprocessor_file_case(source: Path, case: PreprocessorFileCase) -> str:
@@ -909,8 +953,8 @@ class ConfigFileCase:
 def config_file_cases(draw) -> ConfigFileCase:
     section, field = draw(st.sampled_from(CONFIG_FILE_FIELDS))
     value, strict = draw(st.sampled_from(_SIZE_VALUES)), draw(st.booleans())
-    # strict=False builds what the config says: sizes of a few GB (5e6-token vocabularies) only with strict
-    return ConfigFileCase(section, field, value, strict or not 2048 < value < 10**12)
+    # strict=False builds what the config says: sizes above 128 (a 5e6-token vocabulary, 1000 layers) only with strict
+    return ConfigFileCase(section, field, value, strict or 128 < value < 10**12)
 
 
 def check_config_file_case(source: Path, case: ConfigFileCase) -> str:

@@ -11,7 +11,15 @@ import torch
 from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 
-from navil.configuration_navil import END_OF_TURN_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, NaViLConfig
+from navil.configuration_navil import (
+    END_OF_TURN_TOKEN,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_FRAME_BREAK_TOKEN,
+    IMG_LINE_BREAK_TOKEN,
+    IMG_START_TOKEN,
+    NaViLConfig,
+)
 from navil.modeling_navil import NaViLForConditionalGeneration
 
 GENERATION = dict(max_new_tokens=2, do_sample=False)
@@ -43,6 +51,15 @@ def test_one_missing_visual_expert_tensor_is_named_not_called_a_dense_checkpoint
     del weights[name]
     save_file(weights, golden_copy / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"does not match NaViLForConditionalGeneration \\(missing_keys: {name}\\)"):
+        NaViLForConditionalGeneration.from_pretrained(golden_copy)
+
+
+def test_a_weight_of_the_wrong_rank_is_named_as_mismatched_not_blamed_on_the_config(golden_copy):
+    weights = load_file(golden_copy / "model.safetensors")
+    name = "vision_model.encoder.layers.0.mlp.fc1.weight"  # a tensor whose rows give vision_config.intermediate_size
+    weights[name] = torch.zeros(weights[name].numel() + 1)
+    save_file(weights, golden_copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"does not match NaViLForConditionalGeneration \\(mismatched_keys: {name}"):
         NaViLForConditionalGeneration.from_pretrained(golden_copy)
 
 
@@ -97,6 +114,41 @@ def test_a_model_folder_whose_special_token_ids_disagree_with_the_tokenizer_is_r
         check_saved_special_token_ids(tmp_path, golden_tokenizer)
 
 
+def test_a_processor_built_in_memory_refuses_special_token_ids_that_disagree_with_the_tokenizer(
+    model, golden_tokenizer
+):
+    from navil.processing_navil import NaViLProcessor
+
+    config = copy.deepcopy(model.config)
+    NaViLProcessor.from_model_config(config, golden_tokenizer)
+    ids = config.special_token_ids
+    ids[IMG_START_TOKEN], ids[IMG_END_TOKEN] = ids[IMG_END_TOKEN], ids[IMG_START_TOKEN]
+    with pytest.raises(
+        ValueError, match=f"disagree with the tokenizer: .*{IMG_START_TOKEN} is {ids[IMG_START_TOKEN]}"
+    ):
+        NaViLProcessor.from_model_config(config, golden_tokenizer)
+
+
+@pytest.mark.parametrize("swap", [(IMG_START_TOKEN, IMG_END_TOKEN), (IMG_LINE_BREAK_TOKEN, IMG_FRAME_BREAK_TOKEN)])
+def test_the_pipeline_refuses_an_in_memory_model_whose_special_token_ids_disagree_with_the_tokenizer(
+    golden_tokenizer, swap
+):
+    from PIL import Image
+    from transformers import pipeline
+
+    model = NaViLForConditionalGeneration.from_pretrained(GOLDEN / "qwen3_ve").eval()
+    model.init_special_token_ids(golden_tokenizer)
+    pipe = pipeline("image-text-to-text", model=model, processor=model.chat_processor(golden_tokenizer))
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    pipe(text=messages, max_new_tokens=2)  # the ids the processor was built with answer
+    ids = model.config.special_token_ids
+    first, second = swap
+    ids[first], ids[second] = ids[second], ids[first]
+    with pytest.raises(ValueError, match="image tokens do not follow config.special_token_ids: .* disagree with the"):
+        pipe(text=messages, max_new_tokens=2)
+
+
 # -- 11. image tokens without images --------------------------------------------------------------------------------
 
 
@@ -117,7 +169,9 @@ def test_image_tokens_without_pixel_values_are_refused(model, processor):
         (dict(top_p=float("nan"), do_sample=True), "'top_p'\\] must be a number in \\(0, 1\\]"),
         (dict(top_p=2.0, do_sample=True), "'top_p'\\] must be a number in \\(0, 1\\]"),
         (dict(eos_token_id=-5), "'eos_token_id'\\] must be a token id in \\[0, "),
+        (dict(pad_token_id=[1]), "'pad_token_id'\\] must be a token id in \\[0, \\d+\\), got \\[1\\]"),
         (dict(num_beams=0), "'num_beams'\\] must be a whole number >= 1"),
+        (dict(num_beams=2, length_penalty=1200), "'length_penalty'\\] must be a number in \\[-50, 50\\]"),
         (dict(return_dict_in_generate=True), "sets return_dict_in_generate, which chat sets itself"),
         (dict(streamer=None), "streamer: pass it as chat's streamer argument"),
         (dict(input_ids=torch.zeros(1, 2, dtype=torch.long)), "sets input_ids, which chat sets itself"),
@@ -125,8 +179,8 @@ def test_image_tokens_without_pixel_values_are_refused(model, processor):
         (dict(max_new_tokens=0), "max_new_tokens=0 asks for no reply"),
         (dict(max_length=3, max_new_tokens=None), "max_length=3 leaves no room for a reply after the prompt's"),
     ],
-    ids=["temperature-inf", "top_p-nan", "top_p-2", "eos-negative", "beams-0", "return-dict", "streamer", "ids", "pv"]
-    + ["no-new-tokens", "max-length-in-prompt"],
+    ids=["temperature-inf", "top_p-nan", "top_p-2", "eos-negative", "pad-list", "beams-0", "overflow", "return-dict"]
+    + ["streamer", "ids", "pv", "no-new-tokens", "max-length-in-prompt"],
 )
 def test_chat_generation_settings_are_validated(model, golden_tokenizer, settings, message):
     with pytest.raises(ValueError, match=message):
@@ -181,6 +235,8 @@ def test_save_pretrained_on_a_full_disk_raises_oserror_and_leaves_the_folder_as_
         (dict(image_std=0), "image_mean must lie in \\[0, 1\\] and image_std in \\(0, 1\\]"),
         (dict(image_mean=float("nan")), "image_mean needs one finite number or three"),
         (dict(rescale_factor=float("inf")), "rescale_factor must be a finite non-zero number"),
+        (dict(resample="bicubic"), "resample must be one of PIL's resampling filters \\(0 = NEAREST"),
+        (dict(resample=99), "resample must be one of PIL's resampling filters .*, got 99"),
     ],
 )
 def test_image_processor_flags_and_ranges_are_checked_in_files_and_calls(tmp_path, options, message):
@@ -236,6 +292,15 @@ def test_a_missing_model_folder_is_named(tmp_path):
     for load in (load_navil_tokenizer, NaViLForConditionalGeneration.from_pretrained):
         with pytest.raises(OSError, match=f"The model folder {missing} does not exist"):
             load(str(missing))
+
+
+@pytest.mark.parametrize("command", ["chat", "eval"])
+def test_navil_commands_name_a_missing_model_folder(tmp_path, command):
+    from navil.tools.cli import main
+
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(OSError, match=f"The model folder {missing} does not exist"):
+        main([command, "--model", str(missing), *(["Hi"] if command == "chat" else [])])
 
 
 @pytest.mark.parametrize(
@@ -475,3 +540,43 @@ def test_torchao_checkpoint_reloaded_in_another_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match="is a torchao checkpoint quantized in torch.float32.* dtype=torch.float32"):
         NaViLForConditionalGeneration.from_pretrained(tmp_path / "int4", dtype=torch.bfloat16)
     NaViLForConditionalGeneration.from_pretrained(tmp_path / "int4", dtype=torch.float32)  # its own dtype loads
+
+
+def lora_with_random_updates(model):
+    """`model` wrapped by PEFT with LoRA on every text and visual expert, its adapters initialised to non-zero
+    updates (PEFT's default makes them zero, which merging could not lose)."""
+    from peft import LoraConfig, get_peft_model
+
+    from navil.training.finetune import lora_target_modules
+
+    torch.manual_seed(0)
+    target = lora_target_modules(model.config, "both")
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=target, init_lora_weights=False))
+
+
+def test_merging_lora_into_torchao_weights_is_refused_naming_the_adapter():
+    pytest.importorskip("peft")
+    quantized = NaViLForConditionalGeneration.from_pretrained(
+        GOLDEN / "qwen3_ve", quantization_config=torchao_int4(32)
+    ).eval()
+    prompt = torch.tensor([[1, 5, 9, 200, 17, 33]])
+    with torch.no_grad():
+        base = quantized(input_ids=prompt).logits
+        adapted = lora_with_random_updates(quantized)
+        with_adapters = adapted(input_ids=prompt).logits
+        with pytest.raises(ValueError, match="adapter self_attn.q_proj of language-model layer 0 wraps a torchao"):
+            adapted.merge_and_unload()
+        assert torch.equal(adapted(input_ids=prompt).logits, with_adapters)  # nothing was merged
+        unloaded = adapted.unload()  # dropping the adapters (no merge) still works
+        assert not any(hasattr(module, "lora_A") for module in unloaded.modules())
+        assert torch.equal(unloaded(input_ids=prompt).logits, base)
+
+
+def test_merging_lora_into_full_precision_weights_still_works(model):
+    pytest.importorskip("peft")
+    prompt = torch.tensor([[1, 5, 9, 200, 17, 33]])
+    with torch.no_grad():
+        adapted = lora_with_random_updates(copy.deepcopy(model))
+        with_adapters = adapted(input_ids=prompt).logits
+        merged = adapted.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=prompt).logits, with_adapters, atol=1e-4, rtol=1e-4)
