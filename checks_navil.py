@@ -3,7 +3,7 @@
 - loading: checkpoint folders (`check_local_checkpoint`, unfinished saves with `check_save_complete`,
   `check_model_folder`, `check_tokenizer_folder`), their weight dtypes (`check_weight_dtypes`), torchao settings
   (`check_torchao_loading`) and the original model card's quantization flags (`with_quantization_config`);
-- running: images (`check_pixel_values`, `check_image_tokens`, `check_no_image_tokens`), prompts (`check_prompt`),
+- running: images (`check_pixel_values`, `check_image_tokens`, `check_no_image_tokens`), prompts (`check_prompt`, `check_token_types`),
   generation lengths and settings (`check_generation_length`, `check_generation_settings`) and the special-token ids
   against the tokenizer (`check_special_token_ids`).
 
@@ -308,6 +308,24 @@ def check_prompt(
                 "tokenized with this model's tokenizer?",
                 "prompt",
             )
+
+
+def check_token_types(mm_token_type_ids, tokens: torch.Tensor) -> None:
+    """Refuses `mm_token_type_ids` that are not an integer tensor of the prompt's [batch, seq] (`tokens`: the
+    `input_ids` or `inputs_embeds`). Shapes only, so that a compiled decode step runs it without a graph break."""
+    if not isinstance(mm_token_type_ids, torch.Tensor) or mm_token_type_ids.dtype not in (torch.int64, torch.int32):
+        got = getattr(mm_token_type_ids, "dtype", type(mm_token_type_ids).__name__)
+        raise NaViLInputError(
+            f"mm_token_type_ids must be an integer tensor, got {got}; leave them unset (generate sets them) or pass "
+            "navil's token_types.",
+            "prompt",
+        )
+    if mm_token_type_ids.shape != tokens.shape[:2]:
+        raise NaViLInputError(
+            f"mm_token_type_ids have shape {tuple(mm_token_type_ids.shape)} but the tokens are [batch, seq] = "
+            f"{tuple(tokens.shape[:2])}; pass one type per token, or leave them unset.",
+            "prompt",
+        )
 
 
 def check_generation_length(

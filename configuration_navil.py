@@ -96,7 +96,7 @@ AUTO_MAP = {
 def special_token_rows(special_token_ids: dict, input_ids: torch.Tensor) -> torch.Tensor:
     """The `special_token_embedding` row of each token of `input_ids` that is a NaViL special token (ids from
     `special_token_ids`, token -> id), -1 for every other token; same shape as `input_ids`."""
-    size = max(special_token_ids.values(), default=0) + 1
+    size = max(special_token_ids.values()) + 1 if special_token_ids else 1
     table = torch.full((size,), -1, dtype=torch.long, device=input_ids.device)
     for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS):
         if token in special_token_ids:
