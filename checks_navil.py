@@ -31,46 +31,8 @@ from .configuration_navil import (
     NaViLTextConfig,
     NaViLVisionConfig,
 )
+from .errors_navil import ERROR_KINDS, NaViLInputError  # noqa: F401 (the errors' home; imported from here too)
 from .layouts_navil import VE_SUFFIX
-
-# The kinds of refused input, for programs (the fuzz classifies errors by them): kind -> what was refused.
-ERROR_KINDS = {
-    "placeholder count mismatch": "the <image> placeholders of a prompt are not one per image",
-    "images per text": "images is not one image, a flat list or one list per text",
-    "text contains <IMG_CONTEXT>": "a prompt given with images already holds the token reserved for image features",
-    "text is not valid Unicode": "a text holds a lone surrogate",
-    "image grid": "image_grid_thw or num_scales do not describe the images",
-    "image tokens without images": "a prompt holds image tokens but no pixel_values were given",
-    "image tokens do not match the images": "the prompt's image tokens are not the ones the image grids give",
-    "pixel values": "pixel_values the vision tower cannot take",
-    "prompt": "a prompt the model cannot run (shape, dtype, device, ids or length)",
-    "generation length": "max_new_tokens / max_length out of range or beyond the model's positions",
-    "generation setting out of range": "a generation setting chat checks is out of range",
-    "generation key that chat owns": "a generate() argument that chat sets itself",
-    "JSONL file not UTF-8": "a fine-tuning JSONL file is not UTF-8",
-    "JSONL line not JSON": "a line of a fine-tuning JSONL file is not a JSON object",
-    "JSONL file without examples": "a fine-tuning JSONL file holds no examples",
-    "images is not a list of images": "a training example's 'images' is not a list of images",
-    "malformed chat example": "a training example is not user and assistant messages in turn with text/image blocks",
-    "images do not match image blocks": "a training example's images are not one per image block",
-    "image placeholders do not match images": "a training conversation's <image> placeholders are not one per image",
-    "empty batch": "the collator got no examples",
-    "example longer than max_length": "every example of a batch would be cut through an image",
-}
-
-
-class NaViLInputError(ValueError):
-    """A refused input: the message names the problem and the fix for people, `kind` (a key of `ERROR_KINDS`)
-    names the problem for programs."""
-
-    def __init__(self, message: str, kind: str):
-        if kind not in ERROR_KINDS:
-            raise KeyError(f"{kind!r} is not one of ERROR_KINDS")
-        super().__init__(message)
-        self.kind = kind
-
-    def __reduce__(self):
-        return type(self), (str(self), self.kind)
 
 
 def check_placeholder_count(found: int, images: int) -> None:
@@ -123,9 +85,10 @@ def check_local_checkpoint(folder: Path, has_config: bool, allow_pickle: bool = 
             with safe_open(str(path), framework="pt"):
                 pass
         except Exception as error:  # safetensors raises its own SafetensorError (not importable on every version)
-            raise ValueError(
+            raise NaViLInputError(
                 f"{path} is not a readable safetensors file ({error}); it is truncated, empty or not safetensors. "
-                "Download or save the checkpoint again."
+                "Download or save the checkpoint again.",
+                "unreadable safetensors file",
             ) from None
 
 
@@ -166,10 +129,11 @@ def check_loading_info(
     }
     if any(problems.values()):
         details = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
-        raise ValueError(
+        raise NaViLInputError(
             f"The checkpoint at {checkpoint} does not match {model_name} ({details}). Check that it is a NaViL "
             "checkpoint of this configuration, or pass strict=False to load it anyway (missing and mismatched tensors "
-            "are then initialised at random, unexpected ones ignored)."
+            "are then initialised at random, unexpected ones ignored).",
+            "checkpoint does not match the model",
         )
 
 
@@ -751,10 +715,11 @@ def check_config_against_weights(folder: Path, config_class, kwargs: dict, stric
                 found = shape[axis] if axis < len(shape) else None
                 where = f"{file} stores {key} with shape {list(shape)}"
             if found != value:
-                raise ValueError(
+                raise NaViLInputError(
                     f"{folder / 'config.json'} says {field} = {value!r:.40}, but {where} (so {field} = {found}); the "
                     f"config does not describe these weights. Fix {field} in config.json, or load with the config "
-                    "saved with the weights."
+                    "saved with the weights.",
+                    "config contradicts the weights",
                 )
     dtype = kwargs.get(DTYPE_KWARG)
     itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else itemsize or 4
@@ -768,9 +733,10 @@ def check_config_against_weights(folder: Path, config_class, kwargs: dict, stric
             + ", ".join(f"{name} = {getattr(part, name)}" for name in _SIZE_NAMES if hasattr(part, name))
             for section, part in (("text_config", config.text_config), ("vision_config", config.vision_config))
         )
-        raise ValueError(
+        raise NaViLInputError(
             f"{folder / 'config.json'} describes a model of about {total / 2**30:.3g} GiB ({itemsize}-byte "
             f"parameters), more than the {available / 2**30:.3g} GiB of memory available; most of it in the part "
             f"that {largest} multiplies ({sizes}). Check these sizes in config.json, or load on a machine with more "
-            "memory (or in a smaller dtype)."
+            "memory (or in a smaller dtype).",
+            "config too large for the memory",
         )
