@@ -98,15 +98,17 @@ def generation_step_holds_prompt(generation_kwargs: dict, model_inputs: dict) ->
     return not bool(cache.get_seq_length() > 0)
 
 
-def generation_step_inputs(model_inputs: dict, generation_kwargs: dict) -> dict:
+def generation_step_inputs(model_inputs: dict, generation_kwargs: dict, input_ids: torch.Tensor) -> dict:
     """The inputs of a generation step as 5.25 prepares them in every version: `mm_token_type_ids` cut to the step's
-    tokens, and no `pixel_values` once the cache holds the prompt (4.x and 5.0 pass both whole at every step)."""
-    types = model_inputs.get("mm_token_type_ids")
+    tokens (those of the sequence so far, `input_ids`, text types (0) for tokens beyond them, such as an assistant's
+    candidates), and no `pixel_values` once the cache holds the prompt (4.x and 5.0 pass both whole at every step)."""
+    types = generation_kwargs.get("mm_token_type_ids")
     tokens = model_inputs.get("input_ids")
     if tokens is None:
         tokens = model_inputs.get("inputs_embeds")
-    if types is not None and tokens is not None and types.shape[1] != tokens.shape[1]:
-        model_inputs["mm_token_type_ids"] = types[:, -tokens.shape[1] :]
+    if types is not None and tokens is not None:
+        types = torch.nn.functional.pad(types, (0, max(input_ids.shape[1] - types.shape[1], 0)))
+        model_inputs["mm_token_type_ids"] = types[:, types.shape[1] - tokens.shape[1] :]
     if "pixel_values" in model_inputs and not generation_step_holds_prompt(generation_kwargs, model_inputs):
         model_inputs["pixel_values"] = None
     return model_inputs

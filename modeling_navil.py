@@ -1516,8 +1516,9 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
             kwargs.setdefault("mm_token_type_ids", token_types(rows))
         return super().generate(inputs, generation_config, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        return generation_step_inputs(super().prepare_inputs_for_generation(*args, **kwargs), kwargs)
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        return generation_step_inputs(model_inputs, kwargs, input_ids)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         return with_generated_token_types(

@@ -7,11 +7,13 @@ then the decoder written with vLLM's parallel layers and paged `Attention` (each
 checkpoint names), then the model, which reuses the package's vision tower and connector (replicated on every tensor-
 parallel rank) and routes tokens to the experts with the package's `ModalityRouter`.
 
-As in `modeling_navil`: the tokens of an image block that are `<img>` or `<IMG_CONTEXT>` use the visual experts, every
-other token the text experts; prompt tokens that have a row in `special_token_embedding` take that row, generated
-tokens the word embeddings; visual rows of InternLM2-VE get `wo_ve(wo(a))`. Each image block is one multimodal item,
-its embeddings computed whole (`embed_multimodal`); a generated token is recognised as the only new token of a request
-that has computed tokens, the test vLLM's scheduler uses for decode steps (speculative decoding is not supported).
+As in `modeling_navil`, by its rule (`token_types`): the prompt's `<img>` and `<IMG_CONTEXT>` tokens use the visual
+experts, every other token the text experts; prompt tokens that have a row in `special_token_embedding` take that row,
+generated tokens the word embeddings; visual rows of InternLM2-VE get `wo_ve(wo(a))`. Each image block is one
+multimodal item, its embeddings computed whole (`embed_multimodal`). `forward` reads the step's token ids
+(`requires_raw_input_tokens`) and recognises a generated token as the only new token of a request that has computed
+tokens, from the step's attention metadata: the test vLLM's scheduler uses for decode steps (vLLM passes no prompt
+lengths to a model; speculative decoding is not supported).
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,7 +59,6 @@ from .core import (
     register_processors,
     rope_parameters,
     step_embeddings,
-    visual_token_ids,
     weight_shards,
 )
 
@@ -495,6 +496,9 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
     """NaViL for vLLM. Module names are the checkpoint's: `vision_model`, `mlp1`, `special_token_embedding` and
     `language_model` (InternLM2-VE or Qwen3-VE layout), so original and saved folders load unchanged."""
 
+    # `forward` types the step's tokens by their ids (`token_types`), so vLLM passes them beside the embeddings
+    requires_raw_input_tokens = True
+
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> Optional[str]:
         if modality.startswith("image"):
@@ -512,8 +516,6 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.special_token_embedding = nn.Embedding(len(SPECIAL_TOKEN_EMBEDDING_ROWS), text.hidden_size)
         self.language_model = LANGUAGE_MODELS[text.backbone](text, vllm_config, "language_model")
         self.logits_processor = LogitsProcessor(text.vocab_size)
-        self.register_buffer("visual_token_ids", visual_token_ids(config), persistent=False)
-        self._step: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (input_ids, image-block mask) of the step
 
     def get_language_model(self) -> nn.Module:
         return self.language_model
@@ -534,41 +536,25 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
         return image_block_embeddings(self.special_token_embedding, features, grids, num_scales, merge)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        """Word embeddings, with each image block's embeddings over its placeholder. The special-token rows of prompt
-        tokens outside image blocks are applied in `forward`, which knows which tokens were generated."""
+        """Word embeddings, with each image block's embeddings over its placeholder. The special-token rows of the
+        prompt's other special tokens are applied in `forward`, which knows which tokens were generated."""
         inputs_embeds = self.language_model.model.embed_input_ids(input_ids)
-        if is_multimodal is None:
-            is_multimodal = torch.zeros_like(input_ids, dtype=torch.bool)
         if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
             blocks = torch.cat(list(multimodal_embeddings)).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(is_multimodal[:, None].to(inputs_embeds.device), blocks)
-        self._step = (input_ids, is_multimodal.to(input_ids.device))
         return inputs_embeds
-
-    def routed_inputs(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, Optional[ModalityRouter]]:
-        """The step's embeddings with the special-token rows of prompt tokens outside image blocks, and the router
-        of its visual tokens (`<img>` and `<IMG_CONTEXT>` of image blocks)."""
-        if self._step is None:
-            return inputs_embeds, None
-        input_ids, in_block = self._step
-        self._step = None
-        generated = decode_token_mask(inputs_embeds.shape[0], inputs_embeds.device)
-        return step_embeddings(
-            self.config,
-            self.special_token_embedding,
-            self.visual_token_ids,
-            inputs_embeds,
-            input_ids,
-            in_block,
-            generated,
-        )
 
     # -- forward -------------------------------------------------------------------------------------------------
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        """A function of the step's inputs: its token ids (`requires_raw_input_tokens`), positions and embeddings,
+        and which tokens are generated, read from the step's attention metadata (`decode_token_mask`)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_input_ids(input_ids)
-        inputs_embeds, router = self.routed_inputs(inputs_embeds)
+        generated = decode_token_mask(inputs_embeds.shape[0], inputs_embeds.device)
+        inputs_embeds, router = step_embeddings(
+            self.config, self.special_token_embedding, inputs_embeds, input_ids, generated
+        )
         return self.language_model.model(positions, inputs_embeds, router)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
