@@ -4,6 +4,7 @@ such as ICO refused before decoding, truncated files refused or read as far as t
 and time, FIFOs and devices refused)."""
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -31,6 +32,20 @@ _CORRUPT_HINT = (
     "The file is truncated or corrupt; re-export or re-download it, or pass load_truncated_images=True to the image "
     "processor to accept the pixels that can be decoded."
 )
+
+
+@contextlib.contextmanager
+def _decoding(name: str, failure: str, hint: str):
+    """Turns what PIL raises while decoding `name` into a `ValueError`: a refused decompression bomb, or `failure`
+    with PIL's error and `hint` (a truncated or corrupt file)."""
+    try:
+        yield
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{name} was refused before decoding: {error}") from None
+    except _DECODE_ERRORS as error:
+        raise NaViLInputError(f"{failure}: {error}. {hint}", "truncated or corrupt file") from None
+
+
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _VALID_CHANNELS = (1, 3, 4)
 # Channels of the PNG raw modes PIL decodes IDAT data into ("RGB;16B" = 3 channels of 16 bits).
@@ -267,14 +282,8 @@ class NaViLImageLoader:
             self._check_pixel_count(*size)
         with self._open_file(source, name) as image:
             self._check_pixel_count(*image.size, "before decoding" if _pending(image) else "after decoding")
-            try:
+            with _decoding(name, f"Could not read the first frame of {name}", _CORRUPT_HINT):
                 image.seek(0)
-            except Image.DecompressionBombError as error:
-                raise ValueError(f"{name} was refused before decoding: {error}") from None
-            except _DECODE_ERRORS as error:
-                raise NaViLInputError(
-                    f"Could not read the first frame of {name}: {error}. {_CORRUPT_HINT}", "truncated or corrupt file"
-                ) from None
             return self._pil_to_rgb(image, name)
 
     @staticmethod
@@ -374,7 +383,7 @@ class NaViLImageLoader:
                     f"rows black). {_CORRUPT_HINT}",
                     "truncated or corrupt file",
                 )
-        try:
+        with _decoding(name, f"Could not decode {name} (mode {image.mode})", _CONVERT_HINT):
             if pending and self.load_truncated_images:
                 _load_accepting_truncation(image)
             if self.apply_exif_orientation:
@@ -383,12 +392,6 @@ class NaViLImageLoader:
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # same colours as a direct RGB conversion, without PIL's warning
             converted = np.asarray(image) if high_depth else image.convert("RGB")
-        except Image.DecompressionBombError as error:
-            raise ValueError(f"{name} was refused before decoding: {error}") from None
-        except _DECODE_ERRORS as error:
-            raise NaViLInputError(
-                f"Could not decode {name} (mode {image.mode}): {error}. {_CONVERT_HINT}", "truncated or corrupt file"
-            ) from None
         return self._array_to_rgb(converted, name, pil_mode=image.mode) if high_depth else converted
 
     def _array_to_rgb(self, array: np.ndarray, name: str, pil_mode: Optional[str] = None) -> Image.Image:
