@@ -3,8 +3,8 @@ benchmarks/fuzz.py (a large one). Not a Hub file; needs the `test` extra (hypoth
 
 Each kind of case is drawn as plain parameters, so that hypothesis prints readable failing examples, and built by a
 `make_*` function. Each `check_*` function runs one case and returns its outcome: `"ok"` after checking that the
-outputs are consistent, or the kind of documented `NaViLInputError` raised (its `kind`, one of `EXPECTED_KINDS`). Inconsistent outputs fail an
-assertion, and any other exception (or a `ValueError` of no documented kind) propagates.
+outputs are consistent, or the kind of the documented `NaViLInputError` raised (its `kind`, one of `EXPECTED_KINDS`).
+Inconsistent outputs fail an assertion, and any other exception (or a `ValueError` of no documented kind) propagates.
 
 - images: any image (PIL modes, PNG bytes, arrays and tensors of several dtypes and layouts, sizes 1-600 px with
   extreme aspect ratios, values out of range, NaN, truncated PNG files) through the processor;

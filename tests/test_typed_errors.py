@@ -93,8 +93,7 @@ def test_config_refusals_carry_their_kind():
 
 
 def test_the_fuzz_refuses_an_untyped_value_error_whatever_its_message():
-    from navil.testing.fuzzing import classify
-
+    classify = pytest.importorskip("navil.testing.fuzzing", reason="the fuzz needs hypothesis").classify
     assert classify(NaViLInputError("absolute aspect ratio must be smaller than 200", "aspect ratio above 200"))
     with pytest.raises(AssertionError, match="not a NaViLInputError"):
         classify(ValueError("absolute aspect ratio must be smaller than 200, got 300"))
