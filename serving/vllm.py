@@ -503,10 +503,15 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         """A function of the step's inputs: its token ids (`requires_raw_input_tokens`), positions and embeddings,
-        and which tokens are generated, read from the step's attention metadata (`decode_token_mask`)."""
+        and which tokens are generated, read from the step's attention metadata (`decode_token_mask`) and checked
+        against the embeddings (a generated token has its word embedding)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_input_ids(input_ids)
         generated = decode_token_mask(inputs_embeds.shape[0], inputs_embeds.device)
+        if generated is not None:
+            # a one-token prefill chunk inside an image block looks like a decode step: its block embedding (a special
+            # row or an image feature, not its word embedding) says it is a prompt token
+            generated &= (inputs_embeds == self.language_model.model.embed_input_ids(input_ids)).all(-1)
         inputs_embeds, router = step_embeddings(
             self.config, self.special_token_embedding, inputs_embeds, input_ids, generated
         )
