@@ -82,6 +82,7 @@ from .configuration_navil import (
 )
 
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file here.
+from .errors_navil import NaViLInputError  # noqa: F401
 from .image_loading_navil import NaViLImageLoader  # noqa: F401
 from .image_processing_navil import NaViLImageProcessor  # noqa: F401
 from .image_processing_navil_fast import NaViLImageProcessorFast  # noqa: F401
