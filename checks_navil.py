@@ -3,7 +3,7 @@
 - loading: checkpoint folders (`check_local_checkpoint`, unfinished saves with `check_save_complete`,
   `check_model_folder`, `check_tokenizer_folder`), their weight dtypes (`check_weight_dtypes`), torchao settings
   (`check_torchao_loading`) and the original model card's quantization flags (`with_quantization_config`);
-- running: images (`check_pixel_values`, `check_image_tokens`, `check_no_image_tokens`), prompts (`check_prompt`),
+- running: images (`check_pixel_values`, `check_image_tokens`, `check_no_image_tokens`), prompts (`check_prompt`, `check_token_types`),
   generation lengths and settings (`check_generation_length`, `check_generation_settings`) and the special-token ids
   against the tokenizer (`check_special_token_ids`).
 
@@ -35,46 +35,8 @@ from .configuration_navil import (
     NaViLTextConfig,
     NaViLVisionConfig,
 )
+from .errors_navil import ERROR_KINDS, NaViLInputError  # noqa: F401 (the errors' home; imported from here too)
 from .layouts_navil import VE_SUFFIX
-
-# The kinds of refused input, for programs (the fuzz classifies errors by them): kind -> what was refused.
-ERROR_KINDS = {
-    "placeholder count mismatch": "the <image> placeholders of a prompt are not one per image",
-    "images per text": "images is not one image, a flat list or one list per text",
-    "text contains <IMG_CONTEXT>": "a prompt given with images already holds the token reserved for image features",
-    "text is not valid Unicode": "a text holds a lone surrogate",
-    "image grid": "image_grid_thw or num_scales do not describe the images",
-    "image tokens without images": "a prompt holds image tokens but no pixel_values were given",
-    "image tokens do not match the images": "the prompt's image tokens are not the ones the image grids give",
-    "pixel values": "pixel_values the vision tower cannot take",
-    "prompt": "a prompt the model cannot run (shape, dtype, device, ids or length)",
-    "generation length": "max_new_tokens / max_length out of range or beyond the model's positions",
-    "generation setting out of range": "a generation setting chat checks is out of range",
-    "generation key that chat owns": "a generate() argument that chat sets itself",
-    "JSONL file not UTF-8": "a fine-tuning JSONL file is not UTF-8",
-    "JSONL line not JSON": "a line of a fine-tuning JSONL file is not a JSON object",
-    "JSONL file without examples": "a fine-tuning JSONL file holds no examples",
-    "images is not a list of images": "a training example's 'images' is not a list of images",
-    "malformed chat example": "a training example is not user and assistant messages in turn with text/image blocks",
-    "images do not match image blocks": "a training example's images are not one per image block",
-    "image placeholders do not match images": "a training conversation's <image> placeholders are not one per image",
-    "empty batch": "the collator got no examples",
-    "example longer than max_length": "every example of a batch would be cut through an image",
-}
-
-
-class NaViLInputError(ValueError):
-    """A refused input: the message names the problem and the fix for people, `kind` (a key of `ERROR_KINDS`)
-    names the problem for programs."""
-
-    def __init__(self, message: str, kind: str):
-        if kind not in ERROR_KINDS:
-            raise KeyError(f"{kind!r} is not one of ERROR_KINDS")
-        super().__init__(message)
-        self.kind = kind
-
-    def __reduce__(self):
-        return type(self), (str(self), self.kind)
 
 
 def check_placeholder_count(found: int, images: int) -> None:
@@ -127,9 +89,10 @@ def check_local_checkpoint(folder: Path, has_config: bool, allow_pickle: bool = 
             with safe_open(str(path), framework="pt"):
                 pass
         except Exception as error:  # safetensors raises its own SafetensorError (not importable on every version)
-            raise ValueError(
+            raise NaViLInputError(
                 f"{path} is not a readable safetensors file ({error}); it is truncated, empty or not safetensors. "
-                "Download or save the checkpoint again."
+                "Download or save the checkpoint again.",
+                "unreadable safetensors file",
             ) from None
 
 
@@ -170,10 +133,11 @@ def check_loading_info(
     }
     if any(problems.values()):
         details = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
-        raise ValueError(
+        raise NaViLInputError(
             f"The checkpoint at {checkpoint} does not match {model_name} ({details}). Check that it is a NaViL "
             "checkpoint of this configuration, or pass strict=False to load it anyway (missing and mismatched tensors "
-            "are then initialised at random, unexpected ones ignored)."
+            "are then initialised at random, unexpected ones ignored).",
+            "checkpoint does not match the model",
         )
 
 
@@ -353,6 +317,24 @@ def check_prompt(
             )
 
 
+def check_token_types(mm_token_type_ids, tokens: torch.Tensor) -> None:
+    """Refuses `mm_token_type_ids` that are not an integer tensor of the prompt's [batch, seq] (`tokens`: the
+    `input_ids` or `inputs_embeds`). Shapes only, so that a compiled decode step runs it without a graph break."""
+    if not isinstance(mm_token_type_ids, torch.Tensor) or mm_token_type_ids.dtype not in (torch.int64, torch.int32):
+        got = getattr(mm_token_type_ids, "dtype", type(mm_token_type_ids).__name__)
+        raise NaViLInputError(
+            f"mm_token_type_ids must be an integer tensor, got {got}; leave them unset (generate sets them) or pass "
+            "navil's token_types.",
+            "prompt",
+        )
+    if mm_token_type_ids.shape != tokens.shape[:2]:
+        raise NaViLInputError(
+            f"mm_token_type_ids have shape {tuple(mm_token_type_ids.shape)} but the tokens are [batch, seq] = "
+            f"{tuple(tokens.shape[:2])}; pass one type per token, or leave them unset.",
+            "prompt",
+        )
+
+
 def check_generation_length(
     text: NaViLTextConfig, generation_config, prompt_length: int, generation_kwargs: dict
 ) -> None:
@@ -524,9 +506,10 @@ def check_special_token_ids(special_token_ids: Mapping, tokenizer) -> None:
         if found != token_id or found is None or found == tokenizer.unk_token_id:
             wrong.append(f"{token} is {token_id} in the config but {found} in the tokenizer")
     if wrong:
-        raise ValueError(
+        raise NaViLInputError(
             f"config.special_token_ids disagree with the tokenizer: {'; '.join(wrong)}. Use the tokenizer saved with "
-            "the model, or re-read the ids with model.init_special_token_ids(tokenizer)."
+            "the model, or re-read the ids with model.init_special_token_ids(tokenizer).",
+            "special token ids disagree with the tokenizer",
         )
 
 
@@ -828,10 +811,11 @@ def check_config_against_weights(folder: Path, config_class, kwargs: dict, stric
                 found = shape[axis]
                 where = f"{file} stores {key} with shape {list(shape)}"
             if found != value:
-                raise ValueError(
+                raise NaViLInputError(
                     f"{folder / 'config.json'} says {field} = {value!r:.40}, but {where} (so {field} = {found}); the "
                     f"config does not describe these weights. Fix {field} in config.json, or load with the config "
-                    "saved with the weights."
+                    "saved with the weights.",
+                    "config contradicts the weights",
                 )
     dtype = kwargs.get(DTYPE_KWARG)
     itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else itemsize or 4
@@ -845,9 +829,10 @@ def check_config_against_weights(folder: Path, config_class, kwargs: dict, stric
             + ", ".join(f"{name} = {getattr(part, name)}" for name in _SIZE_NAMES if hasattr(part, name))
             for section, part in (("text_config", config.text_config), ("vision_config", config.vision_config))
         )
-        raise ValueError(
+        raise NaViLInputError(
             f"{folder / 'config.json'} describes a model of about {total / 2**30:.3g} GiB ({itemsize}-byte "
             f"parameters), more than the {available / 2**30:.3g} GiB of memory available; most of it in the part "
             f"that {largest} multiplies ({sizes}). Check these sizes in config.json, or load on a machine with more "
-            "memory (or in a smaller dtype)."
+            "memory (or in a smaller dtype).",
+            "config too large for the memory",
         )

@@ -87,12 +87,42 @@ _GENERATION_TELLS_FIRST_ITERATION = (
 )
 
 
-def generation_step_is_decode(generation_kwargs: dict, model_inputs: dict) -> Optional[bool]:
-    """Whether the step `prepare_inputs_for_generation` prepares feeds generated tokens to a cache holding the prompt:
-    `True` when `generate` says so, `None` when this transformers does not say (the forward then asks the cache)."""
-    if not _GENERATION_TELLS_FIRST_ITERATION or cache_of(model_inputs) is None:
-        return None
-    return True if not generation_kwargs.get("is_first_iteration", False) else None
+def generation_step_holds_prompt(generation_kwargs: dict, model_inputs: dict) -> bool:
+    """Whether the step `prepare_inputs_for_generation` prepares feeds the prompt (the first step, or every step
+    without a cache), rather than generated tokens to a cache that holds the prompt: 5.x says so; 4.x asks the cache."""
+    cache = cache_of(model_inputs)
+    if cache is None:
+        return True
+    if _GENERATION_TELLS_FIRST_ITERATION:
+        return bool(generation_kwargs.get("is_first_iteration", False))
+    return not bool(cache.get_seq_length() > 0)
+
+
+def generation_step_inputs(model_inputs: dict, generation_kwargs: dict, input_ids: torch.Tensor) -> dict:
+    """The inputs of a generation step as 5.25 prepares them in every version: `mm_token_type_ids` cut to the step's
+    tokens (those of the sequence so far, `input_ids`, text types (0) for tokens beyond them, such as an assistant's
+    candidates), and no `pixel_values` once the cache holds the prompt (4.x and 5.0 pass both whole at every step)."""
+    types = generation_kwargs.get("mm_token_type_ids")
+    tokens = model_inputs.get("input_ids")
+    if tokens is None:
+        tokens = model_inputs.get("inputs_embeds")
+    if types is not None and tokens is not None:
+        types = torch.nn.functional.pad(types, (0, max(input_ids.shape[1] - types.shape[1], 0)))
+        model_inputs["mm_token_type_ids"] = types[:, types.shape[1] - tokens.shape[1] :]
+    if "pixel_values" in model_inputs and not generation_step_holds_prompt(generation_kwargs, model_inputs):
+        model_inputs["pixel_values"] = None
+    return model_inputs
+
+
+def with_generated_token_types(update: Callable, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+    """`_update_model_kwargs_for_generation` (`update`), then `mm_token_type_ids` grown by a text type (0) per new
+    token where this transformers does not grow them itself (before 5.25)."""
+    types = model_kwargs.get("mm_token_type_ids")
+    model_kwargs = update(outputs, model_kwargs, *args, **kwargs)
+    if types is not None and model_kwargs.get("mm_token_type_ids") is types:
+        arguments = inspect.signature(update).bind(outputs, model_kwargs, *args, **kwargs).arguments
+        model_kwargs["mm_token_type_ids"] = torch.nn.functional.pad(types, (0, arguments.get("num_new_tokens", 1)))
+    return model_kwargs
 
 
 # -- attention ----------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from .checks_navil import (
     check_num_scales,
     check_pixel_values,
     check_prompt,
+    check_token_types,
     check_torchao_loading,
     check_weight_dtypes,
     with_quantization_config,
@@ -60,12 +61,13 @@ from .compat_navil import (
     cache_of,
     causal_masks,
     flash_packed_kwargs,
-    generation_step_is_decode,
+    generation_step_inputs,
     new_dynamic_cache,
     output_with_cache,
     packed_sequence_ids,
     pop_cache,
     with_dtype_kwarg,
+    with_generated_token_types,
 )
 from .configuration_navil import (
     END_OF_TURN_TOKEN,
@@ -76,11 +78,13 @@ from .configuration_navil import (
     NaViLTextConfig,
     NaViLVisionConfig,
     check_image_grid,
+    special_token_ids_of,
     special_token_rows,
     write_model_card,
 )
 
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file here.
+from .errors_navil import NaViLInputError  # noqa: F401
 from .image_loading_navil import NaViLImageLoader  # noqa: F401
 from .image_processing_navil import NaViLImageProcessor  # noqa: F401
 from .image_processing_navil_fast import NaViLImageProcessorFast  # noqa: F401
@@ -508,6 +512,36 @@ class ModalityRouter:
 
 def route(router: Optional[ModalityRouter], hidden_states, text_expert, visual_expert):
     return text_expert(hidden_states) if router is None else router(hidden_states, text_expert, visual_expert)
+
+
+# The modality of each token of a step, as `mm_token_type_ids` (transformers' name; its `generate` appends text types
+# for the tokens it generates): what embeds the token and which experts it goes to. The one rule for generated tokens,
+# shared by `forward` and the serving engines (`serving/core.py`).
+TEXT_TOKEN = 0  # the word embedding and the text experts: ordinary text, and every generated token
+IMAGE_TOKEN = 1  # a prompt's `<img>` or `<IMG_CONTEXT>`: its special row or image feature, the visual experts
+SPECIAL_TOKEN = 2  # another NaViL special token of a prompt: its `special_token_embedding` row, the text experts
+_CONTEXT_ROW = SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
+_START_ROW = SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_START_TOKEN)
+
+
+def token_types(rows: torch.Tensor, generated: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`mm_token_type_ids` of a step ([..., seq]) from the `special_token_embedding` rows of its tokens (-1 for every
+    other token, see `special_token_rows`): prompt tokens by their ids, and the tokens of the bool mask `generated`
+    `TEXT_TOKEN` whatever their ids, as the original embeds and routes the tokens it generates."""
+    visual = (rows == _CONTEXT_ROW) | (rows == _START_ROW)
+    types = torch.where(visual, IMAGE_TOKEN, torch.where(rows >= 0, SPECIAL_TOKEN, TEXT_TOKEN))
+    return types if generated is None else types.masked_fill(generated, TEXT_TOKEN)
+
+
+def typed_embeddings(
+    inputs_embeds: torch.Tensor, rows: torch.Tensor, types: torch.Tensor, special_token_embedding: nn.Embedding
+) -> torch.Tensor:
+    """`inputs_embeds` [..., seq, hidden] (word embeddings, image features already in place where an engine put
+    them) with the `special_token_embedding` row of each token typed `IMAGE_TOKEN` or `SPECIAL_TOKEN`, but
+    `<IMG_CONTEXT>`, which takes its image feature; `TEXT_TOKEN`s keep their word embedding."""
+    rows = rows.masked_fill((types == TEXT_TOKEN) | (rows == _CONTEXT_ROW), -1)
+    special = special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
+    return torch.where((rows >= 0)[..., None], special, inputs_embeds)
 
 
 class NaViLTextRotaryEmbedding(nn.Module):
@@ -1208,17 +1242,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
 
     def init_special_token_ids(self, tokenizer):
         """Reads the ids of the NaViL special tokens from `tokenizer` and stores them in the config."""
-        ids = {}
-        for token in (*SPECIAL_TOKEN_EMBEDDING_ROWS, END_OF_TURN_TOKEN):
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is not None and token_id != tokenizer.unk_token_id:
-                ids[token] = int(token_id)
-        for required in (IMG_CONTEXT_TOKEN, IMG_START_TOKEN):
-            if required not in ids:
-                raise ValueError(
-                    f"The tokenizer has no {required} token; add the NaViL special tokens with "
-                    "navil.processing_navil.add_navil_special_tokens(tokenizer)."
-                )
+        ids = special_token_ids_of(tokenizer)
         self.config.special_token_ids = ids
         if END_OF_TURN_TOKEN in ids:
             self.generation_config.eos_token_id = ids[END_OF_TURN_TOKEN]
@@ -1253,9 +1277,16 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         the CPU) must have one (t, h, w) row per image-scale with h and w multiples of the merge size, describing
         exactly the rows of `pixel_values`.
         """
+        image_grid_thw = check_image_grid(image_grid_thw, self.config.vision_config.merge_size)
+        return self.image_features(pixel_values, image_grid_thw, output_hidden_states, output_attentions)
+
+    def image_features(
+        self, pixel_values, image_grid_thw, output_hidden_states=None, output_attentions=None
+    ) -> BaseModelOutputWithPooling:
+        """`get_image_features` for an `image_grid_thw` already checked (`check_image_grid`), as `merge_inputs` has
+        it: each check runs once per forward."""
         vision = self.config.vision_config
         check_pixel_values(pixel_values, vision)
-        image_grid_thw = check_image_grid(image_grid_thw, vision.merge_size)
         weight = self.vision_model.embeddings.patch_embedding.weight
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         vision_outputs = self.vision_model(
@@ -1271,51 +1302,52 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         )
 
     def embed_tokens(
-        self, input_ids, pixel_values=None, image_grid_thw=None, num_prompt_tokens=None, **vision_kwargs
+        self, input_ids, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None, **vision_kwargs
     ) -> MergedInputs:
-        """Word embeddings with special-token rows replaced and image features scattered over `<IMG_CONTEXT>`.
-
-        Tokens from position `num_prompt_tokens` on were generated: like cached decode steps they get the plain word
-        embeddings and are routed as text, so generation without a cache equals generation with one.
-        """
-        if num_prompt_tokens is not None and num_prompt_tokens < input_ids.shape[1]:
-            prompt = self.embed_tokens(input_ids[:, :num_prompt_tokens], pixel_values, image_grid_thw, **vision_kwargs)
-            generated_embeds = self.get_input_embeddings()(input_ids[:, num_prompt_tokens:])
-            visual_token_mask = prompt.visual_token_mask
-            if visual_token_mask is not None:
-                visual_token_mask = F.pad(visual_token_mask, (0, generated_embeds.shape[1]), value=False)
-            inputs_embeds = torch.cat((prompt.inputs_embeds, generated_embeds), dim=1)
-            return MergedInputs(inputs_embeds, visual_token_mask, prompt.image_outputs)
+        """Word embeddings with special-token rows replaced and image features scattered over `<IMG_CONTEXT>` (see
+        `merge_inputs`)."""
         embeddings = self.get_input_embeddings()(input_ids)
-        return self.merge_inputs(embeddings, pixel_values, image_grid_thw, input_ids, **vision_kwargs)
+        return self.merge_inputs(
+            embeddings, pixel_values, image_grid_thw, input_ids, mm_token_type_ids, **vision_kwargs
+        )
 
     def merge_inputs(
-        self, inputs_embeds, pixel_values=None, image_grid_thw=None, input_ids=None, **vision_kwargs
+        self,
+        inputs_embeds,
+        pixel_values=None,
+        image_grid_thw=None,
+        input_ids=None,
+        mm_token_type_ids=None,
+        **vision_kwargs,
     ) -> MergedInputs:
-        """The prompt's embeddings [batch, seq, hidden] as the decoder takes them: the NaViL special tokens' rows from
-        `special_token_embedding` and the image features over the `<IMG_CONTEXT>` rows.
+        """The embeddings [batch, seq, hidden] as the decoder takes them, by the type of each token (`token_types`):
+        NaViL special tokens of the prompt take their `special_token_embedding` rows, image features go over the
+        prompt's `<IMG_CONTEXT>` rows, generated tokens keep their word embeddings.
 
         The tokens are read from `input_ids` when given, else recognised in `inputs_embeds` by their word (or special)
-        embeddings, so `inputs_embeds=model.get_input_embeddings()(input_ids)` gives what `input_ids` give.
+        embeddings, so `inputs_embeds=model.get_input_embeddings()(input_ids)` gives what `input_ids` give. Without
+        `mm_token_type_ids` every token is a prompt token, typed by its id, and the prompt is checked here.
         `vision_kwargs` (`output_hidden_states`, `output_attentions`) go to `get_image_features`.
         """
         rows = self.special_token_rows(input_ids, inputs_embeds)  # [batch, seq], -1 for other tokens
-        special = self.special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
-        inputs_embeds = torch.where((rows >= 0)[..., None], special, inputs_embeds)
-        context_mask = rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
+        typed = mm_token_type_ids is not None
+        types = mm_token_type_ids if typed else token_types(rows)
+        inputs_embeds = typed_embeddings(inputs_embeds, rows, types, self.special_token_embedding)
+        context_mask = (rows == _CONTEXT_ROW) & (types == IMAGE_TOKEN)
         if pixel_values is None:
-            check_no_image_tokens(context_mask)
+            if not typed:  # typed tokens come from `generate`, which checked its prompt once
+                check_no_image_tokens(context_mask)
             return MergedInputs(inputs_embeds, None, None)
         if image_grid_thw is None:
             raise ValueError("pixel_values were given without image_grid_thw; pass both from the image processor.")
         image_grid_thw = check_image_grid(image_grid_thw, self.config.vision_config.merge_size)
         self.special_token_id(IMG_CONTEXT_TOKEN)  # a clear error when the ids were never read from a tokenizer
-        check_image_tokens(self.config, input_ids, context_mask, image_grid_thw)
-        image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True, **vision_kwargs)
+        prompt_ids = input_ids.masked_fill(types == TEXT_TOKEN, -1) if input_ids is not None else None
+        check_image_tokens(self.config, prompt_ids, context_mask, image_grid_thw)
+        image_outputs = self.image_features(pixel_values, image_grid_thw, **vision_kwargs)
         features = torch.cat(image_outputs.pooler_output).to(inputs_embeds.dtype)  # [units of all scales, hidden]
         inputs_embeds = inputs_embeds.masked_scatter(context_mask[..., None], features)
-        visual_token_mask = context_mask | (rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_START_TOKEN))
-        return MergedInputs(inputs_embeds, visual_token_mask, image_outputs)
+        return MergedInputs(inputs_embeds, types == IMAGE_TOKEN, image_outputs)
 
     def special_token_rows(self, input_ids=None, inputs_embeds=None) -> torch.Tensor:
         """[batch, seq]: the `special_token_embedding` row of each NaViL special token, -1 for every other token."""
@@ -1347,8 +1379,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         logits_to_keep: Union[int, torch.Tensor] = 0,
         visual_token_mask: Optional[torch.Tensor] = None,
         num_scales: Optional[torch.LongTensor] = None,
-        is_decode_step: Optional[bool] = None,
-        num_prompt_tokens: Optional[int] = None,
+        mm_token_type_ids: Optional[torch.LongTensor] = None,
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         **kwargs,
@@ -1360,13 +1391,12 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         visual_token_mask (`torch.BoolTensor` of shape `[batch, seq]`, *optional*): routing when `inputs_embeds` are
             given; computed from `input_ids` otherwise.
         num_scales (`torch.LongTensor`, *optional*): scales per image (from the processor); used for checking.
-        is_decode_step (`bool`, *optional*): whether `past_key_values` already hold the prompt, so that `input_ids`
-            are generated tokens (embedded with the plain word embeddings and routed as text, as in the original).
-            Read from the cache when `None`; `generate` sets it, so compiled decode steps never branch on the
-            length of a static cache.
-        num_prompt_tokens (`int`, *optional*): length of the prompt when `input_ids` also hold generated tokens
-            (generation without a cache; `generate` sets it): those tokens are embedded and routed like cached decode
-            steps.
+        mm_token_type_ids (`torch.LongTensor` of shape `[batch, seq]`, *optional*): the type of each token
+            (`token_types`): `TEXT_TOKEN` for generated tokens, which keep their word embeddings and go to the text
+            experts, as in the original. `generate` passes them (transformers appends `TEXT_TOKEN` for each new
+            token), so a step knows its generated tokens from its inputs alone, cached or not, and a compiled decode
+            step never branches on the cache. Without them every token is a prompt token, typed by its id, and the
+            prompt is checked.
         labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): next-token targets; -100 and
             `<IMG_CONTEXT>` positions are ignored.
         """
@@ -1382,8 +1412,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
             use_cache=use_cache,
             visual_token_mask=visual_token_mask,
             num_scales=num_scales,
-            is_decode_step=is_decode_step,
-            num_prompt_tokens=num_prompt_tokens,
+            mm_token_type_ids=mm_token_type_ids,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             **kwargs,
@@ -1418,8 +1447,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         use_cache=None,
         visual_token_mask=None,
         num_scales=None,
-        is_decode_step=None,
-        num_prompt_tokens=None,
+        mm_token_type_ids=None,
         output_hidden_states=None,
         output_attentions=None,
         **kwargs,
@@ -1430,21 +1458,20 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         check_num_scales(num_scales, image_grid_thw)
         cache = pop_cache(past_key_values, kwargs)
-        decoding = is_decode_step
-        if decoding is None:
-            decoding = cache is not None and bool(cache.get_seq_length() > 0)
-        if not decoding:
-            device = self.get_input_embeddings().weight.device
-            check_prompt(self.config, device, input_ids, inputs_embeds, attention_mask)
+        if mm_token_type_ids is None:  # a prompt; `generate` checks its prompt once and types every step
+            check_prompt(
+                self.config, self.get_input_embeddings().weight.device, input_ids, inputs_embeds, attention_mask
+            )
+        else:
+            check_token_types(mm_token_type_ids, input_ids if input_ids is not None else inputs_embeds)
         output_flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
-        image_outputs = None
-        if inputs_embeds is None and decoding:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        elif inputs_embeds is None:
-            merged = self.embed_tokens(input_ids, pixel_values, image_grid_thw, num_prompt_tokens, **output_flags)
+        if inputs_embeds is None:
+            merged = self.embed_tokens(input_ids, pixel_values, image_grid_thw, mm_token_type_ids, **output_flags)
             inputs_embeds, visual_token_mask, image_outputs = merged
-        elif not decoding:
-            merged = self.merge_inputs(inputs_embeds, pixel_values, image_grid_thw, **output_flags)
+        else:
+            merged = self.merge_inputs(
+                inputs_embeds, pixel_values, image_grid_thw, None, mm_token_type_ids, **output_flags
+            )
             inputs_embeds, image_outputs = merged.inputs_embeds, merged.image_outputs
             if merged.visual_token_mask is not None:
                 visual_token_mask = merged.visual_token_mask
@@ -1461,21 +1488,40 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         )
         return NaViLModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
+    def check_prompt_inputs(self, input_ids=None, inputs_embeds=None, attention_mask=None, pixel_values=None) -> None:
+        """`check_prompt` for this model; with `pixel_values=None` also `check_no_image_tokens`, for `generate`,
+        whose steps are typed (`forward` checks an untyped prompt's image tokens as it merges the images)."""
+        check_prompt(self.config, self.get_input_embeddings().weight.device, input_ids, inputs_embeds, attention_mask)
+        if pixel_values is None:
+            check_no_image_tokens(self.special_token_rows(input_ids, inputs_embeds) == _CONTEXT_ROW)
+
     def generate(self, inputs=None, generation_config=None, **kwargs):
-        """`GenerationMixin.generate`, telling `forward` where the prompt ends (see `num_prompt_tokens`), after
-        `check_generation_length`."""
+        """`GenerationMixin.generate` after `check_generation_length` and the prompt's checks, with the prompt's
+        `mm_token_type_ids` (`token_types`), which transformers extends with `TEXT_TOKEN` for each generated token."""
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if isinstance(prompt, torch.Tensor) and prompt.ndim == 2:
-            kwargs.setdefault("num_prompt_tokens", prompt.shape[1])
+            prompt_ids, prompt_embeds = prompt, None
+        else:
+            prompt_ids, prompt_embeds = None, kwargs.get("inputs_embeds")
+        prompt_tokens = prompt_ids if prompt_ids is not None else prompt_embeds
+        if isinstance(prompt_tokens, torch.Tensor) and prompt_tokens.ndim == (2 if prompt_ids is not None else 3):
             config = generation_config if generation_config is not None else self.generation_config
-            check_generation_length(self.config.text_config, config, prompt.shape[1], kwargs)
+            check_generation_length(self.config.text_config, config, prompt_tokens.shape[1], kwargs)
+            self.check_prompt_inputs(
+                prompt_ids, prompt_embeds, kwargs.get("attention_mask"), kwargs.get("pixel_values")
+            )
+            rows = self.special_token_rows(prompt_ids, prompt_embeds)
+            kwargs.setdefault("mm_token_type_ids", token_types(rows))
         return super().generate(inputs, generation_config, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        if generation_step_is_decode(kwargs, model_inputs):
-            model_inputs["is_decode_step"] = True
-        return model_inputs
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        return generation_step_inputs(model_inputs, kwargs, input_ids)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        return with_generated_token_types(
+            super()._update_model_kwargs_for_generation, outputs, model_kwargs, *args, **kwargs
+        )
 
 
 NaViLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -14,7 +14,6 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 from .checks_navil import (
-    NaViLInputError,
     check_model_folder,
     check_num_scales,
     check_placeholder_count,
@@ -42,6 +41,7 @@ from .configuration_navil import (
 )
 
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file it needs.
+from .errors_navil import NaViLInputError
 from .image_loading_navil import NaViLImageLoader  # noqa: F401
 from .image_processing_navil import NaViLImageProcessor, NaViLImageProcessorKwargs
 from .image_processing_navil_fast import NaViLImageProcessorFast, wants_fast_image_processor

@@ -109,7 +109,7 @@ def text_llm(args: TrainingArguments, tokenizer, processor, cache_dir: Path) -> 
 
 def train_setting(setting: Setting, seed: int, args: TrainingArguments, budget: Budget, tokenizer, cache_dir: Path):
     """One run: builds the NaViL of `setting`, trains it on the shared data order and returns its record."""
-    config = tiny_navil_config(args, tiny_text_config(args, len(tokenizer)))
+    config = tiny_navil_config(args, tiny_text_config(args, len(tokenizer)), tokenizer)
     config.text_config.modality_experts = setting.experts
     processor = navil_processor(config, tokenizer)
     text_model = text_llm(replace(args, seed=seed), tokenizer, processor, cache_dir) if setting.llm_init else None

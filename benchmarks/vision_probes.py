@@ -93,7 +93,7 @@ def main():
     shape = TrainingArguments()
     torch.manual_seed(0)
     random_init = NaViLForConditionalGeneration(
-        tiny_navil_config(shape, tiny_text_config(shape, len(tokenizer)))
+        tiny_navil_config(shape, tiny_text_config(shape, len(tokenizer)), tokenizer)
     ).eval()
 
     print(f"{'visual tokens of':<28} {'colour (6)':>10} {'shape (4)':>10} {'word (10)':>10}")

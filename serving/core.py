@@ -8,8 +8,8 @@ an SGLang one would be a second file beside it) only wraps these in its own laye
   spec (`layouts_navil`);
 - the embeddings of an image block (its `special_token_embedding` rows with the connector's features over the
   `<IMG_CONTEXT>` rows);
-- the embeddings and modality routing of one step, given which of its tokens the engine generated (the rule that a
-  generated token takes the word embeddings and the text experts).
+- the embeddings and modality routing of one step, given which of its tokens the engine generated, by the rule of
+  `modeling_navil.token_types` (a generated token takes the word embeddings and the text experts).
 """
 
 from collections.abc import Sequence
@@ -21,13 +21,12 @@ from torch import nn
 
 from ..configuration_navil import (
     IMG_CONTEXT_TOKEN,
-    IMG_START_TOKEN,
     SPECIAL_TOKEN_EMBEDDING_ROWS,
     NaViLConfig,
     NaViLTextConfig,
     special_token_rows,
 )
-from ..modeling_navil import ModalityRouter
+from ..modeling_navil import IMAGE_TOKEN, ModalityRouter, token_types, typed_embeddings
 from ..processing_navil import image_block_tokens
 
 # The architecture names of navil's configs and of the original checkpoints (kept by `navil convert`).
@@ -140,32 +139,17 @@ def image_block_embeddings(
     return blocks
 
 
-def visual_token_ids(config: NaViLConfig) -> torch.Tensor:
-    """[2]: the ids of the tokens of an image block that use the visual experts (`<IMG_CONTEXT>` and `<img>`)."""
-    return torch.tensor([config.special_token_ids[token] for token in (IMG_CONTEXT_TOKEN, IMG_START_TOKEN)])
-
-
 def step_embeddings(
     config: NaViLConfig,
     special_token_embedding: nn.Embedding,
-    visual_ids: torch.Tensor,
     inputs_embeds: torch.Tensor,
     input_ids: torch.Tensor,
-    in_block: torch.Tensor,
     generated: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, Optional[ModalityRouter]]:
-    """The embeddings of one step ([tokens, hidden], the word embeddings with image blocks already in place) with the
-    `special_token_embedding` rows of prompt tokens outside image blocks, and the router of its visual tokens
-    (`<img>` and `<IMG_CONTEXT>` of image blocks). `input_ids` and `in_block` (whether each token lies in an image
-    block) may be shorter than the step (an engine's padding); `generated` [tokens] says which tokens the engine
-    generated, None where it cannot tell (profiling). Generated tokens take the word embeddings and the text experts."""
-    num_tokens = inputs_embeds.shape[0]
-    input_ids = torch.nn.functional.pad(input_ids, (0, num_tokens - len(input_ids)))
-    in_block = torch.nn.functional.pad(in_block, (0, num_tokens - len(in_block)), value=False)
-    rows = special_token_rows(config.special_token_ids, input_ids).masked_fill(in_block, -1)
-    if generated is not None:
-        rows = rows.masked_fill(generated, -1)
-    special = special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
-    inputs_embeds = torch.where((rows >= 0)[:, None], special, inputs_embeds)
-    visual = in_block & torch.isin(input_ids, visual_ids.to(input_ids.device))
-    return inputs_embeds, ModalityRouter.build(visual)
+    """The embeddings of one step ([tokens, hidden]: the word embeddings with image blocks already in place) and the
+    router of its visual tokens, by `modeling_navil`'s rule (`token_types`, `typed_embeddings`): prompt tokens by
+    their ids, the tokens of `generated` ([tokens] bool, None where the engine cannot tell: profiling) as text."""
+    rows = special_token_rows(config.special_token_ids, input_ids)
+    types = token_types(rows, generated)
+    inputs_embeds = typed_embeddings(inputs_embeds, rows, types, special_token_embedding)
+    return inputs_embeds, ModalityRouter.build(types == IMAGE_TOKEN)

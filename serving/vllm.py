@@ -3,15 +3,17 @@
 `vllm serve <navil checkpoint> --trust-remote-code` serve it.
 
 Reading order: the multimodal processing (placeholder expansion by `NaViLProcessor`, token counts for profiling),
-then the decoder written with vLLM's parallel layers and paged `Attention` (each layout declares its modules under the
-checkpoint names), then the model, which reuses the package's vision tower and connector (replicated on every tensor-
+then the decoder written with vLLM's parallel layers and paged `Attention` (each layout's attention is a class of its
+own; the other modules are built under the checkpoint names of its `Layout`), then the model, which reuses the package's vision tower and connector (replicated on every tensor-
 parallel rank) and routes tokens to the experts with the package's `ModalityRouter`.
 
-As in `modeling_navil`: the tokens of an image block that are `<img>` or `<IMG_CONTEXT>` use the visual experts, every
-other token the text experts; prompt tokens that have a row in `special_token_embedding` take that row, generated
-tokens the word embeddings; visual rows of InternLM2-VE get `wo_ve(wo(a))`. Each image block is one multimodal item,
-its embeddings computed whole (`embed_multimodal`); a generated token is recognised as the only new token of a request
-that has computed tokens, the test vLLM's scheduler uses for decode steps (speculative decoding is not supported).
+As in `modeling_navil`, by its rule (`token_types`): the prompt's `<img>` and `<IMG_CONTEXT>` tokens use the visual
+experts, every other token the text experts; prompt tokens that have a row in `special_token_embedding` take that row,
+generated tokens the word embeddings; visual rows of InternLM2-VE get `wo_ve(wo(a))`. Each image block is one
+multimodal item, its embeddings computed whole (`embed_multimodal`). `forward` reads the step's token ids
+(`requires_raw_input_tokens`) and recognises a generated token as the only new token of a request that has computed
+tokens, from the step's attention metadata: the test vLLM's scheduler uses for decode steps (vLLM passes no prompt
+lengths to a model; speculative decoding is not supported).
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,6 +48,7 @@ from vllm.multimodal.processing import (
 )
 
 from ..configuration_navil import IMAGE_PLACEHOLDER, SPECIAL_TOKEN_EMBEDDING_ROWS, NaViLConfig, NaViLTextConfig
+from ..layouts_navil import Layout
 from ..modeling_navil import ModalityRouter, NaViLVisionModel, build_connector, pixel_shuffle, route
 from ..processing_navil import check_placeholder_count, image_block_tokens
 from .core import (
@@ -57,7 +60,6 @@ from .core import (
     register_processors,
     rope_parameters,
     step_embeddings,
-    visual_token_ids,
     weight_shards,
 )
 
@@ -333,83 +335,64 @@ class Qwen3VEAttention(ModalityExpertAttention):
         return route(router, self.attention(query, key, value), first(self.o_proj), first(self.o_proj_ve))
 
 
-class InternLM2VEMLP(nn.Module):
-    """`w1` and `w3` (loaded into `gate_up_proj`), `w2`."""
+# The attention of each layout (backbone -> class); every other module is built from the layout's names.
+ATTENTION_CLASSES = {"internlm2": InternLM2VEAttention, "qwen3": Qwen3VEAttention}
 
-    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
+
+class ModalityExpertMLP(nn.Module):
+    """A layout's FFN: its gate and up parts (`Layout.ffn_parts`) loaded into `gate_up_proj`, its down part (`w2`,
+    `down_proj`) under its checkpoint name."""
+
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str, layout: Layout):
         super().__init__()
         quant_config, hidden, inner = vllm_config.quant_config, config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden, [inner] * 2, bias=False, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
         )
-        self.w2 = RowParallelLinear(inner, hidden, bias=False, quant_config=quant_config, prefix=f"{prefix}.w2")
+        self.down = layout.ffn_parts[2]
+        down = RowParallelLinear(inner, hidden, bias=False, quant_config=quant_config, prefix=f"{prefix}.{self.down}")
+        self.add_module(self.down, down)
         self.act_fn = SiluAndMul()
 
     def forward(self, hidden_states):
-        return self.w2(self.act_fn(self.gate_up_proj(hidden_states)[0]))[0]
-
-
-class Qwen3VEMLP(nn.Module):
-    """`gate_proj` and `up_proj` (loaded into `gate_up_proj`), `down_proj`."""
-
-    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        quant_config, hidden, inner = vllm_config.quant_config, config.hidden_size, config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(
-            hidden, [inner] * 2, bias=False, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
-        )
-        self.down_proj = RowParallelLinear(
-            inner, hidden, bias=False, quant_config=quant_config, prefix=f"{prefix}.down_proj"
-        )
-        self.act_fn = SiluAndMul()
-
-    def forward(self, hidden_states):
-        return self.down_proj(self.act_fn(self.gate_up_proj(hidden_states)[0]))[0]
+        return self._modules[self.down](self.act_fn(self.gate_up_proj(hidden_states)[0]))[0]
 
 
 class ModalityExpertDecoderLayer(nn.Module):
-    """Pre-norm layer; each layout lists its modules in `sublayers()` as in `modeling_navil`."""
+    """Pre-norm layer holding the modules of `Layout.sublayers()` under their checkpoint names: norm, attention, norm,
+    text FFN, visual FFN."""
+
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str, layout: Layout):
+        super().__init__()
+        self.sublayer_names = layout.sublayers()
+        attention_norm, attention, ffn_norm, ffn, ffn_ve = self.sublayer_names
+        self.add_module(attention_norm, RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        self.add_module(attention, ATTENTION_CLASSES[layout.backbone](config, vllm_config, f"{prefix}.{attention}"))
+        self.add_module(ffn_norm, RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        for name in (ffn, ffn_ve):
+            self.add_module(name, ModalityExpertMLP(config, vllm_config, f"{prefix}.{name}", layout))
 
     def forward(self, positions, hidden_states, router: Optional[ModalityRouter]):
-        attention_norm, attention, ffn_norm, ffn, ffn_ve = self.sublayers()
+        attention_norm, attention, ffn_norm, ffn, ffn_ve = (self._modules[name] for name in self.sublayer_names)
         hidden_states = hidden_states + attention(positions, attention_norm(hidden_states), router)
         return hidden_states + route(router, ffn_norm(hidden_states), ffn, ffn_ve)
 
 
-class InternLM2VEDecoderLayer(ModalityExpertDecoderLayer):
-    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attention = InternLM2VEAttention(config, vllm_config, f"{prefix}.attention")
-        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.feed_forward = InternLM2VEMLP(config, vllm_config, f"{prefix}.feed_forward")
-        self.feed_forward_ve = InternLM2VEMLP(config, vllm_config, f"{prefix}.feed_forward_ve")
-
-    def sublayers(self):
-        return self.attention_norm, self.attention, self.ffn_norm, self.feed_forward, self.feed_forward_ve
-
-
-class Qwen3VEDecoderLayer(ModalityExpertDecoderLayer):
-    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = Qwen3VEAttention(config, vllm_config, f"{prefix}.self_attn")
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = Qwen3VEMLP(config, vllm_config, f"{prefix}.mlp")
-        self.mlp_ve = Qwen3VEMLP(config, vllm_config, f"{prefix}.mlp_ve")
-
-    def sublayers(self):
-        return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp, self.mlp_ve
-
-
 class ModalityExpertModel(nn.Module):
-    """The decoder layers and the final norm; each layout adds its word embeddings."""
+    """The layout's word embeddings (under their checkpoint name), the decoder layers and the final norm."""
 
-    def build_decoder(self, config: NaViLTextConfig, vllm_config: VllmConfig, layer_class: type, prefix: str):
+    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str, layout: Layout):
+        super().__init__()
+        self.embedding = layout.embedding
+        self.add_module(self.embedding, VocabParallelEmbedding(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(
-            layer_class(config, vllm_config, f"{prefix}.layers.{index}") for index in range(config.num_hidden_layers)
+            ModalityExpertDecoderLayer(config, vllm_config, f"{prefix}.layers.{index}", layout)
+            for index in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def embed_input_ids(self, input_ids):
+        return self._modules[self.embedding](input_ids)
 
     def forward(self, positions, inputs_embeds, router: Optional[ModalityRouter]):
         # positions [tokens], inputs_embeds [tokens, hidden] -> [tokens, hidden]
@@ -419,49 +402,22 @@ class ModalityExpertModel(nn.Module):
         return self.norm(hidden_states)
 
 
-class InternLM2VEModel(ModalityExpertModel):
+class ModalityExpertForCausalLM(nn.Module):
+    """`model` and the LM head under the layout's checkpoint name (`output`, `lm_head`), tied to the word embeddings
+    when the config says so."""
+
     def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        self.tok_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.build_decoder(config, vllm_config, InternLM2VEDecoderLayer, prefix)
-
-    def embed_input_ids(self, input_ids):
-        return self.tok_embeddings(input_ids)
-
-
-class Qwen3VEModel(ModalityExpertModel):
-    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.build_decoder(config, vllm_config, Qwen3VEDecoderLayer, prefix)
-
-    def embed_input_ids(self, input_ids):
-        return self.embed_tokens(input_ids)
-
-
-class InternLM2VEForCausalLM(nn.Module):
-    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.model = InternLM2VEModel(config, vllm_config, f"{prefix}.model")
-        self.output = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=f"{prefix}.output")
+        layout = config.layout
+        self.model = ModalityExpertModel(config, vllm_config, f"{prefix}.model", layout)
+        head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=f"{prefix}.{layout.head}")
         if config.tie_word_embeddings:
-            self.output = self.output.tie_weights(self.model.tok_embeddings)
+            head = head.tie_weights(self.model._modules[layout.embedding])
+        self.head = layout.head
+        self.add_module(self.head, head)
 
-    @property
-    def lm_head(self):
-        return self.output
-
-
-class Qwen3VEForCausalLM(nn.Module):
-    def __init__(self, config: NaViLTextConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        self.model = Qwen3VEModel(config, vllm_config, f"{prefix}.model")
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=f"{prefix}.lm_head")
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-
-
-LANGUAGE_MODELS = {"internlm2": InternLM2VEForCausalLM, "qwen3": Qwen3VEForCausalLM}
+    def output_layer(self) -> nn.Module:
+        return self._modules[self.head]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -495,6 +451,9 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
     """NaViL for vLLM. Module names are the checkpoint's: `vision_model`, `mlp1`, `special_token_embedding` and
     `language_model` (InternLM2-VE or Qwen3-VE layout), so original and saved folders load unchanged."""
 
+    # `forward` types the step's tokens by their ids (`token_types`), so vLLM passes them beside the embeddings
+    requires_raw_input_tokens = True
+
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> Optional[str]:
         if modality.startswith("image"):
@@ -510,10 +469,8 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.vision_model = NaViLVisionModel(vision)
         self.mlp1 = build_connector(vision, text)
         self.special_token_embedding = nn.Embedding(len(SPECIAL_TOKEN_EMBEDDING_ROWS), text.hidden_size)
-        self.language_model = LANGUAGE_MODELS[text.backbone](text, vllm_config, "language_model")
+        self.language_model = ModalityExpertForCausalLM(text, vllm_config, "language_model")
         self.logits_processor = LogitsProcessor(text.vocab_size)
-        self.register_buffer("visual_token_ids", visual_token_ids(config), persistent=False)
-        self._step: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (input_ids, image-block mask) of the step
 
     def get_language_model(self) -> nn.Module:
         return self.language_model
@@ -534,45 +491,34 @@ class NaViLForConditionalGeneration(nn.Module, SupportsMultiModal):
         return image_block_embeddings(self.special_token_embedding, features, grids, num_scales, merge)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        """Word embeddings, with each image block's embeddings over its placeholder. The special-token rows of prompt
-        tokens outside image blocks are applied in `forward`, which knows which tokens were generated."""
+        """Word embeddings, with each image block's embeddings over its placeholder. The special-token rows of the
+        prompt's other special tokens are applied in `forward`, which knows which tokens were generated."""
         inputs_embeds = self.language_model.model.embed_input_ids(input_ids)
-        if is_multimodal is None:
-            is_multimodal = torch.zeros_like(input_ids, dtype=torch.bool)
         if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
             blocks = torch.cat(list(multimodal_embeddings)).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(is_multimodal[:, None].to(inputs_embeds.device), blocks)
-        self._step = (input_ids, is_multimodal.to(input_ids.device))
         return inputs_embeds
-
-    def routed_inputs(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, Optional[ModalityRouter]]:
-        """The step's embeddings with the special-token rows of prompt tokens outside image blocks, and the router
-        of its visual tokens (`<img>` and `<IMG_CONTEXT>` of image blocks)."""
-        if self._step is None:
-            return inputs_embeds, None
-        input_ids, in_block = self._step
-        self._step = None
-        generated = decode_token_mask(inputs_embeds.shape[0], inputs_embeds.device)
-        return step_embeddings(
-            self.config,
-            self.special_token_embedding,
-            self.visual_token_ids,
-            inputs_embeds,
-            input_ids,
-            in_block,
-            generated,
-        )
 
     # -- forward -------------------------------------------------------------------------------------------------
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        """A function of the step's inputs: its token ids (`requires_raw_input_tokens`), positions and embeddings,
+        and which tokens are generated, read from the step's attention metadata (`decode_token_mask`) and checked
+        against the embeddings (a generated token has its word embedding)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_input_ids(input_ids)
-        inputs_embeds, router = self.routed_inputs(inputs_embeds)
+        generated = decode_token_mask(inputs_embeds.shape[0], inputs_embeds.device)
+        if generated is not None:
+            # a one-token prefill chunk inside an image block looks like a decode step: its block embedding (a special
+            # row or an image feature, not its word embedding) says it is a prompt token
+            generated &= (inputs_embeds == self.language_model.model.embed_input_ids(input_ids)).all(-1)
+        inputs_embeds, router = step_embeddings(
+            self.config, self.special_token_embedding, inputs_embeds, input_ids, generated
+        )
         return self.language_model.model(positions, inputs_embeds, router)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
-        return self.logits_processor(self.language_model.lm_head, hidden_states)
+        return self.logits_processor(self.language_model.output_layer(), hidden_states)
 
     # -- weights -------------------------------------------------------------------------------------------------
 

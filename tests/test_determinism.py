@@ -61,7 +61,7 @@ def test_padded_batch_generates_the_same_with_and_without_cache(models, golden_t
 
 def test_generated_special_tokens_are_embedded_alike_with_and_without_cache(golden_tokenizer):
     # this conversation makes qwen3_ve generate <quad>: generated tokens get plain embeddings and text routing
-    # with a cache (as in the original) and, through num_prompt_tokens, without one too
+    # with a cache (as in the original) and, through the mm_token_type_ids generate passes, without one too
     model = load_golden_model("qwen3_ve", golden_tokenizer)
     inputs = _inputs(model, golden_tokenizer, CONVERSATIONS[2:])
     assert torch.equal(_greedy(model, inputs, use_cache=True), _greedy(model, inputs, use_cache=False))

@@ -18,7 +18,7 @@ COLOR, KIND, LEFT, RIGHT, COUNT, OBJECT = range(len(SCENE_TARGETS) + 1)
 def processor():
     tokenizer = load_tokenizer()
     args = TrainingArguments()
-    return navil_processor(tiny_navil_config(args, tiny_text_config(args, len(tokenizer))), tokenizer)
+    return navil_processor(tiny_navil_config(args, tiny_text_config(args, len(tokenizer)), tokenizer), tokenizer)
 
 
 def _token_colors(processor, image, multiscale):

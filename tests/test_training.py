@@ -63,7 +63,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def processor(tokenizer):
-    return navil_processor(tiny_navil_config(MINIATURE, tiny_text_config(MINIATURE, len(tokenizer))), tokenizer)
+    return navil_processor(
+        tiny_navil_config(MINIATURE, tiny_text_config(MINIATURE, len(tokenizer)), tokenizer), tokenizer
+    )
 
 
 def miniature_models(tokenizer, seed=0):
@@ -73,7 +75,7 @@ def miniature_models(tokenizer, seed=0):
     for name, parameter in text_model.named_parameters():
         if "norm" in name:  # non-trivial norms, so that a norm copied to the wrong place shows
             torch.nn.init.uniform_(parameter, 0.5, 1.5)
-    model = NaViLForConditionalGeneration(tiny_navil_config(MINIATURE, text_config)).eval()
+    model = NaViLForConditionalGeneration(tiny_navil_config(MINIATURE, text_config, tokenizer)).eval()
     model.init_special_token_ids(tokenizer)
     return text_model, model
 

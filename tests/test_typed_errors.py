@@ -3,11 +3,13 @@ programs; the messages stay the ones people read."""
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from navil.checks_navil import ERROR_KINDS, NaViLInputError
+from navil.configuration_navil import NaViLConfig
 
 IMAGE = Image.new("RGB", (32, 32), (10, 20, 30))
 
@@ -57,3 +59,41 @@ def test_chat_generation_settings_are_refused_with_their_kind(model, golden_toke
     with pytest.raises(NaViLInputError) as error:
         model.chat(golden_tokenizer, None, "Hi", dict(max_new_tokens=-1))
     assert error.value.kind == "generation length"
+
+
+# Bad images and per-call options the fuzz draws, and the kind each is refused with (no longer told by its message).
+BAD_IMAGES = {
+    "300:1 aspect ratio": (lambda: Image.new("RGB", (600, 2)), {}, "aspect ratio above 200"),
+    "float image above 1": (lambda: np.full((8, 8, 3), 2.0, dtype=np.float32), {}, "float values out of range"),
+    "NaN pixels": (lambda: np.full((8, 8, 3), np.nan, dtype=np.float32), {}, "NaN or infinite values"),
+    "bytes of no image": (lambda: b"not an image at all", {}, "not an image file"),
+    "missing file": (lambda: "/nonexistent/navil/image.png", {}, "image file not found"),
+    "min_pixels above max_pixels": (
+        lambda: IMAGE,
+        dict(min_pixels=10**6, max_pixels=10**4),
+        "min_pixels above max_pixels",
+    ),
+    "multiscale as a string": (lambda: IMAGE, dict(multiscale="yes"), "multiscale is not a bool"),
+    "max_pixels as a string": (lambda: IMAGE, dict(max_pixels="big"), "pixel limit is not a number"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_IMAGES)
+def test_image_refusals_carry_their_kind(processor, name):
+    image, options, kind = BAD_IMAGES[name]
+    with pytest.raises(NaViLInputError) as error:
+        processor(text="<image>", images=image(), **options)
+    assert error.value.kind == kind
+
+
+def test_config_refusals_carry_their_kind():
+    with pytest.raises(NaViLInputError, match="must be divisible by num_attention_heads") as error:
+        NaViLConfig(vision_config=dict(hidden_size=30, num_attention_heads=4))
+    assert error.value.kind == "invalid config value"
+
+
+def test_the_fuzz_refuses_an_untyped_value_error_whatever_its_message():
+    classify = pytest.importorskip("navil.testing.fuzzing", reason="the fuzz needs hypothesis").classify
+    assert classify(NaViLInputError("absolute aspect ratio must be smaller than 200", "aspect ratio above 200"))
+    with pytest.raises(AssertionError, match="not a NaViLInputError"):
+        classify(ValueError("absolute aspect ratio must be smaller than 200, got 300"))

@@ -16,7 +16,7 @@ import math
 import sys
 import typing
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "navil-tiny"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -332,37 +332,27 @@ def run_serve(args) -> int:
     return serve([model, *vllm_args, *added])
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (0 would give an empty result, e.g. a table of 0.0 %)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+def number_type(convert: Callable, valid: Callable, description: str) -> Callable:
+    """An argparse type: `convert(text)` (int or float) when `valid` holds for it, else an error saying that the value
+    must be `description`."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (not nan or inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
+# a whole number >= 1 (0 would give an empty result, e.g. a table of 0.0 %); a finite number > 0 (not nan or inf);
+# a number in [0, 1)
+positive_int = number_type(int, lambda value: value >= 1, "a whole number >= 1")
+positive_float = number_type(float, lambda value: math.isfinite(value) and value > 0, "a positive finite number")
+fraction = number_type(float, lambda value: 0 <= value < 1, "a number in [0, 1)")
 
 
 def device_name(text: str) -> str:

@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 from transformers import LlamaConfig, Qwen3Config
 
-from ..configuration_navil import QWEN3_VE, NaViLConfig, NaViLTextConfig
+from ..configuration_navil import QWEN3_VE, NaViLConfig, NaViLTextConfig, special_token_ids_of
 from ..processing_navil import NaViLProcessor
 from ..testing.configs import tiny_config
 from .synthetic_data import TRAIN_SIZE_RANGE
@@ -128,9 +128,9 @@ def tiny_text_config(args: TrainingArguments, vocab_size: int) -> Qwen3Config:
     )
 
 
-def tiny_navil_config(args: TrainingArguments, text_config: Qwen3Config) -> NaViLConfig:
+def tiny_navil_config(args: TrainingArguments, text_config: Qwen3Config, tokenizer) -> NaViLConfig:
     """The NaViL of the recipe around `text_config`: a small native-resolution ViT (patch 16, 2×2 merge) whose layer
-    scales start at 1."""
+    scales start at 1, with the special-token ids of `tokenizer`."""
     vision = dict(
         hidden_size=args.vision_hidden_size,
         num_attention_heads=args.vision_num_attention_heads,
@@ -149,6 +149,7 @@ def tiny_navil_config(args: TrainingArguments, text_config: Qwen3Config) -> NaVi
         system_message=SYSTEM_MESSAGE,
         min_dynamic_patch=args.min_dynamic_patch,
         max_dynamic_patch=args.max_dynamic_patch,
+        special_token_ids=special_token_ids_of(tokenizer),
     )
 
 

@@ -53,7 +53,7 @@ def train_tiny_navil(args: TrainingArguments, progress: bool = True, log: Callab
     tokenizer = load_tokenizer(args.tokenizer_dir)
     history = {"arguments": asdict(args), "seconds": {}, "evaluations": []}
 
-    config = tiny_navil_config(args, tiny_text_config(args, len(tokenizer)))
+    config = tiny_navil_config(args, tiny_text_config(args, len(tokenizer)), tokenizer)
     processor = navil_processor(config, tokenizer)
     text_model, history["text_losses"] = pretrain_text_model(args, tokenizer, processor, progress)
     history["seconds"]["text"] = time.perf_counter() - started
