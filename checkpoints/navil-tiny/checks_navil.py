@@ -3,7 +3,7 @@
 - loading: checkpoint folders (`check_local_checkpoint`, unfinished saves with `check_save_complete`,
   `check_model_folder`, `check_tokenizer_folder`), their weight dtypes (`check_weight_dtypes`), torchao settings
   (`check_torchao_loading`) and the original model card's quantization flags (`with_quantization_config`);
-- running: images (`check_pixel_values`, `check_image_tokens`, `check_no_image_tokens`), prompts (`check_prompt`),
+- running: images (`check_pixel_values`, `check_image_tokens`, `check_no_image_tokens`), prompts (`check_prompt`, `check_token_types`),
   generation lengths and settings (`check_generation_length`, `check_generation_settings`) and the special-token ids
   against the tokenizer (`check_special_token_ids`).
 
@@ -17,6 +17,7 @@ import math
 import numbers
 import re
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,51 +27,16 @@ from .compat_navil import DTYPE_KWARG
 from .configuration_navil import (
     IMAGE_PLACEHOLDER,
     IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
     IMG_FRAME_BREAK_TOKEN,
+    IMG_LINE_BREAK_TOKEN,
+    IMG_START_TOKEN,
     NaViLConfig,
     NaViLTextConfig,
     NaViLVisionConfig,
 )
+from .errors_navil import ERROR_KINDS, NaViLInputError  # noqa: F401 (the errors' home; imported from here too)
 from .layouts_navil import VE_SUFFIX
-
-# The kinds of refused input, for programs (the fuzz classifies errors by them): kind -> what was refused.
-ERROR_KINDS = {
-    "placeholder count mismatch": "the <image> placeholders of a prompt are not one per image",
-    "images per text": "images is not one image, a flat list or one list per text",
-    "text contains <IMG_CONTEXT>": "a prompt given with images already holds the token reserved for image features",
-    "text is not valid Unicode": "a text holds a lone surrogate",
-    "image grid": "image_grid_thw or num_scales do not describe the images",
-    "image tokens without images": "a prompt holds image tokens but no pixel_values were given",
-    "image tokens do not match the images": "the prompt's image tokens are not the ones the image grids give",
-    "pixel values": "pixel_values the vision tower cannot take",
-    "prompt": "a prompt the model cannot run (shape, dtype, device, ids or length)",
-    "generation length": "max_new_tokens / max_length out of range or beyond the model's positions",
-    "generation setting out of range": "a generation setting chat checks is out of range",
-    "generation key that chat owns": "a generate() argument that chat sets itself",
-    "JSONL file not UTF-8": "a fine-tuning JSONL file is not UTF-8",
-    "JSONL line not JSON": "a line of a fine-tuning JSONL file is not a JSON object",
-    "JSONL file without examples": "a fine-tuning JSONL file holds no examples",
-    "images is not a list of images": "a training example's 'images' is not a list of images",
-    "malformed chat example": "a training example is not user and assistant messages in turn with text/image blocks",
-    "images do not match image blocks": "a training example's images are not one per image block",
-    "image placeholders do not match images": "a training conversation's <image> placeholders are not one per image",
-    "empty batch": "the collator got no examples",
-    "example longer than max_length": "every example of a batch would be cut through an image",
-}
-
-
-class NaViLInputError(ValueError):
-    """A refused input: the message names the problem and the fix for people, `kind` (a key of `ERROR_KINDS`)
-    names the problem for programs."""
-
-    def __init__(self, message: str, kind: str):
-        if kind not in ERROR_KINDS:
-            raise KeyError(f"{kind!r} is not one of ERROR_KINDS")
-        super().__init__(message)
-        self.kind = kind
-
-    def __reduce__(self):
-        return type(self), (str(self), self.kind)
 
 
 def check_placeholder_count(found: int, images: int) -> None:
@@ -123,9 +89,10 @@ def check_local_checkpoint(folder: Path, has_config: bool, allow_pickle: bool = 
             with safe_open(str(path), framework="pt"):
                 pass
         except Exception as error:  # safetensors raises its own SafetensorError (not importable on every version)
-            raise ValueError(
+            raise NaViLInputError(
                 f"{path} is not a readable safetensors file ({error}); it is truncated, empty or not safetensors. "
-                "Download or save the checkpoint again."
+                "Download or save the checkpoint again.",
+                "unreadable safetensors file",
             ) from None
 
 
@@ -166,10 +133,11 @@ def check_loading_info(
     }
     if any(problems.values()):
         details = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
-        raise ValueError(
+        raise NaViLInputError(
             f"The checkpoint at {checkpoint} does not match {model_name} ({details}). Check that it is a NaViL "
             "checkpoint of this configuration, or pass strict=False to load it anyway (missing and mismatched tensors "
-            "are then initialised at random, unexpected ones ignored)."
+            "are then initialised at random, unexpected ones ignored).",
+            "checkpoint does not match the model",
         )
 
 
@@ -232,6 +200,8 @@ def check_image_tokens(config: NaViLConfig, input_ids, context_mask, image_grid_
             "the prompt with the processor (or expand each <image> with the same image_grid_thw).",
             "image tokens do not match the images",
         )
+    if input_ids is not None:
+        check_image_block_tokens(config.special_token_ids, input_ids, context_mask)
     frame_break = config.special_token_ids.get(IMG_FRAME_BREAK_TOKEN)
     if frame_break is None or not expected or input_ids is None:
         return
@@ -248,6 +218,43 @@ def check_image_tokens(config: NaViLConfig, input_ids, context_mask, image_grid_
             "image's tokens. Take the prompt and the images from one processor call, in the same order.",
             "image tokens do not match the images",
         )
+
+
+def check_image_block_tokens(special_token_ids: Mapping, input_ids: torch.Tensor, context_mask: torch.Tensor) -> None:
+    """Refuses a prompt whose image blocks (`<img>`, per frame rows of `<IMG_CONTEXT>` each ending in
+    `<IMG_LINE_BREAK>`, `<IMG_FRAME_BREAK>`, ..., `</img>`) do not read as `config.special_token_ids` say: their ids
+    disagree with the tokenizer that built the prompt (swapped `<img>` / `</img>` move the logits without a word).
+    The model sees no tokenizer (a pipeline or `generate` hands it token ids), so the prompt is what is checked."""
+    tokens = (IMG_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_LINE_BREAK_TOKEN, IMG_FRAME_BREAK_TOKEN, IMG_END_TOKEN)
+    if not all(token in special_token_ids for token in tokens):
+        return
+    start, context_id, line_break, frame_break, end = (special_token_ids[token] for token in tokens)
+    flat, context = input_ids.flatten(), context_mask.flatten()
+    before = torch.cat((flat.new_full((1,), -1), flat[:-1]))
+    after = torch.cat((flat[1:], flat.new_full((1,), -1)))
+    ends_row = (flat == line_break) & torch.cat((context.new_zeros(1), context[:-1]))
+    ends_frame = (flat == frame_break) & torch.cat((ends_row.new_zeros(1), ends_row[:-1]))
+    starts_frame = context & (before != context_id) & (before != line_break)
+    rules = (  # (positions, their neighbour, the tokens an image block has there, where)
+        (context, after, (context_id, line_break), f"after {IMG_CONTEXT_TOKEN}"),
+        (ends_row, after, (context_id, frame_break), f"after the {IMG_LINE_BREAK_TOKEN} ending a row"),
+        (ends_frame, after, (context_id, end), f"after the {IMG_FRAME_BREAK_TOKEN} ending a frame"),
+        (starts_frame, before, (start, frame_break), f"before the first {IMG_CONTEXT_TOKEN} of a frame"),
+    )
+    names = {token_id: token for token, token_id in special_token_ids.items()}
+    for positions, neighbour, allowed, where in rules:
+        bad = positions & (neighbour != allowed[0]) & (neighbour != allowed[1])
+        if bool(bad.any()):
+            found = int(neighbour[bad.nonzero()[0, 0]])
+            expected = " or ".join(f"{names[token_id]} (id {token_id})" for token_id in allowed)
+            raise NaViLInputError(
+                f"The prompt's image tokens do not follow config.special_token_ids: {where} comes id {found} "
+                f"({names.get(found, 'not a NaViL special token')} in the config), where an image block has "
+                f"{expected}. config.special_token_ids disagree with the tokenizer that built the prompt (or the "
+                "prompt was not built by the NaViL processor): use the tokenizer saved with the model, or re-read the "
+                "ids with model.init_special_token_ids(tokenizer).",
+                "image tokens do not match the images",
+            )
 
 
 def check_prompt(
@@ -308,6 +315,24 @@ def check_prompt(
                 "tokenized with this model's tokenizer?",
                 "prompt",
             )
+
+
+def check_token_types(mm_token_type_ids, tokens: torch.Tensor) -> None:
+    """Refuses `mm_token_type_ids` that are not an integer tensor of the prompt's [batch, seq] (`tokens`: the
+    `input_ids` or `inputs_embeds`). Shapes only, so that a compiled decode step runs it without a graph break."""
+    if not isinstance(mm_token_type_ids, torch.Tensor) or mm_token_type_ids.dtype not in (torch.int64, torch.int32):
+        got = getattr(mm_token_type_ids, "dtype", type(mm_token_type_ids).__name__)
+        raise NaViLInputError(
+            f"mm_token_type_ids must be an integer tensor, got {got}; leave them unset (generate sets them) or pass "
+            "navil's token_types.",
+            "prompt",
+        )
+    if mm_token_type_ids.shape != tokens.shape[:2]:
+        raise NaViLInputError(
+            f"mm_token_type_ids have shape {tuple(mm_token_type_ids.shape)} but the tokens are [batch, seq] = "
+            f"{tuple(tokens.shape[:2])}; pass one type per token, or leave them unset.",
+            "prompt",
+        )
 
 
 def check_generation_length(
@@ -416,7 +441,8 @@ _GENERATION_VALUES = {
     "typical_p": ("a number in (0, 1]", lambda v: _real(v) and 0 < v <= 1),
     "top_k": ("a whole number >= 0", lambda v: _whole(v) and v >= 0),
     "repetition_penalty": ("a positive finite number", lambda v: _real(v) and math.isfinite(v) and v > 0),
-    "length_penalty": ("a finite number", lambda v: _real(v) and math.isfinite(v)),
+    # beam scores are divided by length ** length_penalty, a Python float that overflows (OverflowError) beyond 50
+    "length_penalty": ("a number in [-50, 50]", lambda v: _real(v) and -50 <= v <= 50),
     "num_beams": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
     "num_beam_groups": ("a whole number >= 1", lambda v: _whole(v) and v >= 1),
     "num_return_sequences": ("1 (chat returns one reply per question)", lambda v: _whole(v) and v == 1),
@@ -457,13 +483,14 @@ def check_generation_settings(settings: Mapping, vocab_size: int) -> dict:
                 f"generation_config[{name!r}] must be {description}, got {settings[name]!r:.40}.",
                 "generation setting out of range",
             )
-    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):  # generate takes a list for eos_token_id only
         value = settings.get(name)
-        ids = value if isinstance(value, (list, tuple)) else [value]
+        ids = value if name == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
         if value is not None and not (ids and all(_whole(i) and 0 <= i < vocab_size for i in ids)):
+            lists = " or a non-empty list of them" if name == "eos_token_id" else ""
             raise NaViLInputError(
-                f"generation_config[{name!r}] must be a token id in [0, {vocab_size}) or a non-empty list of them, got "
-                f"{value!r:.40}; take it from the tokenizer (e.g. tokenizer.convert_tokens_to_ids('<|im_end|>')).",
+                f"generation_config[{name!r}] must be a token id in [0, {vocab_size}){lists}, got {value!r:.40}; take "
+                "it from the tokenizer (e.g. tokenizer.convert_tokens_to_ids('<|im_end|>')).",
                 "generation setting out of range",
             )
     floats = [name for name in _FLOAT_GENERATION_SETTINGS if _whole(settings.get(name))]
@@ -479,9 +506,10 @@ def check_special_token_ids(special_token_ids: Mapping, tokenizer) -> None:
         if found != token_id or found is None or found == tokenizer.unk_token_id:
             wrong.append(f"{token} is {token_id} in the config but {found} in the tokenizer")
     if wrong:
-        raise ValueError(
+        raise NaViLInputError(
             f"config.special_token_ids disagree with the tokenizer: {'; '.join(wrong)}. Use the tokenizer saved with "
-            "the model, or re-read the ids with model.init_special_token_ids(tokenizer)."
+            "the model, or re-read the ids with model.init_special_token_ids(tokenizer).",
+            "special token ids disagree with the tokenizer",
         )
 
 
@@ -631,6 +659,53 @@ def check_torchao_loading(model_class, name_or_path, kwargs: dict) -> None:
                 )
 
 
+def lora_layers_over_torchao_weights(module: torch.nn.Module) -> list[str]:
+    """Names, inside `module`, of the PEFT adapter layers (LoRA and the like: modules with a `get_base_layer`) whose
+    base layer holds a torchao-quantized weight (a tensor subclass from torchao)."""
+    found = []
+    for name, layer in module.named_modules():
+        base = layer.get_base_layer() if callable(getattr(layer, "get_base_layer", None)) else None
+        weight = getattr(base, "weight", None)
+        if weight is not None and any(cls.__module__.startswith("torchao.") for cls in type(weight).__mro__):
+            found.append(name)
+    return found
+
+
+class RefusesQuantizedLoraMerge:
+    """Mixin of the layers LoRA adapts: refuses PEFT's `merge_and_unload()` into torchao-quantized weights.
+
+    Merging dequantizes the weight, adds the adapter's update and quantizes the sum again, which rounds most of the
+    update away (on the golden Qwen3-VE model, int4 moved logits by up to 1.2, int8 by 0.09, without a word). PEFT's
+    `merge_and_unload()` and `unload()` ask every module for `unload_and_optionally_merge_module` before they touch
+    the adapters under it; a layer holding adapters over torchao weights answers, so that merging is refused naming
+    the adapter before any weight of the layer changes, and `unload()` (no merge) drops those adapters as PEFT does.
+    """
+
+    @property
+    def unload_and_optionally_merge_module(self):
+        names = lora_layers_over_torchao_weights(self)
+        if not names:
+            raise AttributeError("unload_and_optionally_merge_module")  # PEFT handles this layer's adapters itself
+        return partial(self._unload_quantized_adapters, names)
+
+    def _unload_quantized_adapters(self, names: list[str], merge: bool, safe_merge: bool = False, adapter_names=None):
+        if merge:
+            weight = type(self.get_submodule(names[0]).get_base_layer().weight).__name__
+            raise ValueError(
+                f"Cannot merge LoRA into torchao-quantized weights: the adapter {names[0]} of "
+                f"{self.quantized_merge_name} wraps a torchao {weight} weight. Merging dequantizes it, adds the "
+                "adapter and quantizes the sum again, which rounds most of the adapter's update away (logits change). "
+                "Nothing in this layer was changed. Keep the adapters unmerged (the PeftModel runs them on top of the "
+                "quantized weights; save_pretrained saves the adapter alone), or merge into the full-precision model: "
+                "load the checkpoint without quantization_config, PeftModel.from_pretrained(model, "
+                "ADAPTER).merge_and_unload(), then quantize the result."
+            )
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(self.get_submodule(parent), child, self.get_submodule(name).get_base_layer())
+        return self
+
+
 def _saved_config(model_class, name_or_path, kwargs: dict):
     """The config saved with a checkpoint, or None where it cannot be read (`from_pretrained` reports why)."""
     try:
@@ -641,21 +716,22 @@ def _saved_config(model_class, name_or_path, kwargs: dict):
         return None
 
 
-# (config field, header name pattern, axis): the config's sizes each weight file states too; a layer count is the
-# number of distinct layer indices matched.
+# (config field, header name pattern, axis, rank): the config's sizes each weight file states too, at `axis` of a
+# tensor of `rank` dimensions; a layer count (axis None) is the number of distinct layer indices matched.
 _SHAPE_FIELDS = (
-    ("text_config.vocab_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 0),
-    ("text_config.hidden_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 1),
+    ("text_config.vocab_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 0, 2),
+    ("text_config.hidden_size", r"language_model\.model\.(embed_tokens|tok_embeddings)\.weight", 1, 2),
     (
         "text_config.intermediate_size",
         r"language_model\.model\.layers\.0\.(mlp\.gate_proj|feed_forward\.w1)\.weight",
         0,
+        2,
     ),
-    ("text_config.num_hidden_layers", r"language_model\.model\.layers\.(\d+)\.", None),
-    ("vision_config.hidden_size", r"vision_model\.embeddings\.patch_embedding\.weight", 0),
-    ("vision_config.patch_size", r"vision_model\.embeddings\.patch_embedding\.weight", 2),
-    ("vision_config.intermediate_size", r"vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight", 0),
-    ("vision_config.num_hidden_layers", r"vision_model\.encoder\.layers\.(\d+)\.", None),
+    ("text_config.num_hidden_layers", r"language_model\.model\.layers\.(\d+)\.", None, None),
+    ("vision_config.hidden_size", r"vision_model\.embeddings\.patch_embedding\.weight", 0, 4),
+    ("vision_config.patch_size", r"vision_model\.embeddings\.patch_embedding\.weight", 2, 4),
+    ("vision_config.intermediate_size", r"vision_model\.encoder\.layers\.0\.mlp\.fc1\.weight", 0, 2),
+    ("vision_config.num_hidden_layers", r"vision_model\.encoder\.layers\.(\d+)\.", None, None),
 )
 
 
@@ -719,7 +795,7 @@ def check_config_against_weights(folder: Path, config_class, kwargs: dict, stric
                 shapes[key] = (tensor.get_shape(), path.name)
                 itemsize = max(itemsize, _FLOAT_BYTES.get(tensor.get_dtype(), 0))
     if strict:
-        for field, pattern, axis in _SHAPE_FIELDS:
+        for field, pattern, axis, rank in _SHAPE_FIELDS:
             section, name = field.split(".")
             value = getattr(getattr(config, section), name)
             matches = [(key, shape, file) for key, (shape, file) in shapes.items() if re.match(pattern, key)]
@@ -730,13 +806,16 @@ def check_config_against_weights(folder: Path, config_class, kwargs: dict, stric
                 where = f"the weight files hold {found} layers"
             else:
                 key, shape, file = matches[0]
-                found = shape[axis] if axis < len(shape) else None
+                if len(shape) != rank:
+                    continue  # a damaged tensor, not a size of the config: the load names it as mismatched
+                found = shape[axis]
                 where = f"{file} stores {key} with shape {list(shape)}"
             if found != value:
-                raise ValueError(
+                raise NaViLInputError(
                     f"{folder / 'config.json'} says {field} = {value!r:.40}, but {where} (so {field} = {found}); the "
                     f"config does not describe these weights. Fix {field} in config.json, or load with the config "
-                    "saved with the weights."
+                    "saved with the weights.",
+                    "config contradicts the weights",
                 )
     dtype = kwargs.get(DTYPE_KWARG)
     itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else itemsize or 4
@@ -750,9 +829,10 @@ def check_config_against_weights(folder: Path, config_class, kwargs: dict, stric
             + ", ".join(f"{name} = {getattr(part, name)}" for name in _SIZE_NAMES if hasattr(part, name))
             for section, part in (("text_config", config.text_config), ("vision_config", config.vision_config))
         )
-        raise ValueError(
+        raise NaViLInputError(
             f"{folder / 'config.json'} describes a model of about {total / 2**30:.3g} GiB ({itemsize}-byte "
             f"parameters), more than the {available / 2**30:.3g} GiB of memory available; most of it in the part "
             f"that {largest} multiplies ({sizes}). Check these sizes in config.json, or load on a machine with more "
-            "memory (or in a smaller dtype)."
+            "memory (or in a smaller dtype).",
+            "config too large for the memory",
         )

@@ -87,12 +87,87 @@ _GENERATION_TELLS_FIRST_ITERATION = (
 )
 
 
-def generation_step_is_decode(generation_kwargs: dict, model_inputs: dict) -> Optional[bool]:
-    """Whether the step `prepare_inputs_for_generation` prepares feeds generated tokens to a cache holding the prompt:
-    `True` when `generate` says so, `None` when this transformers does not say (the forward then asks the cache)."""
-    if not _GENERATION_TELLS_FIRST_ITERATION or cache_of(model_inputs) is None:
-        return None
-    return True if not generation_kwargs.get("is_first_iteration", False) else None
+def generation_step_holds_prompt(generation_kwargs: dict, model_inputs: dict) -> bool:
+    """Whether the step `prepare_inputs_for_generation` prepares feeds the prompt (the first step, or every step
+    without a cache), rather than generated tokens to a cache that holds the prompt: 5.x says so; 4.x asks the cache."""
+    cache = cache_of(model_inputs)
+    if cache is None:
+        return True
+    if _GENERATION_TELLS_FIRST_ITERATION:
+        return bool(generation_kwargs.get("is_first_iteration", False))
+    return not bool(cache.get_seq_length() > 0)
+
+
+def generation_step_inputs(model_inputs: dict, generation_kwargs: dict, input_ids: torch.Tensor) -> dict:
+    """The inputs of a generation step as 5.25 prepares them in every version: `mm_token_type_ids` cut to the step's
+    tokens (those of the sequence so far, `input_ids`, text types (0) for tokens beyond them, such as an assistant's
+    candidates), and no `pixel_values` once the cache holds the prompt (4.x and 5.0 pass both whole at every step)."""
+    types = generation_kwargs.get("mm_token_type_ids")
+    tokens = model_inputs.get("input_ids")
+    if tokens is None:
+        tokens = model_inputs.get("inputs_embeds")
+    if types is not None and tokens is not None:
+        types = torch.nn.functional.pad(types, (0, max(input_ids.shape[1] - types.shape[1], 0)))
+        model_inputs["mm_token_type_ids"] = types[:, types.shape[1] - tokens.shape[1] :]
+    if "pixel_values" in model_inputs and not generation_step_holds_prompt(generation_kwargs, model_inputs):
+        model_inputs["pixel_values"] = None
+    return model_inputs
+
+
+def with_generated_token_types(update: Callable, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+    """`_update_model_kwargs_for_generation` (`update`), then `mm_token_type_ids` grown by a text type (0) per new
+    token where this transformers does not grow them itself (before 5.25)."""
+    types = model_kwargs.get("mm_token_type_ids")
+    model_kwargs = update(outputs, model_kwargs, *args, **kwargs)
+    if types is not None and model_kwargs.get("mm_token_type_ids") is types:
+        arguments = inspect.signature(update).bind(outputs, model_kwargs, *args, **kwargs).arguments
+        model_kwargs["mm_token_type_ids"] = torch.nn.functional.pad(types, (0, arguments.get("num_new_tokens", 1)))
+    return model_kwargs
+
+
+def _one_row_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [1, K] x b [K, N] -> [1, N] as a product and a sum over K, for a weight stored as [N, K] (`b` its
+    transposed view), which inductor runs as one pass over the weight; `NotImplemented` (aten's mm) otherwise."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    one_row = statically_known_true(a.shape[0] == 1) and statically_known_true(b.stride(0) == 1)
+    if a.device.type != "cpu" or not one_row or a.dtype != b.dtype:
+        return NotImplemented
+    return (b.t() * a).sum(-1).unsqueeze(0)
+
+
+def _one_row_addmm(bias, a, b, beta=1, alpha=1):
+    product = _one_row_matmul(a, b) if beta == 1 and alpha == 1 else NotImplemented
+    return product if product is NotImplemented else product + bias
+
+
+def cpu_decode_backend(graph_module, example_inputs, **kwargs):
+    """`torch.compile` backend of compiled decode steps on a CPU: inductor, with one-row matmuls (a batch-1 step's
+    linears) as fused multiply-sums. aten's matmul reads a weight at about 60 % of the memory bandwidth for one row;
+    inductor's reduction streams it, and a batch-1 step is bound by reading the weights. Plain inductor where this
+    torch's `compile_fx` takes no decomposition table."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    if "decompositions" not in inspect.signature(compile_fx).parameters:
+        return compile_fx(graph_module, example_inputs, **kwargs)
+    table = dict(select_decomp_table())
+    table[torch.ops.aten.mm.default] = _one_row_matmul
+    table[torch.ops.aten.addmm.default] = _one_row_addmm
+    return compile_fx(graph_module, example_inputs, decompositions=table, **kwargs)
+
+
+def compiled_decode_settings(device: torch.device) -> dict:
+    """`generate` arguments that run decode steps compiled (static cache, one graph per step), on CPUs too (transformers
+    compiles on accelerators only unless `CompileConfig._compile_all_devices`, present since 4.47, is set)."""
+    from transformers import CompileConfig
+
+    if device.type == "cpu":
+        config = CompileConfig(fullgraph=True, dynamic=None, backend=cpu_decode_backend, mode="default")
+    else:
+        config = CompileConfig(fullgraph=True, dynamic=None)
+    config._compile_all_devices = True
+    return dict(cache_implementation="static", compile_config=config)
 
 
 # -- attention ----------------------------------------------------------------------------------------------------

@@ -16,12 +16,14 @@ import torch
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+from .errors_navil import NaViLInputError
 from .layouts_navil import INTERNLM2_VE_LAYOUT, LAYOUTS, QWEN3_VE_LAYOUT, Layout
 
 # The Hub files (this one among them): they import each other relatively and run as remote code next to a
 # checkpoint (`navil convert` copies them); every other module of the package lives in a subpackage.
 CODE_FILES = (
     "configuration_navil.py",
+    "errors_navil.py",
     "compat_navil.py",
     "attention_navil.py",
     "checks_navil.py",
@@ -93,10 +95,27 @@ AUTO_MAP = {
 }
 
 
+def special_token_ids_of(tokenizer) -> dict[str, int]:
+    """The ids `tokenizer` gives the NaViL special tokens it has (token -> id), for `config.special_token_ids`;
+    a `ValueError` if it lacks the image tokens."""
+    ids = {}
+    for token in (*SPECIAL_TOKEN_EMBEDDING_ROWS, END_OF_TURN_TOKEN):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            ids[token] = int(token_id)
+    for required in (IMG_CONTEXT_TOKEN, IMG_START_TOKEN):
+        if required not in ids:
+            raise ValueError(
+                f"The tokenizer has no {required} token; add the NaViL special tokens with "
+                "navil.processing_navil.add_navil_special_tokens(tokenizer)."
+            )
+    return ids
+
+
 def special_token_rows(special_token_ids: dict, input_ids: torch.Tensor) -> torch.Tensor:
     """The `special_token_embedding` row of each token of `input_ids` that is a NaViL special token (ids from
     `special_token_ids`, token -> id), -1 for every other token; same shape as `input_ids`."""
-    size = max(special_token_ids.values(), default=0) + 1
+    size = max(special_token_ids.values()) + 1 if special_token_ids else 1
     table = torch.full((size,), -1, dtype=torch.long, device=input_ids.device)
     for row, token in enumerate(SPECIAL_TOKEN_EMBEDDING_ROWS):
         if token in special_token_ids:
@@ -108,19 +127,23 @@ def check_image_grid(image_grid_thw, merge_size: int) -> torch.Tensor:
     """`image_grid_thw` as a CPU int64 [image_scales, 3] tensor, or a `ValueError` naming what is wrong with it."""
     grid = torch.as_tensor(image_grid_thw)
     if grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool:
-        raise ValueError(f"image_grid_thw must hold integers (the image processor's output), got {grid.dtype}.")
+        raise NaViLInputError(
+            f"image_grid_thw must hold integers (the image processor's output), got {grid.dtype}.", "image grid"
+        )
     if grid.ndim != 2 or grid.shape[1] != 3:
-        raise ValueError(
+        raise NaViLInputError(
             f"image_grid_thw must be [image_scales, 3] (t, h, w per image-scale), got shape {tuple(grid.shape)}; "
-            "pass the image processor's image_grid_thw."
+            "pass the image processor's image_grid_thw.",
+            "image grid",
         )
     grid = grid.to(device="cpu", dtype=torch.int64)
     bad = (grid[:, 0] < 1) | (grid[:, 1:] < merge_size).any(-1) | (grid[:, 1:] % merge_size != 0).any(-1)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
-        raise ValueError(
+        raise NaViLInputError(
             f"image_grid_thw row {row} is {grid[row].tolist()}: t must be at least 1 and h, w positive multiples of "
-            f"merge_size={merge_size}; pass the image processor's image_grid_thw with the model's merge size."
+            f"merge_size={merge_size}; pass the image processor's image_grid_thw with the model's merge size.",
+            "image grid",
         )
     return grid
 
@@ -144,7 +167,7 @@ def check_fields(owner: str, kind: str, **fields) -> None:
     description, valid = _FIELD_KINDS[kind]
     for name, value in fields.items():
         if (isinstance(value, bool) and kind != "flag") or not valid(value):
-            raise ValueError(f"{owner}.{name} must be {description}, got {value!r:.60}.")
+            raise NaViLInputError(f"{owner}.{name} must be {description}, got {value!r:.60}.", "invalid config value")
 
 
 def check_range(owner: str, name: str, value, low: float, high: float, hint: str) -> None:
@@ -152,7 +175,9 @@ def check_range(owner: str, name: str, value, low: float, high: float, hint: str
     finite but absurd values (a RoPE base of 1e-300, an epsilon of 5) build a model that answers garbage. An epsilon
     of 1 is allowed: transformers' common tests set it to compare attention kernels on well-scaled activations."""
     if not low < value <= high:
-        raise ValueError(f"{owner}.{name} must be above {low} and at most {high} {hint}, got {value!r:.40}.")
+        raise NaViLInputError(
+            f"{owner}.{name} must be above {low} and at most {high} {hint}, got {value!r:.40}.", "invalid config value"
+        )
 
 
 def check_dtype_field(owner: str, kwargs: dict) -> None:
@@ -162,16 +187,18 @@ def check_dtype_field(owner: str, kwargs: dict) -> None:
         value = kwargs.get(name)
         dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
         if value is not None and value != "auto" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(
+            raise NaViLInputError(
                 f"{owner}.{name} must be a floating-point dtype such as 'float32', 'bfloat16' or 'float16' (or null), "
-                f"got {value!r:.40}."
+                f"got {value!r:.40}.",
+                "invalid config value",
             )
 
 
 def check_activation(owner: str, hidden_act) -> None:
     if not isinstance(hidden_act, str) or hidden_act not in ACT2FN:
-        raise ValueError(
-            f"{owner}.hidden_act must name an activation of transformers (e.g. 'gelu', 'silu'), got {hidden_act!r:.60}."
+        raise NaViLInputError(
+            f"{owner}.hidden_act must name an activation of transformers (e.g. 'gelu', 'silu'), got {hidden_act!r:.60}.",
+            "invalid config value",
         )
 
 
@@ -349,9 +376,10 @@ class NaViLVisionConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.window_size = window_size
         if fullatt_block_indexes is not None and not isinstance(fullatt_block_indexes, (list, tuple)):
-            raise ValueError(
+            raise NaViLInputError(
                 f"vision_config.fullatt_block_indexes must be a list of layer indexes or None, got "
-                f"{fullatt_block_indexes!r:.60}."
+                f"{fullatt_block_indexes!r:.60}.",
+                "invalid config value",
             )
         self.fullatt_block_indexes = None if fullatt_block_indexes is None else list(fullatt_block_indexes)
         self.downsample_ratio = downsample_ratio
@@ -365,9 +393,10 @@ class NaViLVisionConfig(PretrainedConfig):
         sizes = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "patch_size")
         check_fields("vision_config", "size", **{name: getattr(self, name) for name in sizes})
         if self.num_channels != 3:
-            raise ValueError(
+            raise NaViLInputError(
                 f"vision_config.num_channels must be 3 (the image processor gives RGB patches), got "
-                f"{self.num_channels!r:.40}."
+                f"{self.num_channels!r:.40}.",
+                "invalid config value",
             )
         check_fields("vision_config", "size", window_size=self.window_size)
         check_fields(
@@ -385,22 +414,27 @@ class NaViLVisionConfig(PretrainedConfig):
         for index in self.fullatt_block_indexes or ():
             check_fields("vision_config", "index", fullatt_block_indexes=index)
         if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
+            raise NaViLInputError(
                 f"vision hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})."
+                f"({self.num_attention_heads}).",
+                "invalid config value",
             )
         if (self.hidden_size // self.num_attention_heads) % 4 != 0:
-            raise ValueError(
+            raise NaViLInputError(
                 f"vision head dim ({self.hidden_size // self.num_attention_heads}) must be a multiple of 4: the 2-D "
-                "rotary embedding splits it into row and column halves of cos/sin pairs."
+                "rotary embedding splits it into row and column halves of cos/sin pairs.",
+                "invalid config value",
             )
         if self.norm_type not in ("rms_norm", "layer_norm"):
-            raise ValueError(f"vision norm_type must be 'rms_norm' or 'layer_norm', got {self.norm_type!r}.")
+            raise NaViLInputError(
+                f"vision norm_type must be 'rms_norm' or 'layer_norm', got {self.norm_type!r}.", "invalid config value"
+            )
         if self.fullatt_block_indexes is not None:
             bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.num_hidden_layers]
             if bad:
-                raise ValueError(
-                    f"fullatt_block_indexes {bad} are outside the {self.num_hidden_layers} vision layers."
+                raise NaViLInputError(
+                    f"fullatt_block_indexes {bad} are outside the {self.num_hidden_layers} vision layers.",
+                    "invalid config value",
                 )
 
     @property
@@ -481,17 +515,22 @@ class NaViLTextConfig(PretrainedConfig):
             kwargs.pop(key, None)
         bias = kwargs.pop("bias", None)
         if architectures is not None and not isinstance(architectures, (list, tuple)):
-            raise ValueError(f"text_config.architectures must be a list of class names, got {architectures!r:.60}.")
+            raise NaViLInputError(
+                f"text_config.architectures must be a list of class names, got {architectures!r:.60}.",
+                "invalid config value",
+            )
         self.architectures = list(architectures or [INTERNLM2_VE])
         if self.architectures[0] not in LAYOUTS:
-            raise ValueError(
-                f"llm_config.architectures[0] must be one of {sorted(LAYOUTS)}, got {self.architectures[0]!r}."
+            raise NaViLInputError(
+                f"llm_config.architectures[0] must be one of {sorted(LAYOUTS)}, got {self.architectures[0]!r}.",
+                "invalid config value",
             )
         backbone = kwargs.pop("backbone", None)  # derived from architectures; an equal value is redundant
         if backbone is not None and backbone != self.backbone:
-            raise ValueError(
+            raise NaViLInputError(
                 f"text_config.backbone is {backbone!r:.40} but architectures[0] = {self.architectures[0]!r} gives "
-                f"{self.backbone!r}; the backbone follows from architectures, so remove the backbone key."
+                f"{self.backbone!r}; the backbone follows from architectures, so remove the backbone key.",
+                "invalid config value",
             )
         check_dtype_field("text_config", kwargs)
         self.vocab_size = vocab_size
@@ -541,19 +580,23 @@ class NaViLTextConfig(PretrainedConfig):
             check_fields("text_config", "size", sliding_window=self.sliding_window)
         check_activation("text_config", self.hidden_act)
         if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(
+            raise NaViLInputError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
-                f"({self.num_key_value_heads})."
+                f"({self.num_key_value_heads}).",
+                "invalid config value",
             )
         if self.backbone == "internlm2" and self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
+            raise NaViLInputError(
                 f"InternLM2 hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})."
+                f"({self.num_attention_heads}).",
+                "invalid config value",
             )
         if self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+            raise NaViLInputError(
+                f"head_dim must be even for rotary embeddings, got {self.head_dim}.", "invalid config value"
+            )
         if self.use_sliding_window and not self.sliding_window:
-            raise ValueError("use_sliding_window is true but sliding_window is not set.")
+            raise NaViLInputError("use_sliding_window is true but sliding_window is not set.", "invalid config value")
 
     @property
     def backbone(self):
@@ -570,13 +613,20 @@ def parse_rope_scaling(rope_scaling, rope_type="default", rope_factor=1.0):
     """Returns `(rope_type, factor)` from an original `rope_scaling` dict (InternLM2 or Qwen3 spelling) or the fields."""
     if rope_scaling is not None:
         if not isinstance(rope_scaling, dict):
-            raise ValueError(f"rope_scaling must be a dict or None, got {rope_scaling!r}.")
+            raise NaViLInputError(
+                f"rope_scaling must be a dict or None, got {rope_scaling!r}.", "invalid config value"
+            )
         rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
         rope_factor = rope_scaling.get("factor", 1.0)
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}.")
+        raise NaViLInputError(
+            f"rope scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}.", "invalid config value"
+        )
     if isinstance(rope_factor, bool) or not isinstance(rope_factor, (int, float)) or not 1.0 <= rope_factor < math.inf:
-        raise ValueError(f"rope scaling factor (rope_factor) must be a finite number >= 1, got {rope_factor!r}.")
+        raise NaViLInputError(
+            f"rope scaling factor (rope_factor) must be a finite number >= 1, got {rope_factor!r}.",
+            "invalid config value",
+        )
     return rope_type, float(rope_factor)
 
 
@@ -623,7 +673,9 @@ class NaViLConfig(PretrainedConfig):
         check_fields("NaViLConfig", "positive", downsample_ratio=downsample_ratio)
         for name, sub_config in (("vision_config", vision_config), ("text_config", text_config)):
             if sub_config is not None and not isinstance(sub_config, (Mapping, PretrainedConfig)):
-                raise ValueError(f"{name} must be a dict or a config, got {type(sub_config).__name__}.")
+                raise NaViLInputError(
+                    f"{name} must be a dict or a config, got {type(sub_config).__name__}.", "invalid config value"
+                )
         if isinstance(vision_config, PretrainedConfig):
             vision_config = vision_config.to_dict()
         if isinstance(text_config, PretrainedConfig):
@@ -639,7 +691,10 @@ class NaViLConfig(PretrainedConfig):
         self.scale_downsample_ratio = scale_downsample_ratio
         self.anyres_image_size = anyres_image_size
         if special_token_ids is not None and not isinstance(special_token_ids, Mapping):
-            raise ValueError(f"special_token_ids must be a dict of token ids, got {special_token_ids!r:.60}.")
+            raise NaViLInputError(
+                f"special_token_ids must be a dict of token ids, got {special_token_ids!r:.60}.",
+                "invalid config value",
+            )
         self.special_token_ids = dict(special_token_ids or {})
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
@@ -650,40 +705,53 @@ class NaViLConfig(PretrainedConfig):
     def validate_navil(self):
         templates = sorted({layout.template for layout in LAYOUTS.values()})
         if self.template not in templates:
-            raise ValueError(f"template must be one of {templates}, got {self.template!r}.")
+            raise NaViLInputError(
+                f"template must be one of {templates}, got {self.template!r}.", "invalid config value"
+            )
         merge = 1 / self.downsample_ratio
         if merge != round(merge) or merge < 1:
-            raise ValueError(f"downsample_ratio must be 1/n for a whole n, got {self.downsample_ratio}.")
+            raise NaViLInputError(
+                f"downsample_ratio must be 1/n for a whole n, got {self.downsample_ratio}.", "invalid config value"
+            )
         if self.vision_config.window_size // self.vision_config.merge_size <= 0:
-            raise ValueError(
+            raise NaViLInputError(
                 f"vision window_size ({self.vision_config.window_size}) must be at least the merge size "
-                f"({self.vision_config.merge_size})."
+                f"({self.vision_config.merge_size}).",
+                "invalid config value",
             )
         check_fields(
             "NaViLConfig", "size", min_dynamic_patch=self.min_dynamic_patch, max_dynamic_patch=self.max_dynamic_patch
         )
         check_fields("NaViLConfig", "positive", scale_downsample_ratio=self.scale_downsample_ratio)
         if self.system_message is not None and not isinstance(self.system_message, str):
-            raise ValueError(f"system_message must be a string or None, got {type(self.system_message).__name__}.")
+            raise NaViLInputError(
+                f"system_message must be a string or None, got {type(self.system_message).__name__}.",
+                "invalid config value",
+            )
         vocab_size = self.text_config.vocab_size
         for token, token_id in self.special_token_ids.items():
             if not isinstance(token, str) or isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
-                raise ValueError(
+                raise NaViLInputError(
                     f"special_token_ids maps token strings to integer ids, got {token!r:.40}: {token_id!r:.40}; fill it "
-                    "with model.init_special_token_ids(tokenizer)."
+                    "with model.init_special_token_ids(tokenizer).",
+                    "invalid config value",
                 )
             if not 0 <= token_id < vocab_size:
-                raise ValueError(
+                raise NaViLInputError(
                     f"special_token_ids[{token!r}] = {token_id} is outside the vocabulary [0, {vocab_size}); fill it "
-                    "with model.init_special_token_ids(tokenizer) using this model's tokenizer."
+                    "with model.init_special_token_ids(tokenizer) using this model's tokenizer.",
+                    "invalid config value",
                 )
         if not 0 < self.min_dynamic_patch <= self.max_dynamic_patch:
-            raise ValueError(
+            raise NaViLInputError(
                 f"need 0 < min_dynamic_patch <= max_dynamic_patch, got {self.min_dynamic_patch} and "
-                f"{self.max_dynamic_patch}."
+                f"{self.max_dynamic_patch}.",
+                "invalid config value",
             )
         if not 0 < self.scale_downsample_ratio < 1:
-            raise ValueError(f"scale_downsample_ratio must be in (0, 1), got {self.scale_downsample_ratio}.")
+            raise NaViLInputError(
+                f"scale_downsample_ratio must be in (0, 1), got {self.scale_downsample_ratio}.", "invalid config value"
+            )
 
     @property
     def llm_config(self):
@@ -696,9 +764,10 @@ class NaViLConfig(PretrainedConfig):
         language model: the defaults describe a full-size model, not the checkpoint's."""
         for keys in (("vision_config",), ("text_config", "llm_config")):
             if not any(isinstance(config_dict.get(key), (Mapping, PretrainedConfig)) for key in keys):
-                raise ValueError(
+                raise NaViLInputError(
                     f"The NaViL config has no {' or '.join(keys)} (missing or null); a saved config must describe its "
-                    "model. Use the config.json saved with the checkpoint."
+                    "model. Use the config.json saved with the checkpoint.",
+                    "invalid config value",
                 )
         return super().from_dict(config_dict, **kwargs)
 

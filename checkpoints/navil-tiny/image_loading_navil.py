@@ -4,6 +4,7 @@ such as ICO refused before decoding, truncated files refused or read as far as t
 and time, FIFOs and devices refused)."""
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors_navil import NaViLInputError
+
 # Exceptions PIL raises while decoding a damaged file (truncated data, bad chunks, broken compression streams).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 _CONVERT_HINT = (
@@ -29,6 +32,20 @@ _CORRUPT_HINT = (
     "The file is truncated or corrupt; re-export or re-download it, or pass load_truncated_images=True to the image "
     "processor to accept the pixels that can be decoded."
 )
+
+
+@contextlib.contextmanager
+def _decoding(name: str, failure: str, hint: str):
+    """Turns what PIL raises while decoding `name` into a `ValueError`: a refused decompression bomb, or `failure`
+    with PIL's error and `hint` (a truncated or corrupt file)."""
+    try:
+        yield
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{name} was refused before decoding: {error}") from None
+    except _DECODE_ERRORS as error:
+        raise NaViLInputError(f"{failure}: {error}. {hint}", "truncated or corrupt file") from None
+
+
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _VALID_CHANNELS = (1, 3, 4)
 # Channels of the PNG raw modes PIL decodes IDAT data into ("RGB;16B" = 3 channels of 16 bits).
@@ -251,10 +268,11 @@ class NaViLImageLoader:
         conversion" (arrays and tensors) or "after decoding" (a PIL image whose pixels are loaded already)."""
         if self.max_image_pixels is not None and width * height > self.max_image_pixels:
             reason = f"it was refused {when}" + (" (possible decompression bomb)" if when == "before decoding" else "")
-            raise ValueError(
+            raise NaViLInputError(
                 f"The image declares {width}x{height} = {width * height} pixels, more than max_image_pixels="
                 f"{self.max_image_pixels}; {reason}. Downscale the image, or raise the processor's "
-                "max_image_pixels (None disables the check) if you trust it."
+                "max_image_pixels (None disables the check) if you trust it.",
+                "image above max_image_pixels",
             )
 
     def _open(self, source, name: str) -> Image.Image:
@@ -264,12 +282,8 @@ class NaViLImageLoader:
             self._check_pixel_count(*size)
         with self._open_file(source, name) as image:
             self._check_pixel_count(*image.size, "before decoding" if _pending(image) else "after decoding")
-            try:
+            with _decoding(name, f"Could not read the first frame of {name}", _CORRUPT_HINT):
                 image.seek(0)
-            except Image.DecompressionBombError as error:
-                raise ValueError(f"{name} was refused before decoding: {error}") from None
-            except _DECODE_ERRORS as error:
-                raise ValueError(f"Could not read the first frame of {name}: {error}. {_CORRUPT_HINT}") from None
             return self._pil_to_rgb(image, name)
 
     @staticmethod
@@ -290,7 +304,7 @@ class NaViLImageLoader:
         try:
             return Image.open(source)
         except FileNotFoundError:
-            raise ValueError(f"Image file not found: {name}; check the path.") from None
+            raise NaViLInputError(f"Image file not found: {name}; check the path.", "image file not found") from None
         except IsADirectoryError:
             raise ValueError(f"{name} is a directory, not an image file; pass the path of an image file.") from None
         except Image.DecompressionBombError as error:
@@ -299,16 +313,18 @@ class NaViLImageLoader:
                 "and the processor's max_image_pixels if you trust it."
             ) from None
         except UnidentifiedImageError:
-            raise ValueError(
+            raise NaViLInputError(
                 f"Cannot read {name} as an image: it is not in a format PIL can decode (PNG, JPEG, GIF, WebP, BMP, "
-                "TIFF, ...) or its header is corrupt; check that the file is an image."
+                "TIFF, ...) or its header is corrupt; check that the file is an image.",
+                "not an image file",
             ) from None
         except PermissionError as error:
             raise ValueError(f"Cannot open {name}: {error}; check the file permissions.") from None
         except _DECODE_ERRORS as error:
-            raise ValueError(
+            raise NaViLInputError(
                 f"Cannot read the header of {name}: {error}. The file is truncated or corrupt; re-export or "
-                "re-download it."
+                "re-download it.",
+                "truncated or corrupt file",
             ) from None
 
     def _fetch(self, image) -> tuple[object, str]:
@@ -332,7 +348,7 @@ class NaViLImageLoader:
         try:
             mode = os.stat(text).st_mode
         except FileNotFoundError:
-            raise ValueError(f"Image file not found: {text}; check the path.") from None
+            raise NaViLInputError(f"Image file not found: {text}; check the path.", "image file not found") from None
         except OSError as error:
             raise ValueError(f"Cannot open {text}: {error}; check the path and its permissions.") from None
         if stat.S_ISDIR(mode):
@@ -362,11 +378,12 @@ class NaViLImageLoader:
             )
         if pending and not self.load_truncated_images and image.format == "PNG" and image.tile[0][0] == "zip":
             if png_data_ends_early(image):
-                raise ValueError(
+                raise NaViLInputError(
                     f"{name} is truncated: its PNG image data ends before the last row (PIL would leave the missing "
-                    f"rows black). {_CORRUPT_HINT}"
+                    f"rows black). {_CORRUPT_HINT}",
+                    "truncated or corrupt file",
                 )
-        try:
+        with _decoding(name, f"Could not decode {name} (mode {image.mode})", _CONVERT_HINT):
             if pending and self.load_truncated_images:
                 _load_accepting_truncation(image)
             if self.apply_exif_orientation:
@@ -375,10 +392,6 @@ class NaViLImageLoader:
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # same colours as a direct RGB conversion, without PIL's warning
             converted = np.asarray(image) if high_depth else image.convert("RGB")
-        except Image.DecompressionBombError as error:
-            raise ValueError(f"{name} was refused before decoding: {error}") from None
-        except _DECODE_ERRORS as error:
-            raise ValueError(f"Could not decode {name} (mode {image.mode}): {error}. {_CONVERT_HINT}") from None
         return self._array_to_rgb(converted, name, pil_mode=image.mode) if high_depth else converted
 
     def _array_to_rgb(self, array: np.ndarray, name: str, pil_mode: Optional[str] = None) -> Image.Image:
@@ -420,7 +433,9 @@ class NaViLImageLoader:
             return array.astype(np.uint8) * 255
         if np.issubdtype(array.dtype, np.floating):
             if not np.isfinite(array).all():
-                raise ValueError(f"{name} contains NaN or infinite values; replace or clip them first.")
+                raise NaViLInputError(
+                    f"{name} contains NaN or infinite values; replace or clip them first.", "NaN or infinite values"
+                )
             low, high = float(array.min()), float(array.max())
             scale = 255.0 if pil_mode != "F" or high <= 1.0 else 1.0
             top = 255.0 / scale
@@ -430,8 +445,9 @@ class NaViLImageLoader:
                     if pil_mode != "F"
                     else "rescale it to [0, 1] or [0, 255] first"
                 )
-                raise ValueError(
-                    f"{name} is a float image with values in [{low}, {high}] but must lie in [0, {top:g}]; {hint}."
+                raise NaViLInputError(
+                    f"{name} is a float image with values in [{low}, {high}] but must lie in [0, {top:g}]; {hint}.",
+                    "float values out of range",
                 )
             return np.rint(array.astype(np.float64) * scale).astype(np.uint8)
         if np.issubdtype(array.dtype, np.integer):

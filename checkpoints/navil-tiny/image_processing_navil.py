@@ -14,6 +14,7 @@ from transformers.image_utils import PILImageResampling  # noqa: F401
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
+from .errors_navil import NaViLInputError
 from .image_loading_navil import NaViLImageLoader
 
 logger = logging.get_logger(__name__)
@@ -27,7 +28,10 @@ def _as_scalar(value):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
         if value.size != 1:
-            raise ValueError(f"min_pixels and max_pixels must be single numbers, got an array of shape {value.shape}.")
+            raise NaViLInputError(
+                f"min_pixels and max_pixels must be single numbers, got an array of shape {value.shape}.",
+                "pixel limit is not a number",
+            )
         value = value.reshape(())[()]
     return value
 
@@ -37,11 +41,20 @@ def check_pixel_limit(value, name: str):
     pixels, positive for `max_pixels` and non-negative for `min_pixels`; else a `ValueError` naming `name`."""
     value = _as_scalar(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number of pixels, got {type(value).__name__} {value!r:.40}.")
+        raise NaViLInputError(
+            f"{name} must be a number of pixels, got {type(value).__name__} {value!r:.40}.",
+            "pixel limit is not a number",
+        )
     if not isinstance(value, (int, np.integer)) and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number of pixels, got {value}; pass e.g. {name}=256 * 16 * 16.")
+        raise NaViLInputError(
+            f"{name} must be a finite number of pixels, got {value}; pass e.g. {name}=256 * 16 * 16.",
+            "pixel limit is not a number",
+        )
     if value < 0 or (value == 0 and name == "max_pixels"):
-        raise ValueError(f"{name} must be {'positive' if name == 'max_pixels' else 'non-negative'}, got {value}.")
+        raise NaViLInputError(
+            f"{name} must be {'positive' if name == 'max_pixels' else 'non-negative'}, got {value}.",
+            "pixel limit is not a number",
+        )
     return value
 
 
@@ -53,9 +66,10 @@ def check_flag(value, name: str) -> bool:
     """`value` as a bool if it is one (a numpy bool too); else a `ValueError` naming `name`: a string such as
     `"false"` or `"no"` is truthy and `None` falsy, so either would silently flip the setting."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(
+        raise NaViLInputError(
             f"{name} must be True or False, got {value!r:.40}; write true or false (not a string or null) in "
-            "preprocessor_config.json."
+            "preprocessor_config.json.",
+            "multiscale is not a bool",
         )
     return bool(value)
 
@@ -65,7 +79,9 @@ def check_count_limit(value: Optional[int], name: str) -> Optional[int]:
     if value is None:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive whole number or None (no limit), got {value!r:.40}.")
+        raise NaViLInputError(
+            f"{name} must be a positive whole number or None (no limit), got {value!r:.40}.", "image processor setting"
+        )
     return int(value)
 
 
@@ -89,9 +105,10 @@ def smart_resize(height: int, width: int, min_pixels: float, max_pixels: Union[f
     """
     aspect = max(height, width) / min(height, width)
     if aspect > _MAX_ASPECT_RATIO:
-        raise ValueError(
+        raise NaViLInputError(
             f"absolute aspect ratio must be smaller than {_MAX_ASPECT_RATIO}, got {aspect} (image of {width}x{height} "
-            "pixels); crop or pad the image to a less extreme shape."
+            "pixels); crop or pad the image to a less extreme shape.",
+            "aspect ratio above 200",
         )
     area = height * width
     float32_limit = isinstance(max_pixels, np.float32)
@@ -106,9 +123,10 @@ def smart_resize(height: int, width: int, min_pixels: float, max_pixels: Union[f
     else:
         resized_height, resized_width = height, width
     if resized_height == 0 or resized_width == 0:
-        raise ValueError(
+        raise NaViLInputError(
             f"max_pixels={float(max_pixels)} is too small for an image of {width}x{height} pixels: one side would "
-            "shrink to 0 pixels; raise max_pixels or crop the image."
+            "shrink to 0 pixels; raise max_pixels or crop the image.",
+            "max_pixels too small for the aspect ratio",
         )
     return resized_height, resized_width
 
@@ -255,11 +273,16 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
         super().__init__(**kwargs)
         for name, value in (("patch_size", patch_size), ("merge_size", merge_size)):
             if check_count_limit(value, name) is None:
-                raise ValueError(f"{name} must be a positive whole number, got None.")
+                raise NaViLInputError(f"{name} must be a positive whole number, got None.", "image processor setting")
         if isinstance(scale_downsample_ratio, bool) or not isinstance(scale_downsample_ratio, (int, float)):
-            raise ValueError(f"scale_downsample_ratio must be a number in (0, 1), got {scale_downsample_ratio!r:.40}.")
+            raise NaViLInputError(
+                f"scale_downsample_ratio must be a number in (0, 1), got {scale_downsample_ratio!r:.40}.",
+                "image processor setting",
+            )
         if not 0 < scale_downsample_ratio < 1:
-            raise ValueError(f"scale_downsample_ratio must be in (0, 1), got {scale_downsample_ratio}.")
+            raise NaViLInputError(
+                f"scale_downsample_ratio must be in (0, 1), got {scale_downsample_ratio}.", "image processor setting"
+            )
         self.patch_size = int(patch_size)
         self.merge_size = int(merge_size)
         self.min_pixels, self.max_pixels = self._pixel_limits(min_pixels, max_pixels)
@@ -270,6 +293,17 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
         self.do_normalize = do_normalize
         self.image_mean = self._per_channel(image_mean, "image_mean")
         self.image_std = self._per_channel(image_std, "image_std")
+        filters = {int(member): member.name for member in Image.Resampling}
+        if (
+            isinstance(resample, (bool, np.bool_))
+            or not isinstance(resample, (int, np.integer))
+            or resample not in filters
+        ):
+            names = ", ".join(f"{number} = {name}" for number, name in filters.items())
+            raise NaViLInputError(
+                f"resample must be one of PIL's resampling filters ({names}), got {resample!r:.40}.",
+                "image processor setting",
+            )
         self.resample = int(resample)
         self.max_image_pixels = check_count_limit(max_image_pixels, "max_image_pixels")
         self.apply_exif_orientation = apply_exif_orientation
@@ -289,9 +323,10 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
             check_pixel_limit(max_pixels, "max_pixels"),
         )
         if min_pixels > max_pixels:
-            raise ValueError(
+            raise NaViLInputError(
                 f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels}): no image size satisfies both; "
-                "lower min_pixels or raise max_pixels."
+                "lower min_pixels or raise max_pixels.",
+                "min_pixels above max_pixels",
             )
         return min_pixels, max_pixels
 
@@ -301,8 +336,9 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
             value = value.tolist()
         values = list(value) if isinstance(value, (list, tuple)) else [value] * 3
         if len(values) != 3 or not all(_is_number(v) and math.isfinite(v) for v in values):
-            raise ValueError(
-                f"{name} needs one finite number or three (one per RGB channel), got {value!r:.60}; e.g. {name}=0.5."
+            raise NaViLInputError(
+                f"{name} needs one finite number or three (one per RGB channel), got {value!r:.60}; e.g. {name}=0.5.",
+                "image mean or std out of range",
             )
         return [float(v) for v in values]
 
@@ -313,8 +349,9 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
         check_flag(do_normalize, "do_normalize")
         # a negative factor is allowed: transformers' processor tests pass -1 to see that the kwarg reaches the pixels
         if not (_is_number(rescale_factor) and math.isfinite(rescale_factor) and rescale_factor != 0):
-            raise ValueError(
-                f"rescale_factor must be a finite non-zero number, got {rescale_factor!r:.40}; e.g. 1/255."
+            raise NaViLInputError(
+                f"rescale_factor must be a finite non-zero number, got {rescale_factor!r:.40}; e.g. 1/255.",
+                "image mean or std out of range",
             )
         levels = np.arange(256, dtype=np.float64)
         if do_rescale:
@@ -326,10 +363,11 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
         std = np.asarray(self._per_channel(std, "image_std"), dtype=np.float32)[:, None]
         top = float(levels[0, -1])  # the largest value before normalisation (1 after rescaling by 1/255)
         if top > 0 and not ((mean >= 0).all() and (mean <= top).all() and (std > 0).all() and (std <= top).all()):
-            raise ValueError(
+            raise NaViLInputError(
                 f"image_mean must lie in [0, {top:g}] and image_std in (0, {top:g}] (the range of the rescaled pixel "
                 f"values), got image_mean={mean.ravel().tolist()} and image_std={std.ravel().tolist()}; NaViL uses 0.5 "
-                "and 0.5."
+                "and 0.5.",
+                "image mean or std out of range",
             )
         return (levels - mean) / std
 
@@ -347,10 +385,11 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
             value, default = image_processor_dict[name], getattr(cls, name)
             if value is None or (isinstance(value, (int, float)) and value > default):
                 change = "removes" if value is None else "raises"
-                raise ValueError(
+                raise NaViLInputError(
                     f"The saved image processor settings set {name}={value!r:.40}, which {change} navil's bound "
                     f"({name}={default}); a saved file may only lower it. Edit the file, or pass {name}=... to "
-                    "from_pretrained in your own code if you trust the images."
+                    "from_pretrained in your own code if you trust the images.",
+                    "saved bound removed or raised",
                 )
         return super().from_dict(image_processor_dict, **kwargs)
 
@@ -363,15 +402,17 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
             f"image to {resized[1]}x{resized[0]} pixels, {patches} patches"
         )
         if self.max_patches_per_scale is not None and patches > self.max_patches_per_scale:
-            raise ValueError(
+            raise NaViLInputError(
                 f"{target}: more than max_patches_per_scale={self.max_patches_per_scale}. Lower min_pixels or "
-                "max_pixels, or raise the image processor's max_patches_per_scale (None disables it)."
+                "max_pixels, or raise the image processor's max_patches_per_scale (None disables it).",
+                "too many patches",
             )
         if self.max_patches_per_call is not None and used + patches > self.max_patches_per_call:
-            raise ValueError(
+            raise NaViLInputError(
                 f"{target}, after {used} patches of earlier images and scales of this call: more than "
                 f"max_patches_per_call={self.max_patches_per_call}. Pass fewer or smaller images per call (max_pixels, "
-                "multiscale=False), or raise the image processor's max_patches_per_call (None disables it)."
+                "multiscale=False), or raise the image processor's max_patches_per_call (None disables it).",
+                "too many patches",
             )
 
     def _plan_pass(
@@ -503,7 +544,10 @@ class NaViLImageProcessor(NaViLImageLoader, BaseImageProcessor):
             except ValueError as error:
                 if len(flat) == 1:
                     raise
-                raise ValueError(f"Image {index} of {len(flat)}: {error}") from None
+                message = f"Image {index} of {len(flat)}: {error}"
+                raise (
+                    NaViLInputError(message, error.kind) if isinstance(error, NaViLInputError) else ValueError(message)
+                ) from None
             pixel_values.append(values)
             grids.extend(grid for _, grid in plans)
             num_scales.append(len(plans))

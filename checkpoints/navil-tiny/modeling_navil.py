@@ -39,6 +39,7 @@ from transformers.utils.generic import can_return_tuple
 from .attention_navil import AttentionBlocks, attention_interface, block_diagonal_attention
 from .chat_navil import NaViLChatMixin
 from .checks_navil import (
+    RefusesQuantizedLoraMerge,
     check_config_against_weights,
     check_generation_length,
     check_image_tokens,
@@ -49,6 +50,7 @@ from .checks_navil import (
     check_num_scales,
     check_pixel_values,
     check_prompt,
+    check_token_types,
     check_torchao_loading,
     check_weight_dtypes,
     with_quantization_config,
@@ -58,13 +60,15 @@ from .compat_navil import (
     GradientCheckpointingLayer,
     cache_of,
     causal_masks,
+    compiled_decode_settings,
     flash_packed_kwargs,
-    generation_step_is_decode,
+    generation_step_inputs,
     new_dynamic_cache,
     output_with_cache,
     packed_sequence_ids,
     pop_cache,
     with_dtype_kwarg,
+    with_generated_token_types,
 )
 from .configuration_navil import (
     END_OF_TURN_TOKEN,
@@ -75,11 +79,13 @@ from .configuration_navil import (
     NaViLTextConfig,
     NaViLVisionConfig,
     check_image_grid,
+    special_token_ids_of,
     special_token_rows,
     write_model_card,
 )
 
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file here.
+from .errors_navil import NaViLInputError  # noqa: F401
 from .image_loading_navil import NaViLImageLoader  # noqa: F401
 from .image_processing_navil import NaViLImageProcessor  # noqa: F401
 from .image_processing_navil_fast import NaViLImageProcessorFast  # noqa: F401
@@ -224,6 +230,11 @@ class NaViLVisionAttention(nn.Module):
             self.k_norm = NaViLRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, rotary_embeddings, blocks: AttentionBlocks):
+        output, weights = self.attend(*self.query_key_value(hidden_states, rotary_embeddings), blocks)
+        return self.proj(output.flatten(1)), weights
+
+    def query_key_value(self, hidden_states, rotary_embeddings):
+        # [patches, W] -> query, key, value [patches, heads, head_dim], RoPE applied
         num_patches, width = hidden_states.shape
         qkv = self.qkv(hidden_states).view(num_patches, 3, self.num_heads, self.head_dim)
         query_key, value = qkv[:, :2], qkv[:, 2]
@@ -233,10 +244,12 @@ class NaViLVisionAttention(nn.Module):
             query_key = torch.stack((self.q_norm(query), self.k_norm(key)), dim=1)
             query_key = query_key.view(num_patches, 2, self.num_heads, self.head_dim)
         query, key = apply_vision_rotary(query_key, *rotary_embeddings).unbind(1)
-        output, weights = block_diagonal_attention(
-            self, query, key, value, blocks, self.config._attn_implementation or "sdpa", self.scaling
-        )
-        return self.proj(output.reshape(num_patches, width)), weights
+        return query, key, value
+
+    def attend(self, query, key, value, blocks: AttentionBlocks):
+        # [patches, heads, head_dim] each -> [patches, heads, head_dim], weights (eager only)
+        implementation = self.config._attn_implementation or "sdpa"
+        return block_diagonal_attention(self, query, key, value, blocks, implementation, self.scaling)
 
 
 class NaViLVisionMLP(nn.Module):
@@ -256,9 +269,10 @@ def vision_norm(config: NaViLVisionConfig) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
-class NaViLVisionLayer(GradientCheckpointingLayer):
+class NaViLVisionLayer(RefusesQuantizedLoraMerge, GradientCheckpointingLayer):
     def __init__(self, config: NaViLVisionConfig, layer_idx: int):
         super().__init__()
+        self.quantized_merge_name = f"vision layer {layer_idx}"
         self.full_attention = config.fullatt_block_indexes is None or layer_idx in config.fullatt_block_indexes
         self.norm1 = vision_norm(config)
         self.attn = NaViLVisionAttention(config)
@@ -270,9 +284,19 @@ class NaViLVisionLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, rotary_embeddings, image_blocks, window_blocks):
         blocks = image_blocks if self.full_attention else window_blocks
-        attn_output, attn_weights = self.attn(self.norm1(hidden_states), rotary_embeddings, blocks)
-        hidden_states = torch.addcmul(hidden_states, self.ls1, attn_output)
-        return torch.addcmul(hidden_states, self.ls2, self.mlp(self.norm2(hidden_states))), attn_weights
+        attention, attn_weights = self.attn.attend(*self.attention_inputs(hidden_states, rotary_embeddings), blocks)
+        return self.attention_output(hidden_states, attention), attn_weights
+
+    # The tensor work before and after attention, in two methods that `NaViLVisionModel.compile_layers` compiles
+    # (attention itself runs over the Python list of equal-length block groups).
+    def attention_inputs(self, hidden_states, rotary_embeddings):
+        # [patches, W] -> norm, query / key / value [patches, heads, head_dim] with RoPE
+        return self.attn.query_key_value(self.norm1(hidden_states), rotary_embeddings)
+
+    def attention_output(self, hidden_states, attention):
+        # [patches, W] and attention [patches, heads, head_dim] -> output projection, residuals and MLP [patches, W]
+        hidden_states = torch.addcmul(hidden_states, self.ls1, self.attn.proj(attention.flatten(1)))
+        return torch.addcmul(hidden_states, self.ls2, self.mlp(self.norm2(hidden_states)))
 
 
 class NaViLPreTrainedModel(PreTrainedModel):
@@ -387,6 +411,16 @@ class NaViLVisionModel(NaViLPreTrainedModel):
         self.encoder.layers = nn.ModuleList(NaViLVisionLayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
         self.post_init()
+
+    def compile_layers(self, **compile_kwargs) -> None:
+        """Compiles the tensor work of every layer around attention (norms, projections, RoPE, MLP, residuals) with
+        `torch.compile(dynamic=True, **compile_kwargs)`: one graph for all layers and all patch counts, compiled in
+        the first forward (about 30 s on a CPU), outputs equal to eager within 1e-5. Attention keeps running per
+        group of equal-length blocks. On a CPU the encoder runs nearer the matmul rate (docs/benchmarks.md)."""
+        for layer in self.encoder.layers:
+            for name in ("attention_inputs", "attention_output"):
+                method = getattr(type(layer), name).__get__(layer)
+                setattr(layer, name, torch.compile(method, dynamic=True, **compile_kwargs))
 
     @can_return_tuple
     def forward(
@@ -506,6 +540,36 @@ class ModalityRouter:
 
 def route(router: Optional[ModalityRouter], hidden_states, text_expert, visual_expert):
     return text_expert(hidden_states) if router is None else router(hidden_states, text_expert, visual_expert)
+
+
+# The modality of each token of a step, as `mm_token_type_ids` (transformers' name; its `generate` appends text types
+# for the tokens it generates): what embeds the token and which experts it goes to. The one rule for generated tokens,
+# shared by `forward` and the serving engines (`serving/core.py`).
+TEXT_TOKEN = 0  # the word embedding and the text experts: ordinary text, and every generated token
+IMAGE_TOKEN = 1  # a prompt's `<img>` or `<IMG_CONTEXT>`: its special row or image feature, the visual experts
+SPECIAL_TOKEN = 2  # another NaViL special token of a prompt: its `special_token_embedding` row, the text experts
+_CONTEXT_ROW = SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
+_START_ROW = SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_START_TOKEN)
+
+
+def token_types(rows: torch.Tensor, generated: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`mm_token_type_ids` of a step ([..., seq]) from the `special_token_embedding` rows of its tokens (-1 for every
+    other token, see `special_token_rows`): prompt tokens by their ids, and the tokens of the bool mask `generated`
+    `TEXT_TOKEN` whatever their ids, as the original embeds and routes the tokens it generates."""
+    visual = (rows == _CONTEXT_ROW) | (rows == _START_ROW)
+    types = torch.where(visual, IMAGE_TOKEN, torch.where(rows >= 0, SPECIAL_TOKEN, TEXT_TOKEN))
+    return types if generated is None else types.masked_fill(generated, TEXT_TOKEN)
+
+
+def typed_embeddings(
+    inputs_embeds: torch.Tensor, rows: torch.Tensor, types: torch.Tensor, special_token_embedding: nn.Embedding
+) -> torch.Tensor:
+    """`inputs_embeds` [..., seq, hidden] (word embeddings, image features already in place where an engine put
+    them) with the `special_token_embedding` row of each token typed `IMAGE_TOKEN` or `SPECIAL_TOKEN`, but
+    `<IMG_CONTEXT>`, which takes its image feature; `TEXT_TOKEN`s keep their word embedding."""
+    rows = rows.masked_fill((types == TEXT_TOKEN) | (rows == _CONTEXT_ROW), -1)
+    special = special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
+    return torch.where((rows >= 0)[..., None], special, inputs_embeds)
 
 
 class NaViLTextRotaryEmbedding(nn.Module):
@@ -707,7 +771,7 @@ class Qwen3MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
-class ModalityExpertDecoderLayer(GradientCheckpointingLayer):
+class ModalityExpertDecoderLayer(RefusesQuantizedLoraMerge, GradientCheckpointingLayer):
     """Pre-norm layer: norms and attention are shared by all tokens, the feed-forward block is per modality.
 
     Each layout (below) declares its modules under the original checkpoint names and lists them in its
@@ -717,6 +781,10 @@ class ModalityExpertDecoderLayer(GradientCheckpointingLayer):
     @property
     def sliding_window(self) -> Optional[int]:
         return self.sublayers()[1].sliding_window
+
+    @property
+    def quantized_merge_name(self) -> str:
+        return f"language-model layer {self.sublayers()[1].layer_idx}"
 
     def forward(self, hidden_states, router, position_embeddings, attention_mask, cache=None, **kwargs):
         # -> hidden_states [batch, seq, hidden], attention weights [batch, heads, seq, kv_len] (eager only, else None)
@@ -1202,17 +1270,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
 
     def init_special_token_ids(self, tokenizer):
         """Reads the ids of the NaViL special tokens from `tokenizer` and stores them in the config."""
-        ids = {}
-        for token in (*SPECIAL_TOKEN_EMBEDDING_ROWS, END_OF_TURN_TOKEN):
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is not None and token_id != tokenizer.unk_token_id:
-                ids[token] = int(token_id)
-        for required in (IMG_CONTEXT_TOKEN, IMG_START_TOKEN):
-            if required not in ids:
-                raise ValueError(
-                    f"The tokenizer has no {required} token; add the NaViL special tokens with "
-                    "navil.processing_navil.add_navil_special_tokens(tokenizer)."
-                )
+        ids = special_token_ids_of(tokenizer)
         self.config.special_token_ids = ids
         if END_OF_TURN_TOKEN in ids:
             self.generation_config.eos_token_id = ids[END_OF_TURN_TOKEN]
@@ -1247,9 +1305,16 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         the CPU) must have one (t, h, w) row per image-scale with h and w multiples of the merge size, describing
         exactly the rows of `pixel_values`.
         """
+        image_grid_thw = check_image_grid(image_grid_thw, self.config.vision_config.merge_size)
+        return self.image_features(pixel_values, image_grid_thw, output_hidden_states, output_attentions)
+
+    def image_features(
+        self, pixel_values, image_grid_thw, output_hidden_states=None, output_attentions=None
+    ) -> BaseModelOutputWithPooling:
+        """`get_image_features` for an `image_grid_thw` already checked (`check_image_grid`), as `merge_inputs` has
+        it: each check runs once per forward."""
         vision = self.config.vision_config
         check_pixel_values(pixel_values, vision)
-        image_grid_thw = check_image_grid(image_grid_thw, vision.merge_size)
         weight = self.vision_model.embeddings.patch_embedding.weight
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         vision_outputs = self.vision_model(
@@ -1265,51 +1330,52 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         )
 
     def embed_tokens(
-        self, input_ids, pixel_values=None, image_grid_thw=None, num_prompt_tokens=None, **vision_kwargs
+        self, input_ids, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None, **vision_kwargs
     ) -> MergedInputs:
-        """Word embeddings with special-token rows replaced and image features scattered over `<IMG_CONTEXT>`.
-
-        Tokens from position `num_prompt_tokens` on were generated: like cached decode steps they get the plain word
-        embeddings and are routed as text, so generation without a cache equals generation with one.
-        """
-        if num_prompt_tokens is not None and num_prompt_tokens < input_ids.shape[1]:
-            prompt = self.embed_tokens(input_ids[:, :num_prompt_tokens], pixel_values, image_grid_thw, **vision_kwargs)
-            generated_embeds = self.get_input_embeddings()(input_ids[:, num_prompt_tokens:])
-            visual_token_mask = prompt.visual_token_mask
-            if visual_token_mask is not None:
-                visual_token_mask = F.pad(visual_token_mask, (0, generated_embeds.shape[1]), value=False)
-            inputs_embeds = torch.cat((prompt.inputs_embeds, generated_embeds), dim=1)
-            return MergedInputs(inputs_embeds, visual_token_mask, prompt.image_outputs)
+        """Word embeddings with special-token rows replaced and image features scattered over `<IMG_CONTEXT>` (see
+        `merge_inputs`)."""
         embeddings = self.get_input_embeddings()(input_ids)
-        return self.merge_inputs(embeddings, pixel_values, image_grid_thw, input_ids, **vision_kwargs)
+        return self.merge_inputs(
+            embeddings, pixel_values, image_grid_thw, input_ids, mm_token_type_ids, **vision_kwargs
+        )
 
     def merge_inputs(
-        self, inputs_embeds, pixel_values=None, image_grid_thw=None, input_ids=None, **vision_kwargs
+        self,
+        inputs_embeds,
+        pixel_values=None,
+        image_grid_thw=None,
+        input_ids=None,
+        mm_token_type_ids=None,
+        **vision_kwargs,
     ) -> MergedInputs:
-        """The prompt's embeddings [batch, seq, hidden] as the decoder takes them: the NaViL special tokens' rows from
-        `special_token_embedding` and the image features over the `<IMG_CONTEXT>` rows.
+        """The embeddings [batch, seq, hidden] as the decoder takes them, by the type of each token (`token_types`):
+        NaViL special tokens of the prompt take their `special_token_embedding` rows, image features go over the
+        prompt's `<IMG_CONTEXT>` rows, generated tokens keep their word embeddings.
 
         The tokens are read from `input_ids` when given, else recognised in `inputs_embeds` by their word (or special)
-        embeddings, so `inputs_embeds=model.get_input_embeddings()(input_ids)` gives what `input_ids` give.
+        embeddings, so `inputs_embeds=model.get_input_embeddings()(input_ids)` gives what `input_ids` give. Without
+        `mm_token_type_ids` every token is a prompt token, typed by its id, and the prompt is checked here.
         `vision_kwargs` (`output_hidden_states`, `output_attentions`) go to `get_image_features`.
         """
         rows = self.special_token_rows(input_ids, inputs_embeds)  # [batch, seq], -1 for other tokens
-        special = self.special_token_embedding(rows.clamp(min=0)).to(inputs_embeds.dtype)
-        inputs_embeds = torch.where((rows >= 0)[..., None], special, inputs_embeds)
-        context_mask = rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_CONTEXT_TOKEN)
+        typed = mm_token_type_ids is not None
+        types = mm_token_type_ids if typed else token_types(rows)
+        inputs_embeds = typed_embeddings(inputs_embeds, rows, types, self.special_token_embedding)
+        context_mask = (rows == _CONTEXT_ROW) & (types == IMAGE_TOKEN)
         if pixel_values is None:
-            check_no_image_tokens(context_mask)
+            if not typed:  # typed tokens come from `generate`, which checked its prompt once
+                check_no_image_tokens(context_mask)
             return MergedInputs(inputs_embeds, None, None)
         if image_grid_thw is None:
             raise ValueError("pixel_values were given without image_grid_thw; pass both from the image processor.")
         image_grid_thw = check_image_grid(image_grid_thw, self.config.vision_config.merge_size)
         self.special_token_id(IMG_CONTEXT_TOKEN)  # a clear error when the ids were never read from a tokenizer
-        check_image_tokens(self.config, input_ids, context_mask, image_grid_thw)
-        image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True, **vision_kwargs)
+        prompt_ids = input_ids.masked_fill(types == TEXT_TOKEN, -1) if input_ids is not None else None
+        check_image_tokens(self.config, prompt_ids, context_mask, image_grid_thw)
+        image_outputs = self.image_features(pixel_values, image_grid_thw, **vision_kwargs)
         features = torch.cat(image_outputs.pooler_output).to(inputs_embeds.dtype)  # [units of all scales, hidden]
         inputs_embeds = inputs_embeds.masked_scatter(context_mask[..., None], features)
-        visual_token_mask = context_mask | (rows == SPECIAL_TOKEN_EMBEDDING_ROWS.index(IMG_START_TOKEN))
-        return MergedInputs(inputs_embeds, visual_token_mask, image_outputs)
+        return MergedInputs(inputs_embeds, types == IMAGE_TOKEN, image_outputs)
 
     def special_token_rows(self, input_ids=None, inputs_embeds=None) -> torch.Tensor:
         """[batch, seq]: the `special_token_embedding` row of each NaViL special token, -1 for every other token."""
@@ -1341,8 +1407,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         logits_to_keep: Union[int, torch.Tensor] = 0,
         visual_token_mask: Optional[torch.Tensor] = None,
         num_scales: Optional[torch.LongTensor] = None,
-        is_decode_step: Optional[bool] = None,
-        num_prompt_tokens: Optional[int] = None,
+        mm_token_type_ids: Optional[torch.LongTensor] = None,
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         **kwargs,
@@ -1354,13 +1419,12 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         visual_token_mask (`torch.BoolTensor` of shape `[batch, seq]`, *optional*): routing when `inputs_embeds` are
             given; computed from `input_ids` otherwise.
         num_scales (`torch.LongTensor`, *optional*): scales per image (from the processor); used for checking.
-        is_decode_step (`bool`, *optional*): whether `past_key_values` already hold the prompt, so that `input_ids`
-            are generated tokens (embedded with the plain word embeddings and routed as text, as in the original).
-            Read from the cache when `None`; `generate` sets it, so compiled decode steps never branch on the
-            length of a static cache.
-        num_prompt_tokens (`int`, *optional*): length of the prompt when `input_ids` also hold generated tokens
-            (generation without a cache; `generate` sets it): those tokens are embedded and routed like cached decode
-            steps.
+        mm_token_type_ids (`torch.LongTensor` of shape `[batch, seq]`, *optional*): the type of each token
+            (`token_types`): `TEXT_TOKEN` for generated tokens, which keep their word embeddings and go to the text
+            experts, as in the original. `generate` passes them (transformers appends `TEXT_TOKEN` for each new
+            token), so a step knows its generated tokens from its inputs alone, cached or not, and a compiled decode
+            step never branches on the cache. Without them every token is a prompt token, typed by its id, and the
+            prompt is checked.
         labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): next-token targets; -100 and
             `<IMG_CONTEXT>` positions are ignored.
         """
@@ -1376,8 +1440,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
             use_cache=use_cache,
             visual_token_mask=visual_token_mask,
             num_scales=num_scales,
-            is_decode_step=is_decode_step,
-            num_prompt_tokens=num_prompt_tokens,
+            mm_token_type_ids=mm_token_type_ids,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             **kwargs,
@@ -1412,8 +1475,7 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         use_cache=None,
         visual_token_mask=None,
         num_scales=None,
-        is_decode_step=None,
-        num_prompt_tokens=None,
+        mm_token_type_ids=None,
         output_hidden_states=None,
         output_attentions=None,
         **kwargs,
@@ -1424,21 +1486,20 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         check_num_scales(num_scales, image_grid_thw)
         cache = pop_cache(past_key_values, kwargs)
-        decoding = is_decode_step
-        if decoding is None:
-            decoding = cache is not None and bool(cache.get_seq_length() > 0)
-        if not decoding:
-            device = self.get_input_embeddings().weight.device
-            check_prompt(self.config, device, input_ids, inputs_embeds, attention_mask)
+        if mm_token_type_ids is None:  # a prompt; `generate` checks its prompt once and types every step
+            check_prompt(
+                self.config, self.get_input_embeddings().weight.device, input_ids, inputs_embeds, attention_mask
+            )
+        else:
+            check_token_types(mm_token_type_ids, input_ids if input_ids is not None else inputs_embeds)
         output_flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
-        image_outputs = None
-        if inputs_embeds is None and decoding:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        elif inputs_embeds is None:
-            merged = self.embed_tokens(input_ids, pixel_values, image_grid_thw, num_prompt_tokens, **output_flags)
+        if inputs_embeds is None:
+            merged = self.embed_tokens(input_ids, pixel_values, image_grid_thw, mm_token_type_ids, **output_flags)
             inputs_embeds, visual_token_mask, image_outputs = merged
-        elif not decoding:
-            merged = self.merge_inputs(inputs_embeds, pixel_values, image_grid_thw, **output_flags)
+        else:
+            merged = self.merge_inputs(
+                inputs_embeds, pixel_values, image_grid_thw, None, mm_token_type_ids, **output_flags
+            )
             inputs_embeds, image_outputs = merged.inputs_embeds, merged.image_outputs
             if merged.visual_token_mask is not None:
                 visual_token_mask = merged.visual_token_mask
@@ -1455,21 +1516,55 @@ class NaViLForConditionalGeneration(NaViLChatMixin, NaViLPreTrainedModel, Genera
         )
         return NaViLModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
-    def generate(self, inputs=None, generation_config=None, **kwargs):
-        """`GenerationMixin.generate`, telling `forward` where the prompt ends (see `num_prompt_tokens`), after
-        `check_generation_length`."""
+    def check_prompt_inputs(self, input_ids=None, inputs_embeds=None, attention_mask=None, pixel_values=None) -> None:
+        """`check_prompt` for this model; with `pixel_values=None` also `check_no_image_tokens`, for `generate`,
+        whose steps are typed (`forward` checks an untyped prompt's image tokens as it merges the images)."""
+        check_prompt(self.config, self.get_input_embeddings().weight.device, input_ids, inputs_embeds, attention_mask)
+        if pixel_values is None:
+            check_no_image_tokens(self.special_token_rows(input_ids, inputs_embeds) == _CONTEXT_ROW)
+
+    def generate(self, inputs=None, generation_config=None, compile_decode: bool = False, **kwargs):
+        """`GenerationMixin.generate` after `check_generation_length` and the prompt's checks, with the prompt's
+        `mm_token_type_ids` (`token_types`), which transformers extends with `TEXT_TOKEN` for each generated token.
+
+        compile_decode (`bool`, *optional*, defaults to `False`): run the decode steps compiled with `torch.compile`
+            (one graph per step, static cache), on CPUs too, with the same greedy tokens as eager decoding. On a CPU,
+            batch-1 steps read each weight in one fused pass: about 2x the eager speed on docs/benchmarks.md's shape.
+            It compiles (10-30 s) in the first call and once more in the first call of another length (a graph for
+            any length, reused by later calls). Also `chat(..., generation_config=dict(compile_decode=True))`.
+        """
+        if compile_decode:
+            taken = sorted(key for key in ("cache_implementation", "compile_config") if kwargs.get(key) is not None)
+            if taken:
+                raise ValueError(
+                    f"compile_decode=True sets {' and '.join(taken)} itself; pass either compile_decode=True or "
+                    f"{', '.join(taken)}, not both."
+                )
+            kwargs.update(compiled_decode_settings(self.device))
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if isinstance(prompt, torch.Tensor) and prompt.ndim == 2:
-            kwargs.setdefault("num_prompt_tokens", prompt.shape[1])
+            prompt_ids, prompt_embeds = prompt, None
+        else:
+            prompt_ids, prompt_embeds = None, kwargs.get("inputs_embeds")
+        prompt_tokens = prompt_ids if prompt_ids is not None else prompt_embeds
+        if isinstance(prompt_tokens, torch.Tensor) and prompt_tokens.ndim == (2 if prompt_ids is not None else 3):
             config = generation_config if generation_config is not None else self.generation_config
-            check_generation_length(self.config.text_config, config, prompt.shape[1], kwargs)
+            check_generation_length(self.config.text_config, config, prompt_tokens.shape[1], kwargs)
+            self.check_prompt_inputs(
+                prompt_ids, prompt_embeds, kwargs.get("attention_mask"), kwargs.get("pixel_values")
+            )
+            rows = self.special_token_rows(prompt_ids, prompt_embeds)
+            kwargs.setdefault("mm_token_type_ids", token_types(rows))
         return super().generate(inputs, generation_config, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        if generation_step_is_decode(kwargs, model_inputs):
-            model_inputs["is_decode_step"] = True
-        return model_inputs
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        return generation_step_inputs(model_inputs, kwargs, input_ids)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        return with_generated_token_types(
+            super()._update_model_kwargs_for_generation, outputs, model_kwargs, *args, **kwargs
+        )
 
 
 NaViLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -14,11 +14,11 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 from .checks_navil import (
-    NaViLInputError,
     check_model_folder,
     check_num_scales,
     check_placeholder_count,
     check_saved_special_token_ids,
+    check_special_token_ids,
     check_tokenizer_folder,
 )
 from .compat_navil import (
@@ -41,6 +41,7 @@ from .configuration_navil import (
 )
 
 # transformers 4.x copies only the files that the loaded remote module imports itself: import every Hub file it needs.
+from .errors_navil import NaViLInputError
 from .image_loading_navil import NaViLImageLoader  # noqa: F401
 from .image_processing_navil import NaViLImageProcessor, NaViLImageProcessorKwargs
 from .image_processing_navil_fast import NaViLImageProcessorFast, wants_fast_image_processor
@@ -380,7 +381,9 @@ class NaViLProcessor(ProcessorMixin):
     def from_model_config(cls, config: NaViLConfig, tokenizer, multiscale: bool = True, **kwargs) -> "NaViLProcessor":
         """The processor of a NaViL config: the image processor of its patch/merge sizes and pixel limits
         ([`image_processor_of`]), its template and system message. `tokenizer` is left unchanged (the processor
-        holds a copy); `kwargs` go to the constructor."""
+        holds a copy); `kwargs` go to the constructor. Refuses `config.special_token_ids` that disagree with
+        `tokenizer`."""
+        check_special_token_ids(config.special_token_ids, tokenizer)
         return cls(
             image_processor=image_processor_of(config, multiscale=multiscale),
             tokenizer=tokenizer,
