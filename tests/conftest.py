@@ -2,6 +2,7 @@
 tests/fixtures/golden), the golden Qwen3-VE model and its processor, and greedy decoding for comparisons."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ from safetensors.torch import load_file
 
 from navil.layouts_navil import LAYOUTS
 
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "checkpoints" / "navil-tiny"  # the embedded model
+DATA = ROOT / "examples" / "finetune" / "train.jsonl"  # the example chats of `navil finetune`
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 BACKBONES = tuple(layout.golden_name for layout in LAYOUTS.values())  # the golden models: one per layout
 
@@ -85,6 +89,39 @@ def case_pixel_inputs(ip_outputs, images):
     return pixel_values, grids, num_scales
 
 
+def assert_golden_features(model, backbone, manifest, ip_outputs, golden_outputs, atol):
+    """Checks the connector outputs of `model` on the golden images of `backbone` against the original's."""
+    for image in manifest["models"][backbone]["features"]:
+        features = model.get_image_features(
+            ip_outputs[f"ip.{image}.multi.pixel_values"], ip_outputs[f"ip.{image}.multi.image_grid_thw"]
+        ).pooler_output
+        expected = golden_outputs[backbone][f"features.{image}.after_connector"]
+        torch.testing.assert_close(torch.cat(features), expected, atol=atol, rtol=atol)
+
+
+def chat_golden_case(model, tokenizer, spec, pixel_values, grids, num_scales, **kwargs):
+    """`model.chat` of a golden chat case (`spec`: its question, generation settings and history) on the inputs of its
+    images."""
+    generation = dict(spec["generation"])
+    return model.chat(
+        tokenizer,
+        pixel_values,
+        spec["question"],
+        generation,
+        history=spec["history"],
+        num_patches_list=grids,
+        num_scales=num_scales,
+        anyres_image_size=bool(spec["images"]),
+        **kwargs,
+    )
+
+
+def chat_preprocessed(model, tokenizer, inputs, question, generation):
+    """`model.chat` on images an image processor already made tensors of (`inputs`)."""
+    pixel_values, grids, num_scales = inputs["pixel_values"], inputs["image_grid_thw"], inputs["num_scales"]
+    return model.chat(tokenizer, pixel_values, question, generation, num_patches_list=grids, num_scales=num_scales)
+
+
 def load_golden_model(name, tokenizer=None, **kwargs):
     from navil.modeling_navil import NaViLForConditionalGeneration
 
@@ -101,6 +138,20 @@ def greedy(model, inputs, new_tokens=10, **kwargs):
         **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs
     )
     return generated[:, inputs["input_ids"].shape[1] :]
+
+
+def finetune_command(output_dir, *flags, launcher=(sys.executable,)):
+    """The command line of `navil finetune` on the example chats into `output_dir`, started by `launcher`."""
+    command = [*launcher, "-m", "navil.tools.cli", "finetune", "--data", str(DATA)]
+    return [*command, "--output-dir", str(output_dir), *flags]
+
+
+def trainer_arguments(output_dir, **overrides):
+    """The settings of a quiet `transformers.Trainer` run on the CPU that logs every step and saves nothing, updated
+    by `overrides`."""
+    settings = dict(output_dir=str(output_dir), logging_steps=1, report_to="none", save_strategy="no")
+    settings.update(remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    return {**settings, **overrides}
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN
+from conftest import GOLDEN, chat_preprocessed
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_image_inputs import png_declaring
@@ -108,14 +108,7 @@ def test_processor_refuses_a_text_already_holding_image_feature_tokens_when_imag
 
 def test_chat_with_preprocessed_tensors_names_both_counts(model, golden_tokenizer, inputs):
     with pytest.raises(ValueError, match="found 1 <image> placeholder in the text but 2 images were given"):
-        model.chat(
-            golden_tokenizer,
-            inputs["pixel_values"],
-            "<image> What is it?",
-            GENERATION,
-            num_patches_list=inputs["image_grid_thw"],
-            num_scales=inputs["num_scales"],
-        )
+        chat_preprocessed(model, golden_tokenizer, inputs, "<image> What is it?", GENERATION)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """chat(), batch_chat() and stream_chat(): the same replies whichever way a conversation is run."""
 
 import pytest
-from conftest import BACKBONES, GOLDEN, load_golden_model
+from conftest import BACKBONES, GOLDEN, chat_preprocessed, load_golden_model
 from PIL import Image
 
 IMAGES = GOLDEN / "images"
@@ -32,14 +32,7 @@ def test_chat_accepts_images_paths_and_preprocessed_tensors_alike(model, golden_
     from_path = model.chat(golden_tokenizer, str(path), "Describe the image shortly.", GENERATION)
     from_pil = model.chat(golden_tokenizer, Image.open(path), "Describe the image shortly.", GENERATION)
     processed = model.chat_processor(golden_tokenizer).image_processor(str(path), return_tensors="pt")
-    from_tensors = model.chat(
-        golden_tokenizer,
-        processed["pixel_values"],
-        "Describe the image shortly.",
-        GENERATION,
-        num_patches_list=processed["image_grid_thw"],
-        num_scales=processed["num_scales"],
-    )
+    from_tensors = chat_preprocessed(model, golden_tokenizer, processed, "Describe the image shortly.", GENERATION)
     assert from_path == from_pil == from_tensors
 
 

@@ -1,7 +1,7 @@
 """`NaViLVisionModel.compile_layers()`: the compiled vision encoder gives the golden features of the original."""
 
 import torch
-from conftest import BACKBONES, load_golden_model
+from conftest import BACKBONES, assert_golden_features, load_golden_model
 from torch._dynamo.utils import counters
 
 FEATURE_ATOL = 1e-4  # issue #35's bound for the compiled encoder
@@ -16,16 +16,6 @@ def test_compiled_vision_layers_give_the_golden_features_with_one_graph_for_ever
         model = load_golden_model(backbone)
         model.vision_model.compile_layers()
         with torch.inference_mode():
-            for image in manifest["models"][backbone]["features"]:
-                features = model.get_image_features(
-                    image_processor_outputs[f"ip.{image}.multi.pixel_values"],
-                    image_processor_outputs[f"ip.{image}.multi.image_grid_thw"],
-                ).pooler_output
-                torch.testing.assert_close(
-                    torch.cat(features),
-                    golden_outputs[backbone][f"features.{image}.after_connector"],
-                    atol=FEATURE_ATOL,
-                    rtol=FEATURE_ATOL,
-                )
+            assert_golden_features(model, backbone, manifest, image_processor_outputs, golden_outputs, FEATURE_ATOL)
     # the tensor work before and after attention: a graph each, whatever the layer, patch count or checkpoint
     assert counters["stats"]["unique_graphs"] == 2

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import finetune_command
 from test_finetuning import (
     ACCELERATE_TWO_PROCESSES,
     DATA,
@@ -187,16 +188,7 @@ def test_packed_ddp_of_navil_finetune_follows_one_process_of_the_same_global_bat
     processor, tmp_path
 ):
     def packed_finetune(launcher, output_dir, batch_size):
-        command = [
-            *launcher,
-            "-m",
-            "navil.tools.cli",
-            "finetune",
-            "--data",
-            str(DATA),
-            "--output-dir",
-            str(output_dir),
-        ]
+        command = finetune_command(output_dir, launcher=launcher)
         command += ["--packing", "--max-packed-tokens", "512", "--loss-reduction", "sample", "--max-steps", "4"]
         command += ["--batch-size", str(batch_size), "--save-steps", "4", "--eval-fraction", "0", "--no-multiscale"]
         command += ["--learning-rate", "5e-4", "--quiet"]

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BACKBONES, GOLDEN, load_golden_model
+from conftest import BACKBONES, GOLDEN, chat_golden_case, load_golden_model
 from PIL import Image
 from test_bad_inputs import PACKAGE
 from test_bad_inputs import test_bad_image_through_the_processor_raises_a_documented_error as bad_image_test
@@ -102,16 +102,7 @@ def test_fast_processor_gives_the_golden_chat_replies(backbone, manifest, golden
         if spec["images"]:
             outputs = fast([IMAGES / f"{image}.png" for image in spec["images"]], return_tensors="pt")
             pixel_values, grids, num_scales = outputs["pixel_values"], outputs["image_grid_thw"], outputs["num_scales"]
-        reply = model.chat(
-            golden_tokenizer,
-            pixel_values,
-            spec["question"],
-            dict(spec["generation"]),
-            history=spec["history"],
-            num_patches_list=grids,
-            num_scales=num_scales,
-            anyres_image_size=bool(spec["images"]),
-        )
+        reply = chat_golden_case(model, golden_tokenizer, spec, pixel_values, grids, num_scales)
         assert reply == spec["response"], case
 
 

@@ -5,10 +5,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, TINY, finetune_command, trainer_arguments
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
 from navil.compat_navil import with_checkpointing_names
@@ -16,9 +16,6 @@ from navil.configuration_navil import END_OF_TURN_TOKEN
 from navil.training import NaViLDataCollator, causal_lm_loss, check_launch, freeze, load_jsonl, lora_target_modules
 from navil.training.synthetic_data import ShapesDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "checkpoints" / "navil-tiny"
-DATA = ROOT / "examples" / "finetune" / "train.jsonl"
 QUESTION = "Describe the image."
 # torch's default thread count oversubscribes small CPUs shared with other jobs (each step then takes seconds)
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -166,20 +163,8 @@ def assert_chats_the_same_in_a_fresh_process(folder, model, processor):
 
 
 def training_arguments(output_dir, **overrides):
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=20,
-        per_device_train_batch_size=2,
-        learning_rate=5e-4,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        remove_unused_columns=False,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return {**settings, **overrides}
+    settings = dict(max_steps=20, per_device_train_batch_size=2, learning_rate=5e-4, seed=0)
+    return trainer_arguments(output_dir, **{**settings, **overrides})
 
 
 def test_trainer_with_gradient_checkpointing_reduces_the_loss_and_the_saved_model_chats_in_a_fresh_process(
@@ -319,7 +304,7 @@ def test_freezing_stages_two_and_vision_frozen_and_unknown_stages():
 
 def run_finetune(launcher, output_dir, batch_size, *flags):
     """`navil finetune` on the example data for 10 steps, 20 training examples (3 held out), in a fresh process."""
-    command = [*launcher, "-m", "navil.tools.cli", "finetune", "--data", str(DATA), "--output-dir", str(output_dir)]
+    command = finetune_command(output_dir, launcher=launcher)
     command += ["--max-steps", "10", "--eval-fraction", "0.13", "--no-multiscale", "--learning-rate", "5e-4"]
     command += ["--batch-size", str(batch_size), "--quiet", *flags]
     result = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD, cwd="/")

@@ -9,7 +9,7 @@ from test_performance_paths import image_inputs, text_inputs
 from torch import nn
 
 from navil.configuration_navil import NaViLTextConfig
-from navil.layouts_navil import LAYOUTS, VE_SUFFIX, Layout, layout_of_backbone
+from navil.layouts_navil import LAYOUTS, QWEN3_VE_LAYOUT, VE_SUFFIX, Layout, layout_of_backbone
 from navil.modeling_navil import (
     LANGUAGE_MODELS,
     ModalityExpertAttention,
@@ -85,10 +85,10 @@ def test_a_config_names_the_registered_layouts_when_it_refuses_an_architecture()
 
 # -- a third layout: a spec entry and two classes ---------------------------------------------------------------
 
-TOY_LAYOUT = Layout(
+# Qwen3-VE's template and separate q/k/v, under module names of its own
+TOY_LAYOUT = QWEN3_VE_LAYOUT._replace(
     architecture="ToyVEForCausalLM",
     backbone="toy",
-    template="qwen3-chat",
     embedding="word_embeddings",
     head="lm_out",
     decoder_layer="ToyVEDecoderLayer",
@@ -96,7 +96,6 @@ TOY_LAYOUT = Layout(
     attention="attn",
     projections=("query", "key", "value", "dense"),
     qk_norms=(),
-    fused_qkv=None,
     ffn_norm="ln_2",
     ffn="ffn",
     ffn_parts=("fc_gate", "fc_in", "fc_out"),

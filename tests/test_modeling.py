@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from conftest import BACKBONES, GOLDEN, case_pixel_inputs, greedy, load_golden_model
+from conftest import (
+    BACKBONES,
+    GOLDEN,
+    assert_golden_features,
+    case_pixel_inputs,
+    chat_golden_case,
+    greedy,
+    load_golden_model,
+)
 
 from navil.training import set_activation_checkpointing
 
@@ -22,15 +30,7 @@ def test_image_features_and_logits_match_original(
     model = load_golden_model(backbone, golden_tokenizer, attn_implementation=attn_implementation)
     outputs = golden_outputs[backbone]
     with torch.no_grad():
-        for image in manifest["models"][backbone]["features"]:
-            features = model.get_image_features(
-                image_processor_outputs[f"ip.{image}.multi.pixel_values"],
-                image_processor_outputs[f"ip.{image}.multi.image_grid_thw"],
-            ).pooler_output
-            features = torch.cat(features)
-            torch.testing.assert_close(
-                features, outputs[f"features.{image}.after_connector"], atol=FEATURE_ATOL, rtol=FEATURE_ATOL
-            )
+        assert_golden_features(model, backbone, manifest, image_processor_outputs, golden_outputs, FEATURE_ATOL)
         for case, spec in manifest["models"][backbone]["cases"].items():
             pixel_values, grids, _ = case_pixel_inputs(image_processor_outputs, spec["images"])
             logits = model(
@@ -68,16 +68,8 @@ def test_chat_reproduces_original_replies(
     model = load_golden_model(backbone, golden_tokenizer)
     for case, spec in manifest["models"][backbone]["cases"].items():
         pixel_values, grids, num_scales = case_pixel_inputs(image_processor_outputs, spec["images"])
-        reply, history = model.chat(
-            golden_tokenizer,
-            pixel_values,
-            spec["question"],
-            dict(spec["generation"]),
-            history=spec["history"],
-            return_history=True,
-            num_patches_list=grids,
-            num_scales=num_scales,
-            anyres_image_size=bool(spec["images"]),
+        reply, history = chat_golden_case(
+            model, golden_tokenizer, spec, pixel_values, grids, num_scales, return_history=True
         )
         assert reply == spec["response"], case
         assert history[-1][1] == reply

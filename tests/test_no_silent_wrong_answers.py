@@ -11,15 +11,8 @@ import torch
 from conftest import GOLDEN
 from safetensors.torch import load_file, save_file
 
-from navil.configuration_navil import (
-    END_OF_TURN_TOKEN,
-    IMG_CONTEXT_TOKEN,
-    IMG_END_TOKEN,
-    IMG_FRAME_BREAK_TOKEN,
-    IMG_LINE_BREAK_TOKEN,
-    IMG_START_TOKEN,
-    NaViLConfig,
-)
+from navil import configuration_navil
+from navil.configuration_navil import END_OF_TURN_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, NaViLConfig
 from navil.modeling_navil import NaViLForConditionalGeneration
 
 GENERATION = dict(max_new_tokens=2, do_sample=False)
@@ -129,7 +122,10 @@ def test_a_processor_built_in_memory_refuses_special_token_ids_that_disagree_wit
         NaViLProcessor.from_model_config(config, golden_tokenizer)
 
 
-@pytest.mark.parametrize("swap", [(IMG_START_TOKEN, IMG_END_TOKEN), (IMG_LINE_BREAK_TOKEN, IMG_FRAME_BREAK_TOKEN)])
+BREAK_TOKENS = (configuration_navil.IMG_LINE_BREAK_TOKEN, configuration_navil.IMG_FRAME_BREAK_TOKEN)
+
+
+@pytest.mark.parametrize("swap", [(IMG_START_TOKEN, IMG_END_TOKEN), BREAK_TOKENS])
 def test_the_pipeline_refuses_an_in_memory_model_whose_special_token_ids_disagree_with_the_tokenizer(
     golden_tokenizer, swap
 ):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, ROOT, TINY, finetune_command
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor, TrainingArguments
 
@@ -20,11 +21,10 @@ from navil.tools.cli import load_model, main
 from navil.training import NaViLDataCollator, causal_lm_loss, checkpointing, finetune, load_jsonl
 from navil.training.checkpointing import LOCK_FILE, NaViLTrainer, NonFiniteError, OutputFolderError, RunLock
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "checkpoints" / "navil-tiny"
-DATA = ROOT / "examples" / "finetune" / "train.jsonl"
 IMAGE = str(DATA.parent / "shapes_0.png")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+# the flags of every `navil finetune` here besides its --max-steps: 2 examples a step, nothing held out
+SHORT_RUN = ["--batch-size", "2", "--eval-fraction", "0", "--no-multiscale", "--quiet"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,17 +38,7 @@ def finetune_tiny(output_dir, data=DATA, model_dir=TINY, **overrides):
 
 
 def navil_finetune(output_dir, *flags):
-    command = [
-        sys.executable,
-        "-m",
-        "navil.tools.cli",
-        "finetune",
-        "--data",
-        str(DATA),
-        "--output-dir",
-        str(output_dir),
-    ]
-    command += ["--max-steps", "2", "--batch-size", "2", "--eval-fraction", "0", "--no-multiscale", "--quiet", *flags]
+    command = finetune_command(output_dir, "--max-steps", "2", *SHORT_RUN, *flags)
     return subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD, cwd="/")
 
 
@@ -329,24 +319,7 @@ def test_loss_4_of_two_runs_started_into_one_folder_only_one_succeeds(tmp_path):
     output_dir = tmp_path / "run"
     runs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "navil.tools.cli",
-                "finetune",
-                "--data",
-                str(DATA),
-                "--output-dir",
-                str(output_dir),
-                "--max-steps",
-                "3",
-                "--batch-size",
-                "2",
-                "--eval-fraction",
-                "0",
-                "--no-multiscale",
-                "--quiet",
-            ],
+            finetune_command(output_dir, "--max-steps", "3", *SHORT_RUN),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

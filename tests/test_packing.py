@@ -4,10 +4,10 @@ import importlib.util
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY, trainer_arguments
 from transformers import AutoProcessor, Trainer, TrainingArguments
 
 import navil.compat_navil as compat
@@ -31,8 +31,6 @@ from navil.training.packing import (
 )
 from navil.training.synthetic_data import ShapesDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "checkpoints" / "navil-tiny"
 BACKBONES = tuple(layout.backbone for layout in LAYOUTS.values())
 
 
@@ -278,19 +276,11 @@ def test_packing_trainer_normalises_over_the_accumulated_batch_and_logs_tokens_p
 ):
     dataset = PackedDataset(examples, encode, 400, strategy="best_fit")
     collator = PackingCollator(processor, "sample")
+    settings = trainer_arguments(tmp_path, max_steps=2, per_device_train_batch_size=1, learning_rate=1e-3)
     args = TrainingArguments(
         **with_checkpointing_names({"gradient_checkpointing": True}),
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=1,
+        **settings,
         gradient_accumulation_steps=len(dataset),
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        remove_unused_columns=False,
-        use_cpu=True,
-        disable_tqdm=True,
     )
     model = tiny_model(processor, "qwen3")
     # the gradient of one accumulated step is the gradient of the whole batch's loss, computed in one piece
@@ -320,15 +310,7 @@ def test_sft_trainer_trains_on_packed_batches(processor, encode, examples, tmp_p
     trl = pytest.importorskip("trl")
     dataset = PackedDataset(examples, encode, 400)
     args = trl.SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=1,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        remove_unused_columns=False,
-        use_cpu=True,
-        disable_tqdm=True,
+        **trainer_arguments(tmp_path, max_steps=2, per_device_train_batch_size=1),
         max_length=None,
         dataset_kwargs={"skip_prepare_dataset": True},
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, TINY
 from safetensors.torch import load_file
 from transformers import AutoModel
 
@@ -17,8 +18,6 @@ from navil.modeling_navil import NaViLForConditionalGeneration
 from navil.tools.cli import load_model, main
 from navil.training.checkpointing import STAGING_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "finetune" / "train.jsonl"
 IMAGE = str(DATA.parent / "shapes_0.png")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 20 steps of 2 examples (23 examples, 3 held out), a checkpoint every 5 steps, float32 on the CPU
@@ -77,9 +76,27 @@ def navil_finetune(output_dir, *flags, kill=None, tmp=None):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = navil_finetune(output_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_to_the_end(output_dir)
     return output_dir
+
+
+def run_to_the_end(output_dir, *flags):
+    """Runs (or with --resume finishes) `navil finetune` into `output_dir` in a fresh process, which must succeed."""
+    result = navil_finetune(output_dir, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def killed_run(tmp_path, *flags, **kill):
+    """`navil finetune` into `tmp_path / "run"` killed by SIGKILL where `kill` says (KILL_AFTER_STEP="12" or
+    KILL_WHILE_SAVING_STEP="10"); returns that folder."""
+    output_dir = tmp_path / "run"
+    killed = navil_finetune(output_dir, *flags, kill=kill, tmp=tmp_path)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    return output_dir
+
+
+def checkpoint_names(output_dir):
+    return sorted(path.name for path in Path(output_dir).glob("checkpoint-*"))
 
 
 def losses(output_dir):
@@ -98,15 +115,12 @@ def assert_same_weights(folder, reference):
 def test_a_run_killed_with_sigkill_after_step_12_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(
     uninterrupted, tmp_path
 ):
-    output_dir = tmp_path / "run"
-    killed = navil_finetune(output_dir, kill={"KILL_AFTER_STEP": "12"}, tmp=tmp_path)
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    output_dir = killed_run(tmp_path, KILL_AFTER_STEP="12")
+    assert checkpoint_names(output_dir) == ["checkpoint-10", "checkpoint-5"]
     assert not (output_dir / "model.safetensors").exists()
     with pytest.raises(ValueError, match="unfinished save"):
         NaViLForConditionalGeneration.from_pretrained(output_dir)
-    resumed = navil_finetune(output_dir, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_to_the_end(output_dir, "--resume")
     # bit for bit: the same data order, RNG, optimizer and scheduler state, and the same float32 kernels
     assert_same_weights(output_dir, uninterrupted)
     assert losses(output_dir) == losses(uninterrupted) and len(losses(output_dir)) == 20
@@ -120,14 +134,10 @@ def test_a_packed_run_killed_with_sigkill_after_step_12_and_resumed_ends_with_th
     packing, tmp_path
 ):
     uninterrupted = tmp_path / "uninterrupted"
-    finished = navil_finetune(uninterrupted, *packing)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    output_dir = tmp_path / "run"
-    killed = navil_finetune(output_dir, *packing, kill={"KILL_AFTER_STEP": "12"}, tmp=tmp_path)
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
-    resumed = navil_finetune(output_dir, *packing, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_to_the_end(uninterrupted, *packing)
+    output_dir = killed_run(tmp_path, *packing, KILL_AFTER_STEP="12")
+    assert checkpoint_names(output_dir) == ["checkpoint-10", "checkpoint-5"]
+    run_to_the_end(output_dir, *packing, "--resume")
     # bit for bit: the same packs in the same order (a stream continues at the exact next example)
     assert_same_weights(output_dir, uninterrupted)
     history = json.loads(Path(output_dir, "log_history.json").read_text())
@@ -141,23 +151,18 @@ def test_a_packed_run_killed_with_sigkill_after_step_12_and_resumed_ends_with_th
 def test_a_run_killed_while_writing_a_checkpoint_leaves_no_checkpoint_of_that_step_and_resumes_from_the_one_before(
     uninterrupted, tmp_path
 ):
-    output_dir = tmp_path / "run"
-    killed = navil_finetune(output_dir, kill={"KILL_WHILE_SAVING_STEP": "10"}, tmp=tmp_path)
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    output_dir = killed_run(tmp_path, KILL_WHILE_SAVING_STEP="10")
     half_written = output_dir / STAGING_DIR / "checkpoint-10"
     assert (half_written / "model.safetensors").is_file() and not (half_written / "rng_state.pth").exists()
-    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-5"]
+    assert checkpoint_names(output_dir) == ["checkpoint-5"]
     with pytest.raises(ValueError, match="unfinished save"):
         NaViLForConditionalGeneration.from_pretrained(half_written)
-    resumed = navil_finetune(output_dir, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_to_the_end(output_dir, "--resume")
     assert_same_weights(output_dir, uninterrupted)
 
 
 def test_every_checkpoint_loads_with_automodel_and_chats_with_navil_chat_like_the_final_model(uninterrupted, capsys):
-    assert sorted(path.name for path in uninterrupted.glob("checkpoint-*")) == [
-        f"checkpoint-{step}" for step in (10, 15, 20, 5)
-    ]
+    assert checkpoint_names(uninterrupted) == [f"checkpoint-{step}" for step in (10, 15, 20, 5)]
     checkpoint = uninterrupted / "checkpoint-20"
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "tokenizer.json"):
         assert (checkpoint / name).is_file(), name
@@ -183,7 +188,7 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_resume_from_checkpoin
     settings = dict(eval_fraction=0.13, multiscale=False, per_device_train_batch_size=2, learning_rate=5e-4)
     settings.update(use_cpu=True, disable_tqdm=True, seed=0)
     finetune(
-        str(ROOT / "checkpoints" / "navil-tiny"),
+        str(TINY),
         DATA,
         str(output_dir),
         max_steps=10,
@@ -191,11 +196,11 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_resume_from_checkpoin
         save_total_limit=2,
         **settings,
     )
-    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-8"]
+    assert checkpoint_names(output_dir) == ["checkpoint-10", "checkpoint-8"]
     # the uninterrupted run's checkpoint-10 continued to step 20 here gives that run's final weights
     continued = tmp_path / "continued"
     finetune(
-        str(ROOT / "checkpoints" / "navil-tiny"),
+        str(TINY),
         DATA,
         str(continued),
         max_steps=20,

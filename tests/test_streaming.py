@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY, trainer_arguments
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
@@ -26,8 +27,6 @@ from navil.training.streaming import (
     check_examples,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "checkpoints" / "navil-tiny"
 IMAGE = ROOT / "examples" / "finetune" / "shapes_0.png"
 
 
@@ -242,36 +241,40 @@ class RecordingCollator(NaViLDataCollator):
         return super().__call__(examples)
 
 
+def checkpointed_stream_arguments(output_dir, **overrides):
+    """The `TrainingArguments` of a seeded run on a stream that saves a checkpoint every `save_steps`."""
+    settings = dict(learning_rate=5e-4, save_strategy="steps", seed=0, **STREAMING_TRAINING_ARGUMENTS)
+    return TrainingArguments(**trainer_arguments(output_dir, **settings, **overrides))
+
+
+def train_recording(trainer_class, model, args, train_dataset, collator, resume, **trainer_kwargs):
+    """Trains `model` on the stream `train_dataset` with a recording `collator`, keeping the stream's position; returns
+    what the collator saw and the model."""
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        callbacks=[StreamingStateCallback(train_dataset)],
+        **trainer_kwargs,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return collator.seen, model
+
+
 def train_streaming(processor, shards, output_dir, resume=None, accumulation=1):
     torch.manual_seed(0)
     model = AutoModel.from_pretrained(TINY, trust_remote_code=True)
     dataset = StreamingDataset(shards, processor=processor, shuffle_buffer=4, seed=0)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
+    args = checkpointed_stream_arguments(
+        output_dir,
         max_steps=6 // accumulation,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=accumulation,
-        learning_rate=5e-4,
-        save_strategy="steps",
         save_steps=3 // accumulation,
-        report_to="none",
-        remove_unused_columns=False,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        **STREAMING_TRAINING_ARGUMENTS,
     )
     collator = RecordingCollator(processor)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collator,
-        compute_loss_func=causal_lm_loss,
-        callbacks=[StreamingStateCallback(dataset)],
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    return collator.seen, model
+    return train_recording(Trainer, model, args, dataset, collator, resume, compute_loss_func=causal_lm_loss)
 
 
 @pytest.mark.parametrize("accumulation", [1, 3])
@@ -305,30 +308,9 @@ def train_packed_stream(processor, shards, output_dir, resume=None):
     model = AutoModel.from_pretrained(TINY, trust_remote_code=True)
     stream = StreamingDataset(shards, processor=processor, shuffle_buffer=4, seed=0)
     packs = StreamedPacks(stream, NaViLDataCollator(processor).encode, max_packed_tokens=96)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=6,
-        per_device_train_batch_size=1,
-        learning_rate=5e-4,
-        save_strategy="steps",
-        save_steps=3,
-        report_to="none",
-        remove_unused_columns=False,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        **STREAMING_TRAINING_ARGUMENTS,
-    )
+    args = checkpointed_stream_arguments(output_dir, max_steps=6, per_device_train_batch_size=1, save_steps=3)
     collator = RecordingPackingCollator(processor)
-    trainer = packing_trainer_class(Trainer)(
-        model=model,
-        args=args,
-        train_dataset=packs,
-        data_collator=collator,
-        callbacks=[StreamingStateCallback(packs)],
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    return collator.seen, model
+    return train_recording(packing_trainer_class(Trainer), model, args, packs, collator, resume)
 
 
 def test_a_packed_stream_resumed_from_a_checkpoint_makes_the_same_packs_and_ends_with_the_same_weights(
@@ -348,16 +330,23 @@ def test_a_packed_stream_resumed_from_a_checkpoint_makes_the_same_packs_and_ends
         torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=name)
 
 
-def test_a_trainer_without_the_streaming_arguments_is_refused_before_the_first_step(processor, tmp_path):
-    dataset = StreamingDataset(write_jsonl_shards(tmp_path / "data", 4, 4), processor=processor)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True)
-    trainer = Trainer(
+def one_step_trainer(tmp_path, train_dataset, data_collator, stream, **arguments):
+    """A `Trainer` of the embedded model for one step on `train_dataset`, keeping the position of `stream`."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True, **arguments
+    )
+    return Trainer(
         model=AutoModel.from_pretrained(TINY, trust_remote_code=True),
         args=args,
-        train_dataset=dataset,
-        data_collator=NaViLDataCollator(processor),
-        callbacks=[StreamingStateCallback(dataset)],
+        train_dataset=train_dataset,
+        data_collator=data_collator,
+        callbacks=[StreamingStateCallback(stream)],
     )
+
+
+def test_a_trainer_without_the_streaming_arguments_is_refused_before_the_first_step(processor, tmp_path):
+    dataset = StreamingDataset(write_jsonl_shards(tmp_path / "data", 4, 4), processor=processor)
+    trainer = one_step_trainer(tmp_path, dataset, NaViLDataCollator(processor), dataset)
     with pytest.raises(ValueError, match="STREAMING_TRAINING_ARGUMENTS"):
         trainer.train()
 
@@ -369,16 +358,7 @@ def test_a_trainer_reading_the_stream_through_a_wrapper_is_refused_rather_than_r
 
     dataset = StreamingDataset(write_jsonl_shards(tmp_path / "data", 4, 4), processor=processor)
     packs = PackedIterableDataset(dataset, NaViLDataCollator(processor).encode, max_packed_tokens=256)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True, **STREAMING_TRAINING_ARGUMENTS
-    )
-    trainer = Trainer(
-        model=AutoModel.from_pretrained(TINY, trust_remote_code=True),
-        args=args,
-        train_dataset=packs,
-        data_collator=PackingCollator(processor),
-        callbacks=[StreamingStateCallback(dataset)],
-    )
+    trainer = one_step_trainer(tmp_path, packs, PackingCollator(processor), dataset, **STREAMING_TRAINING_ARGUMENTS)
     with pytest.raises(ValueError, match="reads a PackedIterableDataset, not the dataset"):
         trainer.train()
 

@@ -12,6 +12,7 @@ from transformers import Qwen3ForCausalLM
 
 from navil.configuration_navil import SPECIAL_TOKEN_EMBEDDING_ROWS
 from navil.modeling_navil import NaViLForConditionalGeneration
+from navil.testing import TINY_VISION
 from navil.training import (
     TOKENIZER_DIR,
     Conversation,
@@ -41,18 +42,16 @@ from navil.training.synthetic_data import (
     example_sample,
 )
 
+# The recipe on the ViT of the tiny test config (navil.testing) and a language model of that ViT's width, depth and
+# heads, with one key/value head.
 MINIATURE = TrainingArguments(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
+    **{f"vision_{name}": value for name, value in TINY_VISION.items()},
+    **{
+        name: TINY_VISION[name]
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    },
     num_key_value_heads=1,
     head_dim=16,
-    vision_hidden_size=32,
-    vision_intermediate_size=64,
-    vision_num_hidden_layers=2,
-    vision_num_attention_heads=2,
-    vision_fullatt_block_indexes=(1,),
 )
 
 
