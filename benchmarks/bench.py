@@ -121,15 +121,8 @@ PRESETS = {
         note="patch counts scaled down 4x (256/1k/4k instead of 1k/4k/16k)",
     ),
     "navil-2b-shape": Preset(
-        vision=dict(),  # the NaViLVisionConfig defaults
-        text=dict(
-            vocab_size=92553,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-        ),
+        vision=dict(),  # the NaViLVisionConfig defaults: NaViL-2B's ViT
+        text=dict(),  # the NaViLTextConfig defaults: NaViL-2B's InternLM2-1.8B
         patch_counts=(1024, 4096, 16384),
         prefill_image_side=1024,
         min_dynamic_patch=256,
@@ -152,8 +145,8 @@ def build_models(preset, backbone, device, dtype):
         vision_config=preset.vision,
         text_config=text,
         min_dynamic_patch=preset.min_dynamic_patch,
-        special_token_ids=special_token_ids_at_end(text["vocab_size"]),
     )
+    config.special_token_ids = special_token_ids_at_end(config.text_config.vocab_size)
     dense_class = LlamaForCausalLM if backbone == "internlm2" else Qwen3ForCausalLM
     torch.manual_seed(0)
     with torch.device(device):
