@@ -108,6 +108,7 @@ def verify_conversion(src: Path, out: Path, original) -> None:
     """Loads `out` through the Auto classes and checks it reproduces `original`'s logits on a short prompt."""
     from transformers import AutoModel, AutoProcessor
 
+    # out's code files are the installed package's own, copied by convert above (none come from src)
     converted = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     inputs = processor(text=[processor.build_prompt("Hello")], return_tensors="pt")
